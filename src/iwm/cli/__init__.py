@@ -1,0 +1,1 @@
+"""iwm.cli: the iwm command."""

@@ -1,0 +1,324 @@
+"""Typed run configuration: dataclasses, loaded from YAML and ``key=value`` overrides.
+
+A config file only lists what differs from the defaults below. Every key is checked:
+an unknown key or a value of the wrong type is a :class:`~iwm.errors.ConfigError` that
+names the dotted key (with a "did you mean" suggestion for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iwm.errors import ConfigError
+
+STRENGTHS = ("none", "jitter", "destructive", "strong")
+CONDITIONINGS = ("none", "sequence", "feature")
+LOSSES = ("l2", "smooth_l1")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    """Registry name: fashion-mnist, mnist, cifar10, cifar100, stl10 or imagefolder:<path>."""
+    root: str | None = None
+    """Where data sets are stored / downloaded (default: $IWM_DATA or ~/.cache/iwm)."""
+    image_size: int = 28
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: bool = True
+    limit: int | None = None
+    """Use only the first N training images (quick experiments)."""
+    num_workers: int = 4
+    """Decoding workers for streamed (image-folder) data sets."""
+
+
+@dataclass
+class ViewsConfig:
+    """Photometric views. ``strength`` picks a preset; any field set here overrides it."""
+
+    strength: str = "jitter"
+    jitter_p: float | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    grayscale_p: float | None = None
+    blur_p: float | None = None
+    blur_sigma: tuple[float, float] | None = None
+    solarize_p: float | None = None
+
+
+@dataclass
+class MaskConfig:
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    min_context: float = 0.1
+    """Smallest context, as a fraction of the patches; masks below it are redrawn."""
+    wrap: bool = True
+    """Place blocks on a torus so every patch is a target equally often (see masks.py)."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "vit_tiny"
+    patch_size: int = 4
+    predictor_depth: int = 6
+    predictor_width: int = 192
+    predictor_heads: int = 6
+    conditioning: str = "feature"
+    drop_path: float = 0.0
+    loss: str = "l2"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema: tuple[float, float] = (0.996, 1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10.0
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    """auto = bf16 autocast on CUDA, fp32 elsewhere."""
+    compile: bool = False
+    log_every: int = 20
+    checkpoint_every: int = 500
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 2
+    out_dir: str = "runs"
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ProbeConfig:
+    encoder: str = "target"
+    """Which encoder to probe: target (EMA) or context."""
+    train_limit: int | None = None
+    test_limit: int | None = None
+    batch_size: int = 512
+    weight_decay: float = 1e-4
+    max_iter: int = 200
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> Config:
+        """Check values that are well-typed but impossible; returns self."""
+        _check_choice("views.strength", self.views.strength, STRENGTHS)
+        _check_choice("model.conditioning", self.model.conditioning, CONDITIONINGS)
+        _check_choice("model.loss", self.model.loss, LOSSES)
+        _check_choice("train.precision", self.train.precision, PRECISIONS)
+        _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
+        for key in ("mask.target_scale", "mask.context_scale", "data.crop_scale"):
+            lo, hi = _get(self, key)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max <= 1")
+        for key in ("mask.target_aspect", "data.crop_ratio"):
+            lo, hi = _get(self, key)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max")
+        if self.data.image_size % self.model.patch_size:
+            raise ConfigError(
+                f"model.patch_size={self.model.patch_size} does not divide "
+                f"data.image_size={self.data.image_size}: pick sizes with image_size % patch_size == 0"
+            )
+        if self.model.predictor_width % self.model.predictor_heads:
+            raise ConfigError(
+                f"model.predictor_width={self.model.predictor_width} is not divisible by "
+                f"model.predictor_heads={self.model.predictor_heads}"
+            )
+        for key in ("train.batch_size", "mask.num_targets", "model.predictor_depth",
+                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
+            if _get(self, key) < 1:
+                raise ConfigError(f"{key}={_get(self, key)}: must be at least 1")
+        if self.train.epochs <= 0:
+            raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
+        if not 0 <= self.mask.min_context < 1:
+            raise ConfigError(f"mask.min_context={self.mask.min_context}: needs 0 <= value < 1")
+        return self
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting lists to tuples, int to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["model.predictor_depth=12", ...]`` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=2")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a packaged preset (``iwm-inv-tiny``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a preset; presets: {', '.join(preset_names())}"
+    )
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a preset name, YAML path or dict, plus overrides."""
+    data: dict[str, Any] = {}
+    if isinstance(source, dict):
+        data = source
+    elif source is not None:
+        path = resolve_config_path(source)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return _build(Config, data, "").validate()
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""iwm.data: data sets, batch sources, views and actions, masks."""

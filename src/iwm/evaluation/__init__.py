@@ -1,0 +1,1 @@
+"""iwm.evaluation: feature extraction, probes, world-model MRR."""

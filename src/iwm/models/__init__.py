@@ -1,0 +1,1 @@
+"""iwm.models: ViT encoder, predictor, the IWM training model."""

@@ -1,0 +1,1 @@
+"""iwm.training: loop, schedules, checkpoints, logging, distributed."""
