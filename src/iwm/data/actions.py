@@ -1,0 +1,179 @@
+"""The action a(x -> y): what the predictor must do to turn the source view into the target.
+
+Both views come from the same crop. The target is ``jitter_t(crop)``; the source is
+``destructive(jitter_s(crop))``. The action tells the predictor the difference between
+the two jitters and which destructive transforms hit the source. The paper did not
+publish its layout or normalisation; this is the project's, and it lives only here
+(:data:`ACTION_FIELDS`, :func:`build_action`).
+
+====  ===================  ==============================================================
+idx   field                value
+====  ===================  ==============================================================
+0     ``brightness``       log(b_t) - log(b_s)   (multiplicative factors; 0 = same)
+1     ``contrast``         log(c_t) - log(c_s)
+2     ``saturation``       log(s_t) - log(s_s)
+3     ``hue``              2 * wrap(h_t - h_s)   (shifts in turns, wrapped into [-0.5, 0.5))
+4     ``target_jitter``    1 if the target's jitter was applied, else 0
+5     ``source_jitter``    1 if the source's jitter was applied, else 0
+6     ``grayscale``        1 if the source was converted to grayscale, else 0
+7     ``blur``             1 if the source was blurred, else 0
+8     ``blur_sigma``       sigma / 2.0 if blurred, else 0 (2.0 = top of the default range)
+9     ``solarize``         1 if the source was solarized, else 0
+====  ===================  ==============================================================
+
+Why this layout:
+
+- Log-ratios make multiplicative factors comparable (x1.4 and x1/1.4 are symmetric) and
+  put the identity at 0, so the null action (no transformation; used for predictor
+  finetuning) is the all-zeros vector. Factors are floored at :data:`MIN_FACTOR` before
+  the log so a factor of exactly 0 (possible when a strength is >= 1, as in torchvision)
+  stays finite.
+- Hue is an angle: rotating by d and by d + 1 turn is the same transformation, so the
+  difference is wrapped to the shortest rotation in [-0.5, 0.5) turns, then doubled to
+  span [-1, 1). With hue strength <= 0.25 (every preset) the difference never reaches
+  half a turn and the wrap never triggers, so the field is continuous in practice.
+- Jitter ops are always applied in the fixed order brightness, contrast, saturation, hue
+  (unlike torchvision's ColorJitter, which permutes them), and the destructive ones in the
+  fixed order grayscale, blur, solarize (threshold 0.5), so no order needs encoding.
+- The "applied" flags disambiguate "jitter drawn as identity" from "jitter skipped" and
+  let the predictor know whether the factors refer to a real change.
+- Destructive transforms hit only the source, so they are flags (and a blur strength),
+  not differences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ACTION_FIELDS: tuple[str, ...] = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "target_jitter",
+    "source_jitter",
+    "grayscale",
+    "blur",
+    "blur_sigma",
+    "solarize",
+)
+"""Names of the action's dimensions, in order (see the module docstring for their values)."""
+
+ACTION_DIM: int = len(ACTION_FIELDS)
+
+MIN_FACTOR: float = 1e-2
+"""Floor for multiplicative factors before the log (log(0.01) ~ -4.6)."""
+
+BLUR_SIGMA_SCALE: float = 2.0
+"""Blur sigma is divided by this (the top of the default sigma range) in the action."""
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+@dataclass
+class JitterParams:
+    """Per-sample colour-jitter parameters, each a ``(B,)`` tensor.
+
+    ``brightness``, ``contrast`` and ``saturation`` are torchvision factors (1 = identity),
+    ``hue`` is a shift in turns (0 = identity), ``applied`` says whether the jitter was
+    applied. Samples with ``applied`` false carry identity values, so the parameters alone
+    describe what happened to the image.
+    """
+
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    applied: Tensor
+
+    @classmethod
+    def identity(cls, batch_size: int, device: torch.device | str | None = None) -> JitterParams:
+        dev = _device(device)
+        ones = torch.ones(batch_size, device=dev)
+        return cls(
+            brightness=ones,
+            contrast=ones.clone(),
+            saturation=ones.clone(),
+            hue=torch.zeros(batch_size, device=dev),
+            applied=torch.zeros(batch_size, dtype=torch.bool, device=dev),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.applied.shape[0]
+
+
+@dataclass
+class DestructiveParams:
+    """Per-sample source-only transforms, each a ``(B,)`` tensor.
+
+    ``grayscale``, ``blur`` and ``solarize`` are bool flags; ``blur_sigma`` is the blur's
+    standard deviation in pixels (0 where ``blur`` is false).
+    """
+
+    grayscale: Tensor
+    blur: Tensor
+    blur_sigma: Tensor
+    solarize: Tensor
+
+    @classmethod
+    def identity(
+        cls, batch_size: int, device: torch.device | str | None = None
+    ) -> DestructiveParams:
+        dev = _device(device)
+        no = torch.zeros(batch_size, dtype=torch.bool, device=dev)
+        return cls(
+            grayscale=no,
+            blur=no.clone(),
+            blur_sigma=torch.zeros(batch_size, device=dev),
+            solarize=no.clone(),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.blur.shape[0]
+
+
+def _log_factor(f: Tensor) -> Tensor:
+    return torch.log(f.float().clamp_min(MIN_FACTOR))
+
+
+def _wrap_turns(d: Tensor) -> Tensor:
+    return torch.remainder(d + 0.5, 1.0) - 0.5
+
+
+def build_action(
+    target: JitterParams, source: JitterParams, destructive: DestructiveParams
+) -> Tensor:
+    """The ``(B, ACTION_DIM)`` float32 action taking the source view to the target view."""
+    b = target.batch_size
+    if source.batch_size != b or destructive.batch_size != b:
+        raise ValueError(
+            f"batch sizes differ: target {b}, source {source.batch_size}, "
+            f"destructive {destructive.batch_size}"
+        )
+    blur = destructive.blur.float()
+    columns = {
+        "brightness": _log_factor(target.brightness) - _log_factor(source.brightness),
+        "contrast": _log_factor(target.contrast) - _log_factor(source.contrast),
+        "saturation": _log_factor(target.saturation) - _log_factor(source.saturation),
+        "hue": 2.0 * _wrap_turns(target.hue.float() - source.hue.float()),
+        "target_jitter": target.applied.float(),
+        "source_jitter": source.applied.float(),
+        "grayscale": destructive.grayscale.float(),
+        "blur": blur,
+        "blur_sigma": blur * destructive.blur_sigma.float() / BLUR_SIGMA_SCALE,
+        "solarize": destructive.solarize.float(),
+    }
+    # Keyed by name so the column order can only come from ACTION_FIELDS.
+    return torch.stack([columns[name] for name in ACTION_FIELDS], dim=1)
+
+
+def null_action(batch_size: int, device: torch.device | str | None = None) -> Tensor:
+    """The identity transformation (all zeros): "reproduce the source's content"."""
+    return torch.zeros(batch_size, ACTION_DIM, device=_device(device))

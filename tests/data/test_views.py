@@ -1,0 +1,244 @@
+"""Presets, config resolution, sampling statistics and rendering of the IWM views."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from iwm.config import ViewsConfig
+from iwm.data.actions import ACTION_FIELDS, build_action, null_action
+from iwm.data.views import (
+    STRENGTHS,
+    ViewParams,
+    Views,
+    ViewSampler,
+    blur_kernel_size,
+    resolve_view_params,
+)
+from iwm.errors import ConfigError
+
+SIZE = 16
+
+
+def _crops(b: int = 8, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _col(name: str) -> int:
+    return ACTION_FIELDS.index(name)
+
+
+# --- presets and config -------------------------------------------------------------
+
+
+def test_presets_cover_config_choices_and_paper_defaults() -> None:
+    from iwm.config import STRENGTHS as CONFIG_STRENGTHS
+
+    assert tuple(STRENGTHS) == CONFIG_STRENGTHS
+    none, jit, des, strong = (STRENGTHS[k] for k in CONFIG_STRENGTHS)
+    assert none.jitter_p == none.grayscale_p == none.blur_p == none.solarize_p == 0
+    assert (jit.jitter_p, jit.brightness, jit.contrast, jit.saturation, jit.hue) == (
+        0.8, 0.4, 0.4, 0.2, 0.1)
+    assert jit.grayscale_p == jit.blur_p == jit.solarize_p == 0
+    assert dataclasses.replace(des, grayscale_p=0, blur_p=0, solarize_p=0) == jit
+    assert (des.grayscale_p, des.blur_p, des.blur_sigma, des.solarize_p) == (
+        0.2, 0.2, (0.1, 2.0), 0.1)
+    # strong = destructive with stronger jitter
+    assert (strong.grayscale_p, strong.blur_p, strong.solarize_p) == (0.2, 0.2, 0.1)
+    for key in ("jitter_p", "brightness", "contrast", "saturation", "hue"):
+        assert getattr(strong, key) > getattr(jit, key)
+
+
+def test_resolve_applies_preset_then_overrides() -> None:
+    assert resolve_view_params(ViewsConfig(strength="destructive")) == STRENGTHS["destructive"]
+    p = resolve_view_params(ViewsConfig(strength="jitter", hue=0.0, blur_p=0.5,
+                                        blur_sigma=[0.5, 1.0]))
+    assert p == dataclasses.replace(STRENGTHS["jitter"], hue=0.0, blur_p=0.5,
+                                    blur_sigma=(0.5, 1.0))
+    assert isinstance(p.blur_sigma, tuple)  # YAML lists are normalised, params stay hashable
+    hash(p)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("jitter_p", 1.5),
+        ("grayscale_p", -0.1),
+        ("blur_p", float("nan")),
+        ("solarize_p", 2.0),
+        ("brightness", -0.1),
+        ("contrast", -1.0),
+        ("saturation", float("nan")),
+        ("hue", -0.1),
+        ("hue", 0.6),
+        ("blur_sigma", (0.0, 1.0)),
+        ("blur_sigma", (2.0, 1.0)),
+    ],
+)
+def test_resolve_rejects_bad_values_naming_the_key(key: str, value) -> None:
+    with pytest.raises(ConfigError, match=f"views.{key}="):
+        resolve_view_params(ViewsConfig(strength="jitter", **{key: value}))
+
+
+def test_resolve_rejects_unknown_strength() -> None:
+    with pytest.raises(ConfigError, match="views.strength"):
+        resolve_view_params(ViewsConfig(strength="medium"))
+
+
+def test_blur_kernel_size_is_odd_and_about_a_tenth() -> None:
+    assert [blur_kernel_size(s) for s in (8, 28, 32, 64, 96, 224)] == [3, 3, 3, 7, 11, 23]
+
+
+def test_sampler_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="channels"):
+        ViewSampler(STRENGTHS["jitter"], channels=4, image_size=SIZE)
+    sampler = ViewSampler(STRENGTHS["jitter"], channels=3, image_size=SIZE)
+    with pytest.raises(ValueError, match="crops"):
+        sampler(_crops(channels=1), _gen())
+
+
+# --- rendering ----------------------------------------------------------------------
+
+
+def test_none_preset_gives_identical_views_and_null_action() -> None:
+    crops = _crops()
+    views = ViewSampler(STRENGTHS["none"], channels=3, image_size=SIZE)(crops, _gen())
+    assert isinstance(views, Views)
+    assert torch.equal(views.source, crops)
+    assert torch.equal(views.target, crops)
+    assert torch.equal(views.action, null_action(crops.shape[0]))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_same_seed_same_views(channels: int) -> None:
+    sampler = ViewSampler(STRENGTHS["strong"], channels=channels, image_size=SIZE)
+    crops = _crops(channels=channels)
+    a, b, c = sampler(crops, _gen(7)), sampler(crops, _gen(7)), sampler(crops, _gen(8))
+    for field in ("source", "target", "action"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert not torch.equal(a.action, c.action)
+
+
+def test_target_and_source_come_from_their_params() -> None:
+    sampler = ViewSampler(STRENGTHS["strong"], channels=3, image_size=SIZE)
+    crops = _crops()
+    v = sampler(crops, _gen(3))
+    torch.testing.assert_close(v.target, sampler.apply_jitter(crops, v.target_jitter), atol=0,
+                               rtol=0)
+    source = sampler.apply_destructive(sampler.apply_jitter(crops, v.source_jitter),
+                                       v.destructive)
+    torch.testing.assert_close(v.source, source, atol=0, rtol=0)
+    assert torch.equal(v.action, build_action(v.target_jitter, v.source_jitter, v.destructive))
+    assert v.source.shape == v.target.shape == crops.shape
+    assert v.source.min() >= 0 and v.source.max() <= 1
+
+
+def test_apply_jitter_matches_torchvision_in_fixed_order() -> None:
+    sampler = ViewSampler(STRENGTHS["strong"], channels=3, image_size=SIZE)
+    crops = _crops()
+    params = sampler.sample_jitter(crops.shape[0], _gen(1))
+    out = sampler.apply_jitter(crops, params)
+    for i in range(crops.shape[0]):
+        ref = TF.adjust_brightness(crops[i], float(params.brightness[i]))
+        ref = TF.adjust_contrast(ref, float(params.contrast[i]))
+        ref = TF.adjust_saturation(ref, float(params.saturation[i]))
+        ref = TF.adjust_hue(ref, float(params.hue[i]))
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_destructive_p1_sets_every_flag_and_leaves_target_clean() -> None:
+    params = dataclasses.replace(STRENGTHS["destructive"], jitter_p=0.0, grayscale_p=1.0,
+                                 blur_p=1.0, solarize_p=1.0)
+    sampler = ViewSampler(params, channels=3, image_size=SIZE)
+    crops = _crops()
+    v = sampler(crops, _gen())
+    d = v.destructive
+    assert d.grayscale.all() and d.blur.all() and d.solarize.all()
+    assert ((d.blur_sigma >= 0.1) & (d.blur_sigma <= 2.0)).all()
+    for name in ("grayscale", "blur", "solarize"):
+        assert (v.action[:, _col(name)] == 1).all()
+    torch.testing.assert_close(v.action[:, _col("blur_sigma")], d.blur_sigma / 2.0)
+    assert torch.equal(v.target, crops)  # destructive transforms never touch the target
+    # grayscale then blur keep the channels equal; solarize is per pixel, so they stay equal
+    assert torch.equal(v.source[:, 0], v.source[:, 1])
+    assert torch.equal(v.source[:, 1], v.source[:, 2])
+    for i in range(crops.shape[0]):
+        s = float(d.blur_sigma[i])
+        ref = TF.rgb_to_grayscale(crops[i], num_output_channels=3)
+        ref = TF.gaussian_blur(ref, [sampler.kernel_size] * 2, [s, s])
+        ref = TF.solarize(ref, 0.5)
+        torch.testing.assert_close(v.source[i], ref, atol=1e-6, rtol=0)
+
+
+# --- sampling statistics --------------------------------------------------------------
+
+N = 20_000
+
+
+def test_jitter_statistics_match_the_configured_ranges() -> None:
+    p = STRENGTHS["jitter"]
+    j = ViewSampler(p, channels=3, image_size=SIZE).sample_jitter(N, _gen())
+    assert j.applied.dtype == torch.bool and j.brightness.shape == (N,)
+    assert abs(j.applied.float().mean().item() - p.jitter_p) < 0.015
+    on, off = j.applied, ~j.applied
+    for name, strength in (("brightness", p.brightness), ("contrast", p.contrast),
+                           ("saturation", p.saturation)):
+        f = getattr(j, name)
+        assert (f[off] == 1).all()
+        lo, hi = max(0.0, 1 - strength), 1 + strength
+        assert f[on].min() >= lo and f[on].max() <= hi
+        # uniform: reaches both ends, centred on 1
+        assert f[on].min() < lo + 0.01 and f[on].max() > hi - 0.01
+        assert abs(f[on].mean().item() - 1.0) < 0.01
+    assert (j.hue[off] == 0).all()
+    assert j.hue[on].abs().max() <= p.hue and j.hue[on].abs().max() > p.hue - 0.01
+    assert abs(j.hue[on].mean().item()) < 0.005
+    # the four factors are drawn independently
+    corr = torch.corrcoef(torch.stack([j.brightness[on], j.contrast[on], j.hue[on]]))
+    assert (corr - torch.eye(3)).abs().max() < 0.05
+
+
+def test_destructive_statistics_match_the_configured_probabilities() -> None:
+    p = STRENGTHS["destructive"]
+    d = ViewSampler(p, channels=3, image_size=SIZE).sample_destructive(N, _gen())
+    for name, prob in (("grayscale", p.grayscale_p), ("blur", p.blur_p),
+                       ("solarize", p.solarize_p)):
+        assert abs(getattr(d, name).float().mean().item() - prob) < 0.015
+    sig = d.blur_sigma[d.blur]
+    assert sig.min() >= 0.1 and sig.max() <= 2.0
+    assert abs(sig.mean().item() - 1.05) < 0.05
+    assert (d.blur_sigma[~d.blur] == 0).all()
+
+
+def test_target_and_source_jitter_are_independent() -> None:
+    v = ViewSampler(STRENGTHS["jitter"], channels=3, image_size=SIZE)(
+        torch.rand(4000, 3, 4, 4, generator=_gen()), _gen(1))
+    both = torch.stack([v.target_jitter.brightness, v.source_jitter.brightness])
+    assert torch.corrcoef(both)[0, 1].abs() < 0.05
+
+
+def test_single_channel_never_claims_colour_changes() -> None:
+    p = dataclasses.replace(STRENGTHS["strong"], grayscale_p=1.0)
+    sampler = ViewSampler(p, channels=1, image_size=SIZE)
+    v = sampler(_crops(64, channels=1), _gen())
+    assert (v.target_jitter.saturation == 1).all() and (v.source_jitter.saturation == 1).all()
+    assert (v.target_jitter.hue == 0).all() and (v.source_jitter.hue == 0).all()
+    assert not v.destructive.grayscale.any()
+    for name in ("saturation", "hue", "grayscale"):
+        assert (v.action[:, _col(name)] == 0).all()
+    assert (v.action[:, _col("brightness")] != 0).any()  # brightness/contrast still vary
+
+
+def test_params_follow_the_requested_device() -> None:
+    sampler = ViewSampler(STRENGTHS["strong"], channels=3, image_size=SIZE)
+    j = sampler.sample_jitter(4, _gen(), torch.device("cpu"))
+    assert j.brightness.device.type == "cpu"
+    params = ViewParams()  # the defaults are the "none" preset
+    assert params == STRENGTHS["none"]
