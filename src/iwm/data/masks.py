@@ -1,0 +1,271 @@
+"""I-JEPA multi-block masks, sampled for a whole batch at once with tensor ops.
+
+For each image, ``cfg.num_targets`` target blocks and one context block are drawn on the
+``H x W`` patch grid; the context is the context block minus the union of the targets.
+Patches are numbered row-major (``index = row * W + col``), the order a ViT flattens them.
+
+Block sizes
+    Every target block of every sample draws its own size; the official code draws one size
+    per batch, so a batch never mixes small and large blocks. The scale ``s`` (fraction of
+    the ``N = H * W`` patches) is uniform in ``cfg.target_scale``; the aspect ratio
+    ``r = h / w`` is log-uniform in ``cfg.target_aspect``: aspect ratios compose by
+    multiplication, so log-uniform treats a block and its transpose alike (``r`` and ``1/r``
+    are equally likely when the range is symmetric, e.g. 0.5..2), where a uniform draw
+    would favour the wide end of the range. Scale and aspect come from two independent
+    random numbers; the official code reuses one, which ties big blocks to tall ones.
+    ``h = round(sqrt(s N r))`` and ``w = round(sqrt(s N / r))`` (round half to even),
+    clamped to ``[1, H]`` and ``[1, W]``.
+
+    The context block draws ``s ~ U(cfg.context_scale)`` and takes the grid's own shape:
+    ``h = round(sqrt(s) H)``, ``w = round(sqrt(s) W)``. On a square grid (square images,
+    the only kind the data pipeline makes) that is aspect 1, as in I-JEPA; on a non-square
+    grid a square block would be cut off by the short side, and scale 1.0 would no longer
+    mean "the whole image".
+
+Placement (``cfg.wrap``)
+    A block placed inside the grid with a uniform top-left corner cannot cover patches
+    uniformly: a block of height ``h`` covers row ``i`` from ``min(i, h-1, H-i-1, H-h) + 1``
+    of its ``H - h + 1`` corner rows, so a border row is hit ``min(h, H - h + 1)`` times
+    less often than a central one; the same holds for columns. No other in-bounds corner
+    distribution fixes this either: equal coverage forces all the weight onto corners at
+    multiples of ``h``, which only works when ``h`` divides ``H``. So with ``wrap=True``
+    (the default) the corner is uniform over all ``H x W`` positions and the block wraps
+    around the edges, as on a torus: every patch is then covered with probability exactly
+    ``h w / N``, border rows and columns included, and each block keeps exactly its drawn
+    ``h x w`` size. The price is that a block crossing an edge is split into up to four
+    rectangles at opposite borders.
+
+    With ``wrap=False`` the corner is uniform over the in-bounds positions ``0..H-h`` and
+    ``0..W-w``, both ends included. (The official code's ``randint(0, H - h)`` excludes the
+    last position, so its blocks never touch the last row or column.)
+
+Rejection
+    A sample whose context has fewer than ``max(1, ceil(min_context N))`` patches has all of
+    its blocks redrawn; only the failing rows are redrawn, until none fail, and a config
+    that keeps failing raises :class:`~iwm.errors.ConfigError` instead of looping. The test
+    depends only on block sizes and their relative positions, which a shift of the whole
+    torus preserves, so with ``wrap=True`` rejection leaves the coverage uniform.
+
+Index form (:class:`Masks`)
+    Encoders take index tensors with the same length for every sample. The context keeps
+    ``Kc`` = the smallest context in the batch, as a uniformly random subset of each
+    sample's context (sorted ascending), so a large context is thinned rather than cropped
+    towards the top of the image. Targets keep each sample's full blocks, padded to the
+    largest block in the batch; ``target_valid`` marks the real entries, so a loss averaged
+    over valid entries sees exactly the drawn blocks. Padding repeats indices of its own
+    block, so gathering with it is always in range and never reads another block.
+
+All random numbers come from the ``torch.Generator`` passed in, drawn on that generator's
+device (then moved to ``device``), so a seed fixes the masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from iwm.config import MaskConfig
+from iwm.errors import ConfigError
+
+__all__ = ["Masks", "MultiBlockMaskGenerator"]
+
+#: Redraw rounds before a config is declared unable to meet ``min_context``. Each round
+#: redraws only the still-failing samples, so a config accepted with probability p per
+#: draw fails a sample only with probability (1 - p) ** MAX_REDRAWS.
+MAX_REDRAWS = 100
+
+
+@dataclass
+class Masks:
+    """A batch of multi-block masks as patch indices (row-major into the ``H x W`` grid).
+
+    ``context``: (B, Kc) long, sorted ascending and unique per sample; same Kc for all.
+    ``targets``: (B, T, Kt) long, each block's indices ascending, Kt = largest block.
+    ``target_valid``: (B, T, Kt) bool, False on padding (which repeats a valid index of the
+    same block).
+    """
+
+    context: Tensor
+    targets: Tensor
+    target_valid: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Masks:
+        return Masks(
+            context=self.context.to(device, non_blocking=non_blocking),
+            targets=self.targets.to(device, non_blocking=non_blocking),
+            target_valid=self.target_valid.to(device, non_blocking=non_blocking),
+        )
+
+
+class MultiBlockMaskGenerator:
+    """Samples I-JEPA context/target masks on a ``grid = (H, W)`` patch grid (see module doc)."""
+
+    def __init__(self, grid: tuple[int, int], cfg: MaskConfig) -> None:
+        height, width = (int(v) for v in grid)
+        if height < 1 or width < 1:
+            raise ConfigError(f"mask grid {grid}: needs at least one patch in each direction")
+        _check_mask_config(cfg)
+        self.grid = (height, width)
+        self.cfg = cfg
+        self.num_patches = height * width
+        self.min_context_patches = max(1, math.ceil(cfg.min_context * self.num_patches))
+        # Fail at construction when even the largest context block is too small: no amount
+        # of redrawing could help, and the message can say exactly why.
+        h_max, w_max = self._context_size(torch.tensor(cfg.context_scale[1]))
+        biggest = int(h_max) * int(w_max)
+        if biggest < self.min_context_patches:
+            raise ConfigError(
+                f"mask.context_scale={list(cfg.context_scale)} gives a context block of at most "
+                f"{biggest} of {self.num_patches} patches on a {height}x{width} grid, fewer "
+                f"than mask.min_context={cfg.min_context} requires "
+                f"({self.min_context_patches}): raise context_scale or lower min_context"
+            )
+
+    # ---------------------------------------------------------------- public API
+
+    def sample_boolean(
+        self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """Raw block masks: context (B, N) bool and targets (B, T, N) bool, row-major."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        device = torch.device(device)
+        context, targets = self._draw(batch_size, generator, device)
+        failing = context.sum(1) < self.min_context_patches
+        # Kept as a tensor so the usual path syncs with an accelerator once per round only.
+        draws, rejected = batch_size, failing.sum()
+        for _ in range(MAX_REDRAWS):
+            if not failing.any():
+                return context, targets
+            rows = failing.nonzero().squeeze(1)
+            new_context, new_targets = self._draw(rows.numel(), generator, device)
+            context[rows] = new_context
+            targets[rows] = new_targets
+            still = new_context.sum(1) < self.min_context_patches
+            failing[rows] = still
+            draws += rows.numel()
+            rejected = rejected + still.sum()
+        if not failing.any():
+            return context, targets
+        cfg = self.cfg
+        raise ConfigError(
+            f"mask: after {MAX_REDRAWS} redraws {int(failing.sum())} of {batch_size} samples "
+            f"still had fewer than {self.min_context_patches} of {self.num_patches} context "
+            f"patches (mask.min_context={cfg.min_context}); only {draws - int(rejected)} of "
+            f"{draws} draws met it. The targets (num_targets={cfg.num_targets}, "
+            f"target_scale={list(cfg.target_scale)}) leave too little of the context block "
+            f"(context_scale={list(cfg.context_scale)}): lower mask.num_targets, "
+            f"mask.target_scale or mask.min_context, or raise mask.context_scale"
+        )
+
+    def to_masks(self, context: Tensor, targets: Tensor, generator: torch.Generator) -> Masks:
+        """Convert boolean masks (as from :meth:`sample_boolean`) to index form.
+
+        The generator picks which context patches to keep when a sample has more than Kc.
+        """
+        device = context.device
+        batch, n = context.shape
+        counts = context.sum(1)
+        keep = int(counts.min())
+        # Context patches score in [1, 2), the rest in [0, 1): the top Kc scores are a
+        # uniformly random Kc-subset of the context.
+        noise = torch.rand(batch, n, generator=generator, device=generator.device).to(device)
+        score = context.to(noise.dtype) + noise
+        ctx_idx = score.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+        sizes = targets.sum(-1)  # (B, T), every block has at least one patch
+        width = int(sizes.max())
+        # A stable sort on "not in block" lists each block's patches first, in ascending order.
+        order = torch.sort((~targets).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+        slot = torch.arange(width, device=device)
+        valid = slot < sizes[..., None]
+        # Padding slots cycle through the block's own patches, so every index is in range.
+        tgt_idx = order.gather(-1, slot % sizes[..., None])
+        return Masks(context=ctx_idx, targets=tgt_idx, target_valid=valid)
+
+    def __call__(
+        self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> Masks:
+        context, targets = self.sample_boolean(batch_size, generator, device)
+        return self.to_masks(context, targets, generator)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(grid={self.grid}, cfg={self.cfg})"
+
+    # ---------------------------------------------------------------- sampling
+
+    def _rand(self, shape: tuple[int, ...], generator: torch.Generator,
+              device: torch.device) -> Tensor:
+        # Drawn on the generator's device so a CPU generator can feed CUDA masks and back.
+        return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+    def _context_size(self, scale: Tensor) -> tuple[Tensor, Tensor]:
+        height, width = self.grid
+        side = scale.sqrt()
+        h = torch.round(side * height).clamp(1, height).long()
+        w = torch.round(side * width).clamp(1, width).long()
+        return h, w
+
+    def _target_size(self, u_scale: Tensor, u_aspect: Tensor) -> tuple[Tensor, Tensor]:
+        height, width = self.grid
+        lo, hi = self.cfg.target_scale
+        area = (lo + (hi - lo) * u_scale) * self.num_patches
+        log_lo, log_hi = (math.log(a) for a in self.cfg.target_aspect)
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u_aspect)
+        h = torch.round(torch.sqrt(area * aspect)).clamp(1, height).long()
+        w = torch.round(torch.sqrt(area / aspect)).clamp(1, width).long()
+        return h, w
+
+    def _corner(self, u: Tensor, size: Tensor, extent: int) -> Tensor:
+        positions = torch.full_like(size, extent) if self.cfg.wrap else extent - size + 1
+        corner = torch.floor(u * positions).long()
+        # u < 1, but u * positions can round up to positions in float32.
+        return torch.minimum(corner, positions - 1)
+
+    def _blocks(self, top: Tensor, left: Tensor, h: Tensor, w: Tensor) -> Tensor:
+        """Boolean (..., N) masks of h x w blocks at (top, left), wrapping around the edges.
+
+        The modular test also serves in-bounds placement, where it never wraps.
+        """
+        height, width = self.grid
+        rows = torch.arange(height, device=top.device)
+        cols = torch.arange(width, device=top.device)
+        in_rows = (rows - top[..., None]) % height < h[..., None]
+        in_cols = (cols - left[..., None]) % width < w[..., None]
+        return (in_rows[..., :, None] & in_cols[..., None, :]).flatten(-2)
+
+    def _draw(self, n: int, generator: torch.Generator,
+              device: torch.device) -> tuple[Tensor, Tensor]:
+        height, width = self.grid
+        # One independent number per (sample, block, quantity): scale, aspect, top, left.
+        u = self._rand((n, self.cfg.num_targets, 4), generator, device)
+        h, w = self._target_size(u[..., 0], u[..., 1])
+        targets = self._blocks(
+            self._corner(u[..., 2], h, height), self._corner(u[..., 3], w, width), h, w
+        )
+        uc = self._rand((n, 3), generator, device)
+        lo, hi = self.cfg.context_scale
+        hc, wc = self._context_size(lo + (hi - lo) * uc[:, 0])
+        block = self._blocks(
+            self._corner(uc[:, 1], hc, height), self._corner(uc[:, 2], wc, width), hc, wc
+        )
+        return block & ~targets.any(1), targets
+
+
+def _check_mask_config(cfg: MaskConfig) -> None:
+    # Config.validate checks most of this too, but a generator can be built from a bare
+    # MaskConfig, and a bad range here would otherwise surface as NaN sizes or a hang.
+    if cfg.num_targets < 1:
+        raise ConfigError(f"mask.num_targets={cfg.num_targets}: must be at least 1")
+    for key in ("target_scale", "context_scale"):
+        lo, hi = getattr(cfg, key)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"mask.{key}={[lo, hi]}: needs 0 < min <= max <= 1")
+    lo, hi = cfg.target_aspect
+    if not 0 < lo <= hi:
+        raise ConfigError(f"mask.target_aspect={[lo, hi]}: needs 0 < min <= max")
+    if not 0 <= cfg.min_context < 1:
+        raise ConfigError(f"mask.min_context={cfg.min_context}: needs 0 <= value < 1")
