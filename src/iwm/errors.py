@@ -19,4 +19,4 @@ class DataError(IWMError):
 
 
 class CheckpointError(IWMError):
-    """A checkpoint that cannot be loaded."""
+    """A checkpoint that cannot be saved or loaded."""
