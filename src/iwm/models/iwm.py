@@ -1,0 +1,95 @@
+"""The IWM training model: context encoder, EMA target encoder and predictor.
+
+One forward pass is one JEPA/IWM prediction problem per image and target block:
+the context encoder sees the source view's context patches, the target encoder sees the
+whole target view, and the predictor, given the action a(x→y), predicts the target
+encoder's (layer-normed) tokens at each target block. I-JEPA is the special case where
+source == target and the conditioning is ``none``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iwm.config import Config
+from iwm.data.actions import ACTION_DIM
+from iwm.data.masks import Masks
+from iwm.models.predictor import Predictor
+from iwm.models.tokens import gather_tokens
+from iwm.models.vit import Encoder, create_encoder
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    pred_std: Tensor
+    """Std of predictions over tokens and images (collapse monitor; ~0 means collapse)."""
+    target_std: Tensor
+    """Std of target features over images (collapse monitor)."""
+
+
+class IWM(nn.Module):
+    def __init__(self, encoder: Encoder, predictor: Predictor, loss: str = "l2") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.target_encoder = copy.deepcopy(encoder)
+        self.target_encoder.requires_grad_(False)
+        self.predictor = predictor
+        self.loss_name = loss
+
+    @torch.no_grad()
+    def target_tokens(self, images: Tensor) -> Tensor:
+        """Regression targets: the EMA encoder's tokens, layer-normed without affine (I-JEPA)."""
+        h = self.target_encoder.forward_tokens(images)
+        return F.layer_norm(h, h.shape[-1:])
+
+    def forward(self, source: Tensor, target: Tensor, action: Tensor, masks: Masks) -> StepOutput:
+        n_blocks = masks.targets.shape[1]
+        targets = self.target_tokens(target)
+        context = self.encoder.forward_tokens(source, masks.context)
+        # All target blocks of an image are predicted in one batched predictor call: the
+        # context is repeated once per block, so blocks never see each other's mask tokens.
+        target_idx = masks.targets.flatten(0, 1)
+        valid = masks.target_valid.flatten(0, 1)
+        pred = self.predictor(
+            context.repeat_interleave(n_blocks, 0),
+            masks.context.repeat_interleave(n_blocks, 0),
+            target_idx,
+            action.repeat_interleave(n_blocks, 0),
+            valid,
+        )
+        truth = gather_tokens(targets.repeat_interleave(n_blocks, 0), target_idx)
+        if self.loss_name == "smooth_l1":
+            per_token = F.smooth_l1_loss(pred.float(), truth.float(), reduction="none").mean(-1)
+        else:
+            per_token = (pred.float() - truth.float()).pow(2).mean(-1)
+        weights = valid.float()
+        loss = (per_token * weights).sum() / weights.sum()
+        with torch.no_grad():
+            pred_std = pred.detach().float().std(dim=0).mean()
+            target_std = targets.float().mean(dim=1).std(dim=0).mean()
+        return StepOutput(loss=loss, pred_std=pred_std, target_std=target_std)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA: target ← m·target + (1−m)·online, fused over all tensors."""
+        online = list(self.encoder.parameters())
+        ema = list(self.target_encoder.parameters())
+        torch._foreach_lerp_(ema, online, 1.0 - momentum)
+
+
+def build_model(cfg: Config, in_chans: int) -> IWM:
+    """The IWM model a config describes, for images with ``in_chans`` channels."""
+    m = cfg.model
+    encoder = create_encoder(m.encoder, img_size=cfg.data.image_size, patch_size=m.patch_size,
+                             in_chans=in_chans, drop_path_rate=m.drop_path)
+    predictor = Predictor(grid=encoder.grid, embed_dim=encoder.embed_dim,
+                          width=m.predictor_width, depth=m.predictor_depth,
+                          num_heads=m.predictor_heads, action_dim=ACTION_DIM,
+                          conditioning=m.conditioning, drop_path_rate=m.drop_path)
+    return IWM(encoder, predictor, loss=m.loss)

@@ -1,0 +1,65 @@
+import torch
+
+from iwm.config import load_config
+from iwm.data.actions import ACTION_DIM
+from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.models.iwm import build_model
+
+
+def _setup(conditioning="feature"):
+    torch.manual_seed(0)
+    cfg = load_config("iwm-inv-tiny", [f"model.conditioning={conditioning}",
+                                       "model.predictor_depth=2"])
+    model = build_model(cfg, in_chans=1)
+    gen = torch.Generator().manual_seed(0)
+    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)(4, gen)
+    images = torch.randn(4, 1, 28, 28, generator=gen)
+    action = torch.randn(4, ACTION_DIM, generator=gen)
+    return model, images, action, masks
+
+
+def test_loss_is_finite_and_only_online_parts_get_gradients():
+    model, images, action, masks = _setup()
+    out = model(images, images, action, masks)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.predictor.mask_token.grad.abs().sum() > 0
+    assert out.pred_std > 0 and out.target_std > 0
+
+
+def test_ema_update_is_a_lerp_towards_the_online_encoder():
+    model, *_ = _setup()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    online = [p.clone() for p in model.encoder.parameters()]
+    model.update_target(0.9)
+    for b, o, t in zip(before, online, model.target_encoder.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+
+
+def test_loss_ignores_padding_tokens():
+    model, images, action, masks = _setup()
+    base = model(images, images, action, masks).loss
+    # Change the indices of padding entries: the loss must not move.
+    moved = masks.targets.clone()
+    moved[~masks.target_valid] = 0
+    masks.targets = moved
+    torch.testing.assert_close(model(images, images, action, masks).loss, base)
+
+
+def test_overfits_one_fixed_batch():
+    model, images, action, masks = _setup()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(images, images, action, masks).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0]
+    assert min(losses[-5:]) < min(losses[:5])

@@ -1,0 +1,64 @@
+import pytest
+import timm
+import torch
+
+from iwm.errors import ConfigError
+from iwm.models.tokens import gather_tokens, sincos_pos_embed
+from iwm.models.vit import ENCODERS, create_encoder
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return create_encoder("vit_micro", img_size=28, patch_size=4, in_chans=1).eval()
+
+
+def test_keep_all_tokens_equals_full_forward():
+    enc = _encoder()
+    x = torch.randn(2, 1, 28, 28)
+    full = enc.forward_tokens(x)
+    keep = torch.arange(49).expand(2, -1)
+    assert full.shape == (2, 49, 128)
+    torch.testing.assert_close(enc.forward_tokens(x, keep), full)
+
+
+def test_masked_forward_only_sees_kept_patches():
+    enc = _encoder()
+    x = torch.randn(1, 1, 28, 28)
+    keep = torch.tensor([[0, 1, 2, 3, 4, 5, 6]])  # the first patch row
+    y = x.clone()
+    y[..., 4:, :] = torch.randn_like(y[..., 4:, :])  # change everything outside row 0
+    torch.testing.assert_close(enc.forward_tokens(x, keep), enc.forward_tokens(y, keep))
+    assert not torch.allclose(enc.forward_tokens(x), enc.forward_tokens(y))
+
+
+def test_state_dict_loads_into_timm_with_identical_features():
+    enc = _encoder()
+    spec = ENCODERS["vit_micro"]
+    ref = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="avg",
+                            class_token=False, fc_norm=False, img_size=28, patch_size=4,
+                            in_chans=1, embed_dim=spec.embed_dim, depth=spec.depth,
+                            num_heads=spec.num_heads).eval()
+    ref.load_state_dict(enc.state_dict(), strict=True)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(ref(x), enc(x))
+
+
+def test_positions_are_fixed_and_distinct():
+    enc = _encoder()
+    assert not enc.pos_embed.requires_grad
+    pe = sincos_pos_embed((7, 7), 128)
+    assert pe.shape == (49, 128)
+    dist = torch.cdist(pe, pe) + torch.eye(49) * 1e3
+    assert dist.min() > 0.1  # every position is distinguishable
+
+
+def test_gather_tokens_picks_rows():
+    x = torch.arange(2 * 5 * 3).float().view(2, 5, 3)
+    idx = torch.tensor([[4, 0], [1, 1]])
+    out = gather_tokens(x, idx)
+    assert torch.equal(out[0, 0], x[0, 4]) and torch.equal(out[1, 1], x[1, 1])
+
+
+def test_unknown_encoder_is_a_config_error():
+    with pytest.raises(ConfigError, match="vit_tiny"):
+        create_encoder("vit_gigantic", img_size=28, patch_size=4, in_chans=1)
