@@ -154,7 +154,8 @@ class Config:
         if self.data.image_size % self.model.patch_size:
             raise ConfigError(
                 f"model.patch_size={self.model.patch_size} does not divide "
-                f"data.image_size={self.data.image_size}: pick sizes with image_size % patch_size == 0"
+                f"data.image_size={self.data.image_size}: choose sizes with "
+                "image_size % patch_size == 0"
             )
         if self.model.predictor_width % self.model.predictor_heads:
             raise ConfigError(
@@ -217,7 +218,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
@@ -299,7 +301,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if preset.is_file():
         return preset
     raise ConfigError(
-        f"config '{name_or_path}' is neither a file nor a preset; presets: {', '.join(preset_names())}"
+        f"config '{name_or_path}' is neither a file nor a preset; "
+        f"presets: {', '.join(preset_names())}"
     )
 
 
