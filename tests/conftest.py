@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny generated data sets, so no test needs the internet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iwm.data.fetch import write_idx
+
+FAKE_TRAIN = 64
+FAKE_TEST = 16
+
+
+def write_fake_mnist(folder: Path, gz: bool = True, n_train: int = FAKE_TRAIN,
+                     n_test: int = FAKE_TEST) -> dict[str, torch.Tensor]:
+    """Write the four MNIST-format IDX files (28x28, 10 classes) and return their contents.
+    Image i is filled with the value i % 256 plus a gradient, so tests can tell them apart."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = (torch.arange(n).view(n, 1, 1) + torch.arange(28).view(1, 1, 28)) % 256
+        images = images.expand(n, 28, 28).contiguous()
+        labels = torch.randint(0, 10, (n,), generator=gen)
+        suffix = ".gz" if gz else ""
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images.to(torch.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels.to(torch.uint8))
+        out[f"{prefix}_images"] = images.to(torch.uint8)
+        out[f"{prefix}_labels"] = labels
+    return out
+
+
+@pytest.fixture
+def mnist_writer():
+    """:func:`write_fake_mnist`, for tests that need the files in several places."""
+    return write_fake_mnist
+
+
+@pytest.fixture
+def fake_mnist_dir(tmp_path: Path) -> Path:
+    """A folder holding tiny Fashion-MNIST-format IDX files (gzip-compressed)."""
+    folder = tmp_path / "fmnist"
+    write_fake_mnist(folder)
+    return folder
+
+
+def write_image(path: Path, array: np.ndarray, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+
+
+def constant_image(value: int, size: tuple[int, int] = (12, 10)) -> np.ndarray:
+    """An RGB image (height, width) of one colour that encodes ``value`` (< 256)."""
+    return np.full((*size, 3), (value, 255 - value, 7), dtype=np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """``<root>/{train,test}/<class>/`` with PNG (RGB, grayscale, RGBA) and JPEG files of
+    different sizes, plus a non-image file that must be ignored."""
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c, cls in enumerate(("cat", "dog")):
+            d = root / split / cls
+            for i in range(n):
+                v = 10 * (c * 10 + i) + (0 if split == "train" else 5)
+                write_image(d / f"rgb_{i}.png", constant_image(v, (12 + i, 10)))
+            write_image(d / "gray.png", rng.integers(0, 256, (9, 11), dtype=np.uint8))
+            rgba = rng.integers(0, 256, (10, 10, 4), dtype=np.uint8)
+            write_image(d / "alpha.png", rgba)
+            write_image(d / "photo.jpg", rng.integers(0, 256, (16, 20, 3), dtype=np.uint8),
+                        "JPEG")
+            (d / "notes.txt").write_text("not an image")
+    return root

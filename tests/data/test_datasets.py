@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import gzip
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iwm.data.datasets import (
+    FASHION_MNIST_CLASSES,
+    FolderSet,
+    ImageSet,
+    dataset_names,
+    get_dataset,
+    open_image_folder,
+    read_idx,
+)
+from iwm.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("IWM_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def test_fashion_mnist_from_idx_files(fake_mnist_dir, mnist_writer, tmp_path):
+    expected = mnist_writer(tmp_path / "check")  # same generator: same contents
+    train = get_dataset("fashion-mnist", "train", root=str(fake_mnist_dir), download=False)
+    assert isinstance(train, ImageSet)
+    assert train.images.shape == (64, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.long
+    assert torch.equal(train.images[:, 0], expected["train_images"])
+    assert torch.equal(train.labels, expected["train_labels"])
+    assert train.classes == FASHION_MNIST_CLASSES
+    assert train.mean == (0.2860,) and train.std == (0.3530,)
+    test = get_dataset("fashion-mnist", "test", root=str(fake_mnist_dir), download=False)
+    assert len(test) == 16 and test.split == "test"
+
+
+def test_fashion_mnist_via_iwm_data(fake_mnist_dir, monkeypatch):
+    monkeypatch.setenv("IWM_DATA", str(fake_mnist_dir))
+    assert len(get_dataset("fashion-mnist", "train", download=False)) == 64
+
+
+def test_mnist_from_torchvision_layout(mnist_writer, tmp_path):
+    mnist_writer(tmp_path / "MNIST" / "raw", gz=False)
+    ds = get_dataset("mnist", "test", root=str(tmp_path), download=False)
+    assert len(ds) == 16 and ds.classes[3] == "3" and ds.mean == (0.1307,)
+
+
+def test_unknown_name_and_split():
+    with pytest.raises(DataError) as err:
+        get_dataset("fashion_mnist", "train")
+    assert "did you mean 'fashion-mnist'" in str(err.value)
+    for name in ("cifar10", "stl10", "imagefolder:<path>"):
+        assert name in str(err.value)
+    with pytest.raises(DataError, match="unknown split 'validation'"):
+        get_dataset("mnist", "validation")
+    assert set(dataset_names()) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "stl10",
+                                    "imagefolder:<path>"}
+
+
+@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"),
+                                          ("stl10", "stl10_binary")])
+def test_torchvision_set_missing_offline(tmp_path, name, folder):
+    with pytest.raises(DataError) as err:
+        get_dataset(name, "train", root=str(tmp_path), download=False)
+    assert str(tmp_path / folder) in str(err.value)
+
+
+def test_cifar10_from_torchvision_files(tmp_path, monkeypatch):
+    # Tiny files in the pickled layout torchvision reads; its md5 check would reject them.
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0, 1, 2, 3]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    ds = get_dataset("cifar10", "train", root=str(tmp_path), download=False)
+    assert ds.images.shape == (20, 3, 32, 32) and ds.images.is_contiguous()
+    assert ds.classes[0] == "c0" and ds.mean == (0.4914, 0.4822, 0.4465)
+    # (N, H, W, C) -> (N, C, H, W): channel 0 of image 0 is the first 1024 bytes.
+    with open(base / "data_batch_1", "rb") as f:
+        first = pickle.load(f)["data"][0]
+    assert torch.equal(ds.images[0, 0].flatten(), torch.from_numpy(first[:1024].copy()))
+
+
+def test_read_idx_rejects_corrupt_files(tmp_path, fake_mnist_dir):
+    good = (fake_mnist_dir / "train-images-idx3-ubyte.gz").read_bytes()
+    raw = gzip.decompress(good)
+    cases = {
+        "truncated.gz": good[: len(good) // 2],
+        "short": raw[:-5],
+        "long": raw + b"x",
+        "magic": b"\x01\x02" + raw[2:],
+        "dtype": raw[:2] + b"\x07" + raw[3:],
+        "empty": b"",
+        "header": raw[:9],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=str(tmp_path / name)):
+            read_idx(tmp_path / name)
+
+
+def test_corrupt_file_surfaces_from_get_dataset(fake_mnist_dir):
+    path = fake_mnist_dir / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="t10k-labels"):
+        get_dataset("fashion-mnist", "test", root=str(fake_mnist_dir), download=False)
+
+
+def test_image_folder_splits_and_formats(image_folder):
+    train = get_dataset(f"imagefolder:{image_folder}", "train")
+    assert isinstance(train, FolderSet)
+    assert train.classes == ["cat", "dog"] and train.root == image_folder / "train"
+    assert len(train) == 2 * (4 + 3)  # png x4, gray, alpha, jpg; notes.txt ignored
+    assert train.labels.tolist() == [0] * 7 + [1] * 7
+    for i in range(len(train)):
+        img = train.load(i)
+        assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3
+    gray = [i for i, (p, _) in enumerate(train.samples) if p.endswith("gray.png")][0]
+    g = train.load(gray)
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    test = get_dataset(f"imagefolder:{image_folder}", "test")
+    assert len(test) == 2 * (2 + 3) and test.classes == train.classes
+
+
+def test_image_folder_class_missing_from_test_keeps_labels(image_folder):
+    shutil.rmtree(image_folder / "test" / "cat")
+    test = open_image_folder(image_folder, "test")
+    assert test.classes == ["cat", "dog"] and set(test.labels.tolist()) == {1}
+
+
+def test_image_folder_without_splits(image_folder):
+    flat = image_folder / "train"  # class folders directly
+    ds = open_image_folder(flat, "train")
+    assert ds.classes == ["cat", "dog"] and len(ds) == 14
+    with pytest.raises(DataError, match="no 'test' sub-folder"):
+        open_image_folder(flat, "test")
+
+
+def test_train_folder_without_test_folder(image_folder):
+    # "test" must not fall back to the whole tree (which would hold train/ as a class).
+    shutil.rmtree(image_folder / "test")
+    with pytest.raises(DataError, match="no 'test' sub-folder"):
+        open_image_folder(image_folder, "test")
+    assert open_image_folder(image_folder, "train").classes == ["cat", "dog"]
+
+
+def test_image_folder_val_alias(image_folder):
+    (image_folder / "test").rename(image_folder / "val")
+    assert len(open_image_folder(image_folder, "test")) == 10
+
+
+def test_flat_folder_is_one_class(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (5, 5), (i, i, i)).save(tmp_path / f"{i}.png")
+    ds = open_image_folder(tmp_path, "train")
+    assert ds.classes == [tmp_path.name] and len(ds) == 3
+
+
+def test_empty_or_missing_folder(tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        get_dataset(f"imagefolder:{tmp_path / 'empty'}", "train")
+    with pytest.raises(DataError, match="not a folder"):
+        get_dataset(f"imagefolder:{tmp_path / 'nope'}", "train")
+
+
+def test_unreadable_image_raises_data_error(image_folder):
+    bad = image_folder / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    ds = open_image_folder(image_folder, "train")
+    i = [k for k, (p, _) in enumerate(ds.samples) if p == str(bad)][0]
+    with pytest.raises(DataError, match="broken.png"):
+        ds.load(i)
+
+
+def test_subsets(image_folder, fake_mnist_dir):
+    ds = open_image_folder(image_folder, "train")
+    sub = ds.subset(4)
+    assert len(sub) == 4 and set(sub.labels.tolist()) == {0, 1}  # spread over classes
+    assert ds.subset(None) is ds and ds.subset(100) is ds
+    mean, std = ds.mean, ds.std
+    assert len(mean) == 3 and all(0 <= m <= 1 for m in mean) and all(s > 0 for s in std)
+    im = get_dataset("fashion-mnist", "train", root=str(fake_mnist_dir), download=False)
+    assert torch.equal(im.subset(5).images, im.images[:5])
+    with pytest.raises(DataError):
+        im.subset(0)
+
+
+def test_image_set_validates_shapes():
+    with pytest.raises(DataError):
+        ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), [], (0.5,), (0.5,))
+    with pytest.raises(DataError):
+        ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
+                 [], (0.5,), (0.5,))

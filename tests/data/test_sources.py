@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iwm.config import DataConfig
+from iwm.data.datasets import ImageSet, open_image_folder
+from iwm.data.sources import (
+    StreamingBatchSource,
+    TensorBatchSource,
+    iter_eval_batches,
+    make_source,
+)
+from iwm.errors import CheckpointError, DataError
+
+# Full-image crops without flips: every output pixel equals the source image's value, so
+# a crop tells which image it came from.
+IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False)
+AUGMENT = dict(crop_scale=(0.3, 1.0), crop_ratio=(0.75, 4 / 3), hflip=True)
+
+
+def _indexed_set(n: int = 50, size: int = 8) -> ImageSet:
+    """Image i is constant i (so crops identify it); label = i % 7."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, size, size)
+    labels = torch.arange(n) % 7
+    return ImageSet(images.contiguous(), labels, [str(k) for k in range(7)], (0.5,), (0.5,))
+
+
+def _ids(crops: torch.Tensor) -> list[int]:
+    return (crops.flatten(1).mean(1) * 255).round().long().tolist()
+
+
+def _take(source, k):
+    return [source.next() for _ in range(k)]
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for (xa, ya), (xb, yb) in zip(batches_a, batches_b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_tensor_source_epochs_cover_each_image_once():
+    src = TensorBatchSource(_indexed_set(50), 16, 8, **IDENTITY, seed=3)
+    assert src.steps_per_epoch == 3  # 50 // 16: the incomplete batch is dropped
+    for _epoch in range(2):
+        seen = []
+        for x, y in _take(src, 3):
+            assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
+            ids = _ids(x)
+            assert [i % 7 for i in ids] == y.tolist()  # labels match images
+            seen += ids
+        assert len(set(seen)) == 48 and all(0 <= i < 50 for i in seen)
+    assert src.epoch == 1 and src.position == 3
+    src.next()
+    assert src.epoch == 2 and src.position == 1 and src.progress == pytest.approx(2 + 1 / 3)
+
+
+def test_tensor_source_seeds():
+    data = _indexed_set(64)
+    a = _take(TensorBatchSource(data, 8, 6, **AUGMENT, seed=1), 10)
+    b = _take(TensorBatchSource(data, 8, 6, **AUGMENT, seed=1), 10)
+    c = _take(TensorBatchSource(data, 8, 6, **AUGMENT, seed=2), 10)
+    _assert_same(a, b)
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, c, strict=True))
+    # Epoch orders differ.
+    first = TensorBatchSource(data, 64, 8, **IDENTITY, seed=1)
+    assert _ids(first.next()[0]) != _ids(first.next()[0])
+
+
+@pytest.mark.parametrize("k", [0, 2, 7, 8])
+def test_tensor_source_resume(k):
+    data = _indexed_set(64)
+    ref = TensorBatchSource(data, 16, 6, **AUGMENT, seed=9)
+    expected = _take(ref, k + 6)[k:]
+    run = TensorBatchSource(data, 16, 6, **AUGMENT, seed=9)
+    _take(run, k)
+    state = run.state_dict()
+    fresh = TensorBatchSource(data, 16, 6, **AUGMENT, seed=12345)  # seed comes from state
+    fresh.load_state_dict(state)
+    _assert_same(_take(fresh, 6), expected)
+
+
+def test_tensor_source_rejects_mismatched_state_and_small_sets():
+    src = TensorBatchSource(_indexed_set(64), 16, 8, **IDENTITY)
+    other = TensorBatchSource(_indexed_set(64), 8, 8, **IDENTITY)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        other.load_state_dict(src.state_dict())
+    with pytest.raises(DataError, match="fewer than one batch"):
+        TensorBatchSource(_indexed_set(10), 16, 8, **IDENTITY)
+
+
+@pytest.fixture
+def coloured_folder(tmp_path):
+    """24 constant-colour PNGs (of several sizes) in 3 classes; colour encodes the index."""
+    root = tmp_path / "coloured"
+    for i in range(24):
+        d = root / f"class{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        size = (10 + i % 4, 12)
+        Image.fromarray(np.full((*size, 3), (i * 10, 0, 0), np.uint8)).save(d / f"{i:02d}.png")
+    return root
+
+
+def _colour_ids(crops: torch.Tensor) -> list[int]:
+    return (crops[:, 0].flatten(1).mean(1) * 255 / 10).round().long().tolist()
+
+
+def test_streaming_source_epoch_and_labels(coloured_folder):
+    folder = open_image_folder(coloured_folder)
+    src = StreamingBatchSource(folder, 5, 8, **AUGMENT, seed=0, num_workers=0)
+    assert src.steps_per_epoch == 4
+    seen = []
+    for x, y in _take(src, 4):
+        assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32
+        assert x.min() >= 0 and x.max() <= 1
+        ids = _colour_ids(x)
+        assert [i % 3 for i in ids] == y.tolist()
+        seen += ids
+    assert len(set(seen)) == 20
+    x, _ = src.next()  # next epoch starts
+    assert src.epoch == 1 and src.position == 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_source_resume(coloured_folder, workers):
+    folder = open_image_folder(coloured_folder)
+    kw = dict(**AUGMENT, num_workers=workers)
+    expected = _take(StreamingBatchSource(folder, 4, 6, seed=5, **kw), 9)[5:]
+    run = StreamingBatchSource(folder, 4, 6, seed=5, **kw)
+    _take(run, 5)  # 6 steps per epoch: the 4 resumed batches cross into epoch 1
+    state = run.state_dict()
+    run.close()
+    fresh = StreamingBatchSource(folder, 4, 6, seed=0, **kw)
+    fresh.load_state_dict(state)
+    _assert_same(_take(fresh, 4), expected)
+    fresh.close()
+
+
+def test_streaming_source_same_seed_same_batches(coloured_folder):
+    folder = open_image_folder(coloured_folder)
+    a = _take(StreamingBatchSource(folder, 4, 6, **AUGMENT, seed=1, num_workers=0), 3)
+    b = _take(StreamingBatchSource(folder, 4, 6, **AUGMENT, seed=1, num_workers=0), 3)
+    _assert_same(a, b)
+
+
+def test_streaming_source_skips_unreadable_files(coloured_folder):
+    (coloured_folder / "class0" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    folder = open_image_folder(coloured_folder)
+    assert len(folder) == 25
+    src = StreamingBatchSource(folder, 5, 8, **IDENTITY, seed=0, num_workers=0)
+    with pytest.warns(UserWarning, match="zz_broken.png"):
+        batches = _take(src, 5)  # one whole epoch: the broken file is drawn once
+    assert all(x.shape[0] == 5 for x, _ in batches)
+    assert src.skipped == 1 and len(src.bad_files) == 1
+    for x, y in batches:
+        assert [i % 3 for i in _colour_ids(x)] == y.tolist()
+
+
+def test_streaming_source_empty_folder(coloured_folder):
+    folder = open_image_folder(coloured_folder)
+    folder.samples = []
+    with pytest.raises(DataError, match="no images"):
+        StreamingBatchSource(folder, 4, 8, num_workers=0)
+
+
+def test_make_source_picks_by_type(fake_mnist_dir, image_folder):
+    cfg = DataConfig(name="fashion-mnist", root=str(fake_mnist_dir), image_size=16, limit=40)
+    src = make_source(cfg, batch_size=8, device="cpu", seed=0)
+    assert isinstance(src, TensorBatchSource)
+    assert src.num_images == 40 and src.steps_per_epoch == 5
+    x, y = src.next()
+    assert x.shape == (8, 1, 16, 16) and y.shape == (8,)
+    cfg = DataConfig(name=f"imagefolder:{image_folder}", image_size=8, num_workers=0, limit=10)
+    src = make_source(cfg, batch_size=4, device="cpu", seed=0)
+    assert isinstance(src, StreamingBatchSource) and src.num_images == 10
+    assert src.channels == 3 and len(src.mean) == 3 and src.classes == ["cat", "dog"]
+    x, y = src.next()
+    assert x.shape == (4, 3, 8, 8)
+    # A data set loaded by the caller is used as is (limit still applied).
+    data = _indexed_set(64)
+    src = make_source(DataConfig(image_size=8, limit=32), 8, "cpu", 0, dataset=data)
+    assert src.num_images == 32 and src.channels == 1 and src.mean == (0.5,)
+
+
+def test_eval_batches_image_set():
+    data = _indexed_set(20, size=6)
+    batches = list(iter_eval_batches(data, 8, 12))
+    assert [x.shape[0] for x, _ in batches] == [8, 8, 4]  # nothing dropped
+    ids = [i for x, _ in batches for i in _ids(x)]
+    assert ids == list(range(20))
+    labels = torch.cat([y for _, y in batches])
+    assert torch.equal(labels, data.labels)
+    again = list(iter_eval_batches(data, 8, 12))
+    _assert_same(batches, again)
+    limited = list(iter_eval_batches(data, 8, 12, limit=10))
+    assert [x.shape[0] for x, _ in limited] == [8, 2]
+
+
+def test_eval_batches_folder(coloured_folder):
+    (coloured_folder / "class1" / "zz_broken.png").write_bytes(b"junk")
+    folder = open_image_folder(coloured_folder)
+    with pytest.warns(UserWarning, match="zz_broken"):
+        batches = list(iter_eval_batches(folder, 10, 8))
+    assert sum(x.shape[0] for x, _ in batches) == 24
+    for x, y in batches:
+        assert x.shape[1:] == (3, 8, 8)
+        assert [i % 3 for i in _colour_ids(x)] == y.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sources_on_cuda(coloured_folder):
+    data = _indexed_set(64)
+    src = TensorBatchSource(data, 16, 8, **AUGMENT, device="cuda", seed=0)
+    x, y = src.next()
+    assert x.device.type == "cuda" and y.device.type == "cuda"
+    state = src.state_dict()
+    ref = src.next()
+    fresh = TensorBatchSource(data, 16, 8, **AUGMENT, device="cuda", seed=0)
+    fresh.load_state_dict(state)
+    _assert_same([fresh.next()], [ref])
+    stream = StreamingBatchSource(open_image_folder(coloured_folder), 4, 8, device="cuda",
+                                  num_workers=1)
+    x, y = stream.next()
+    assert x.device.type == "cuda" and x.dtype == torch.float32
+    stream.close()
