@@ -1,0 +1,462 @@
+"""World-model quality: Mean Reciprocal Rank (MRR) of the predictor (PAPER.md §2).
+
+Can the predictor apply a transformation in latent space? Give it a clean image's context
+tokens and an action; rank the target-encoder latent of the image *really* transformed by
+that action among the latents of the same image under other sampled transformations.
+MRR = mean over images of 1/rank: ~1 when the predictor applies the action, about chance
+(see below) when it ignores it. The paper did not publish its distance, pooling or
+positions; this module's protocol is:
+
+Source and positions
+    The source is the evaluation image itself (a deterministic centre view, float in
+    [0, 1]): no jitter, no destructive op, so the action's source side is the identity
+    (``build_action(target_k, identity, identity)``). Standard multi-block masks are drawn
+    with the run's mask config from the seeded generator, once per batch; the context
+    encoder sees the masks' context patches, and the predictor predicts the positions of
+    the FIRST target block only (one predictor call per image, exactly the shape of
+    problem it was trained on; padding of the block is excluded from every distance). The
+    same masks serve every bank of a batch, so all settings below compare like with like.
+
+Bank
+    ``bank_size`` (K, default 256) target colour-jitter parameters per image, drawn from
+    the run's view preset (``resolve_view_params(cfg.views)``) with the jitter probability
+    forced to 1: with the preset's 0.8, ~20% of the bank would be the untransformed image
+    (all bit-identical, hence tied), which measures nothing. A preset without any jitter
+    range (``none``, I-JEPA) gets the ``jitter`` preset's ranges, so an I-JEPA run is
+    asked the same questions as an IWM run (and should score chance). Each entry is
+    rendered with ``apply_jitter``, normalised as in training, encoded by the TARGET
+    (EMA) encoder with the training targets' layer norm (``IWM.target_tokens``), and kept
+    at the target block's positions. One entry per image, chosen uniformly at random, is
+    the "true" one whose action the predictor gets. The bank is one flat tensor of
+    ``B * K`` views encoded in chunks of ``chunk_size``; its latents are never stored,
+    each chunk is scored against the predictions and dropped.
+
+Distance
+    ``cosine`` (default): mean over the block's tokens of prediction and entry, then cosine
+    similarity of the two pooled vectors (computed as ``-||a/|a| - b/|b|||^2`` = 2 cos - 2,
+    which ranks identically but keeps float32 precision near cos = 1). ``l2``: mean
+    squared error over the block's tokens and channels (token-wise, no pooling).
+
+Rank and ties
+    rank = number of bank entries at least as close as the true one (true one included),
+    i.e. ties count as the WORST rank in the tie, so a prediction equidistant from every
+    entry (e.g. all zeros under cosine) gets 1/K, not 1. NaN distances count as farthest.
+
+Chance level
+    A predictor that ignores the action makes the same prediction whichever entry is
+    true; the true index is uniform and independent of it, so its expected reciprocal
+    rank is (1/K) sum_r 1/r = H_K / K without ties (0.024 for K = 256, 0.211 for K = 16)
+    and less with ties. This is the "MRR 0" of the paper's conditioning-``none`` row.
+
+Per-transform breakdown (``per_transform``)
+    - ``brightness``, ``contrast``, ``saturation``, ``hue``: a separate bank where ONLY
+      that factor varies (drawn in the bank preset's range for it; the others identity,
+      jitter "applied"), same images, masks and protocol. A factor the preset does not
+      vary (strength 0) is ``None``, as are saturation and hue on 1-channel images, where
+      they are no-ops (every entry would be identical).
+    - ``grayscale``, ``blur``, ``solarize``: a source-side op has no "target bank" of its
+      own, so these reuse the main bank and true index, but the SOURCE gets that op (blur
+      sigma drawn from the preset's ``blur_sigma`` range) and the action says so. The
+      score measures whether the predictor can still apply the target transformation
+      from a degraded source (undoing the op where it must). ``grayscale`` is ``None`` on
+      1-channel images. An op the run never trained with (probability 0 in its preset) is
+      still scored, with a note that the action is out of distribution.
+    Reasons for ``None`` entries and such notes are in ``MRRResult.notes``.
+
+Randomness: everything (masks, bank, true indices, blur sigmas) comes from the
+``generator`` passed in, in a fixed order, so a seed fixes the result; with a CPU generator
+the draws do not depend on the device the model runs on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iwm.data.actions import DestructiveParams, JitterParams, build_action
+from iwm.data.masks import Masks
+from iwm.data.views import STRENGTHS, ViewParams, ViewSampler
+from iwm.models.iwm import IWM
+from iwm.models.tokens import gather_tokens
+
+__all__ = [
+    "DESTRUCTIVE_OPS",
+    "DISTANCES",
+    "FACTORS",
+    "MRRResult",
+    "bank_view_params",
+    "evaluate_mrr",
+    "mean_reciprocal_rank",
+    "pairwise_scores",
+    "ranks_from_scores",
+    "run_mrr",
+]
+
+DISTANCES = ("cosine", "l2")
+FACTORS = ("brightness", "contrast", "saturation", "hue")
+DESTRUCTIVE_OPS = ("grayscale", "blur", "solarize")
+_RGB_ONLY = frozenset({"saturation", "hue", "grayscale"})
+
+MaskFn = Callable[[int, torch.Generator, torch.device], Masks]
+
+
+@dataclass
+class MRRResult:
+    """MRR of a world model; ``per_transform`` values are ``None`` where not meaningful
+    (the reason is in ``notes``)."""
+
+    mrr: float
+    bank: int
+    n_images: int
+    distance: str
+    per_transform: dict[str, float | None]
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- ranking
+
+
+def _check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance={distance!r}: must be one of {', '.join(DISTANCES)}")
+
+
+def _entry_scores(pred: Tensor, entries: Tensor, valid: Tensor | None, distance: str) -> Tensor:
+    """Closeness (higher = closer) of ``pred`` and ``entries``, both (..., T, D), over the
+    T tokens marked by ``valid`` (..., T) (all if None) -> (...)."""
+    pred, entries = pred.float(), entries.float()
+    weights = pred.new_ones(pred.shape[-2]) if valid is None else valid.to(pred.dtype)
+    weights = weights.unsqueeze(-1)  # (..., T, 1)
+    count = weights.sum(-2).clamp_min(1.0)
+    if distance == "cosine":
+        a = (pred * weights).sum(-2) / count
+        b = (entries * weights).sum(-2) / count
+        # -|a - b|^2 = 2 cos - 2 for unit vectors; the subtraction form resolves near-1
+        # cosines that a float32 dot product would round together.
+        score = -(F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1)
+        # A zero vector has no direction: cos = 0 exactly, so a zero prediction ties with
+        # every entry (rounding in |b/|b||^2 would otherwise rank them arbitrarily).
+        zero = (a.abs().amax(-1) == 0) | (b.abs().amax(-1) == 0)
+        return torch.where(zero, torch.full_like(score, -2.0), score)
+    per_token = (pred - entries).pow(2).mean(-1, keepdim=True)
+    return -((per_token * weights).sum(-2) / count).squeeze(-1)
+
+
+def pairwise_scores(pred: Tensor, bank: Tensor, distance: str = "cosine",
+                    valid: Tensor | None = None) -> Tensor:
+    """Closeness (higher = closer) of each prediction to each of its bank entries.
+
+    ``pred`` (B, D) or (B, T, D); ``bank`` (B, K, D) or (B, K, T, D); ``valid`` (B, T)
+    optional token mask. Any dims between the leading ones and the channel dim D are
+    treated as tokens. Returns (B, K).
+    """
+    _check_distance(distance)
+    b, k, d = bank.shape[0], bank.shape[1], bank.shape[-1]
+    if pred.shape[0] != b or pred.shape[-1] != d or pred[0].numel() != bank[0, 0].numel():
+        raise ValueError(f"pred {tuple(pred.shape)} does not match bank {tuple(bank.shape)}")
+    p = pred.reshape(b, 1, -1, d)
+    e = bank.reshape(b, k, -1, d)
+    v = None if valid is None else valid.reshape(b, 1, -1)
+    return _entry_scores(p, e, v, distance)
+
+
+def ranks_from_scores(scores: Tensor, true_index: Tensor) -> Tensor:
+    """1-based rank (B,) of ``scores[b, true_index[b]]`` in each row of ``scores`` (B, K),
+    higher = better; ties count as the worst rank in the tie, NaN as the lowest score."""
+    scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
+    true = scores.gather(1, true_index.long().view(-1, 1))
+    return (scores >= true).sum(1)
+
+
+def mean_reciprocal_rank(pred: Tensor, bank: Tensor, true_index: Tensor,
+                         distance: str = "cosine", valid: Tensor | None = None) -> Tensor:
+    """Reciprocal rank (B,) of the true bank entry for each prediction (mean it for MRR).
+
+    ``pred`` (B, D...) and ``bank`` (B, K, D...) as in :func:`pairwise_scores`;
+    ``true_index`` (B,) the entry each prediction should match.
+    """
+    scores = pairwise_scores(pred, bank, distance, valid)
+    return 1.0 / ranks_from_scores(scores, true_index.to(scores.device)).float()
+
+
+# ---------------------------------------------------------------- bank sampling
+
+
+def _has_no_jitter(params: ViewParams) -> bool:
+    return max(params.brightness, params.contrast, params.saturation, params.hue) == 0
+
+
+def bank_view_params(params: ViewParams) -> ViewParams:
+    """The jitter ranges a bank is drawn from: the run's, always applied (see module doc)."""
+    if _has_no_jitter(params):
+        jitter = STRENGTHS["jitter"]
+        params = dataclasses.replace(params, brightness=jitter.brightness,
+                                     contrast=jitter.contrast, saturation=jitter.saturation,
+                                     hue=jitter.hue)
+    return dataclasses.replace(params, jitter_p=1.0)
+
+
+def _select(params: JitterParams, rows: Tensor) -> JitterParams:
+    return JitterParams(**{f.name: getattr(params, f.name)[rows]
+                           for f in dataclasses.fields(JitterParams)})
+
+
+def _only_factor(params: JitterParams, factor: str) -> JitterParams:
+    """``params`` with every factor but ``factor`` reset to the identity."""
+    identity = JitterParams.identity(params.batch_size, params.applied.device)
+    kept = {name: getattr(identity, name) for name in FACTORS}
+    kept[factor] = getattr(params, factor)
+    return JitterParams(**kept, applied=params.applied)
+
+
+def _forced_op(op: str, batch: int, params: ViewParams, generator: torch.Generator,
+               device: torch.device) -> DestructiveParams:
+    """Destructive params with exactly ``op`` applied to every image."""
+    out = DestructiveParams.identity(batch, device)
+    if op == "blur":
+        lo, hi = params.blur_sigma
+        u = torch.rand(batch, generator=generator, device=generator.device).to(device)
+        out.blur = torch.ones(batch, dtype=torch.bool, device=device)
+        out.blur_sigma = lo + (hi - lo) * u
+    else:
+        setattr(out, op, torch.ones(batch, dtype=torch.bool, device=device))
+    return out
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class _Evaluator:
+    """One batch of images: shared masks, predictions and chunked bank scoring."""
+
+    def __init__(self, model: IWM, bank_sampler: ViewSampler, images: Tensor, masks: Masks,
+                 bank_size: int, distance: str, chunk_size: int,
+                 normalize: Callable[[Tensor], Tensor]) -> None:
+        self.model = model
+        self.sampler = bank_sampler
+        self.images = images
+        self.k = bank_size
+        self.distance = distance
+        self.chunk = chunk_size
+        self.norm = normalize
+        self.context_idx = masks.context
+        self.target_idx = masks.targets[:, 0]
+        self.valid = masks.target_valid[:, 0]
+        b, device = images.shape[0], images.device
+        self.rows = torch.arange(b, device=device)
+        self.identity_source = JitterParams.identity(b, device)
+
+    def predict(self, source: Tensor, target: JitterParams,
+                destructive: DestructiveParams) -> Tensor:
+        """Predictor output (B, Kt, D) at the first block, from ``source``'s context."""
+        action = build_action(target, self.identity_source, destructive)
+        context = self.model.encoder.forward_tokens(self.norm(source), self.context_idx)
+        return self.model.predictor(context, self.context_idx, self.target_idx, action,
+                                    self.valid)
+
+    def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
+        return _select(bank, self.rows * self.k + true_index)
+
+    def scores(self, bank: JitterParams, preds: list[Tensor]) -> list[Tensor]:
+        """(B, K) closeness of each prediction in ``preds`` to every entry of ``bank``
+        (B*K params, image-major), rendered and encoded ``chunk`` views at a time."""
+        total = self.images.shape[0] * self.k
+        out = [torch.empty(total, device=self.images.device) for _ in preds]
+        for start in range(0, total, self.chunk):
+            rows = torch.arange(start, min(total, start + self.chunk), device=self.images.device)
+            img = torch.div(rows, self.k, rounding_mode="floor")
+            views = self.sampler.apply_jitter(self.images[img], _select(bank, rows))
+            latents = gather_tokens(self.model.target_tokens(self.norm(views)),
+                                    self.target_idx[img])
+            valid = self.valid[img]
+            for o, pred in zip(out, preds, strict=True):
+                o[start:start + rows.numel()] = _entry_scores(pred[img], latents, valid,
+                                                              self.distance)
+        return [o.view(-1, self.k) for o in out]
+
+
+def _draw_index(batch: int, k: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randint(k, (batch,), generator=generator, device=generator.device).to(device)
+
+
+@torch.no_grad()
+def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
+                      mask_generator: MaskFn, bank_size: int, distance: str,
+                      generator: torch.Generator, chunk_size: int,
+                      normalize: Callable[[Tensor], Tensor] | None, per_transform: bool,
+                      ) -> tuple[dict[str, Tensor | None], dict[str, str]]:
+    """Reciprocal ranks (B,) per setting ("all" + breakdown; None = skipped) and notes."""
+    _check_distance(distance)
+    if bank_size < 2:
+        raise ValueError(f"bank_size={bank_size}: a ranking needs at least 2 entries")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be at least 1")
+    if images.ndim != 4 or images.shape[1] != view_sampler.channels or not len(images):
+        raise ValueError(f"expected images (B, {view_sampler.channels}, H, W) with B >= 1, "
+                         f"got {tuple(images.shape)}")
+    device = next(model.parameters()).device
+    images = images.to(device=device, dtype=torch.float32)
+    b, channels = images.shape[:2]
+    params = bank_view_params(view_sampler.params)
+    sampler = ViewSampler(params, channels, view_sampler.image_size)
+    notes: dict[str, str] = {}
+    if _has_no_jitter(view_sampler.params):
+        notes["bank"] = "the run's preset has no jitter; bank drawn from the 'jitter' preset"
+
+    masks = mask_generator(b, generator, device)
+    ev = _Evaluator(model, sampler, images, masks, bank_size, distance, chunk_size,
+                    normalize or _identity)
+    no_op = DestructiveParams.identity(b, device)
+
+    # Main bank, shared by "all" and the source-side destructive checks.
+    bank = sampler.sample_jitter(b * bank_size, generator, device)
+    true_index = _draw_index(b, bank_size, generator, device)
+    target = ev.true_params(bank, true_index)
+    names, preds = ["all"], [ev.predict(images, target, no_op)]
+    ranks: dict[str, Tensor | None] = {}
+    if per_transform:
+        for op in DESTRUCTIVE_OPS:
+            if op in _RGB_ONLY and channels == 1:
+                ranks[op] = None
+                notes[op] = "no-op on 1-channel images"
+                continue
+            destructive = _forced_op(op, b, params, generator, device)
+            source = sampler.apply_destructive(images, destructive)
+            names.append(op)
+            preds.append(ev.predict(source, target, destructive))
+            if getattr(view_sampler.params, f"{op}_p") == 0:
+                notes[op] = f"views.{op}_p=0 in training: the action is out of distribution"
+    for name, scores in zip(names, ev.scores(bank, preds), strict=True):
+        ranks[name] = 1.0 / ranks_from_scores(scores, true_index).float()
+
+    if per_transform:
+        for factor in FACTORS:
+            if factor in _RGB_ONLY and channels == 1:
+                ranks[factor] = None
+                notes[factor] = "no-op on 1-channel images"
+                continue
+            if getattr(params, factor) == 0:
+                ranks[factor] = None
+                notes[factor] = f"views.{factor}=0: the preset never varies it"
+                continue
+            bank = _only_factor(sampler.sample_jitter(b * bank_size, generator, device), factor)
+            true_index = _draw_index(b, bank_size, generator, device)
+            pred = ev.predict(images, ev.true_params(bank, true_index), no_op)
+            (scores,) = ev.scores(bank, [pred])
+            ranks[factor] = 1.0 / ranks_from_scores(scores, true_index).float()
+    return ranks, notes
+
+
+def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str], bank_size: int,
+               distance: str) -> MRRResult:
+    order = ["all", *FACTORS, *DESTRUCTIVE_OPS]
+    per = {name: None if ranks[name] is None else float(ranks[name].mean())
+           for name in order if name in ranks and name != "all"}
+    all_ranks = ranks["all"]
+    assert all_ranks is not None
+    return MRRResult(mrr=float(all_ranks.mean()), bank=bank_size, n_images=all_ranks.numel(),
+                     distance=distance, per_transform=per, notes=notes)
+
+
+def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_generator: MaskFn,
+                 bank_size: int = 256, distance: str = "cosine",
+                 generator: torch.Generator | None = None, chunk_size: int = 512,
+                 normalize: Callable[[Tensor], Tensor] | None = None,
+                 per_transform: bool = True) -> MRRResult:
+    """MRR of ``model``'s predictor on ``images`` (B, C, H, W) float in [0, 1].
+
+    ``view_sampler`` supplies the run's view preset, channel count and blur kernel;
+    ``mask_generator(batch, generator, device)`` the masks (e.g. a
+    :class:`~iwm.data.masks.MultiBlockMaskGenerator`); ``normalize`` maps [0, 1] images to
+    the model's input (the run's :class:`~iwm.training.loop.Normalizer`; identity if None);
+    ``generator`` defaults to a CPU generator seeded 0. ``chunk_size`` bank views are
+    encoded per target-encoder call. The model is put in eval mode for the call and
+    restored afterwards. See the module docstring for the protocol.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    was_training = model.training
+    model.eval()
+    try:
+        ranks, notes = _reciprocal_ranks(model, view_sampler, images, mask_generator,
+                                         bank_size, distance, generator, chunk_size, normalize,
+                                         per_transform)
+    finally:
+        model.train(was_training)
+    return _summarise(ranks, notes, bank_size, distance)
+
+
+def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: str = "cosine",
+            device: str = "auto", seed: int = 0, batch_size: int = 64, chunk_size: int = 512,
+            per_transform: bool = True) -> dict:
+    """MRR of a trained run on its data set's first ``n_images`` test images (centre views).
+
+    Writes and returns ``RUN/results/mrr.json`` (the returned dict also has ``path``).
+    ``batch_size`` images share one draw of masks; their banks are encoded ``chunk_size``
+    views at a time.
+    """
+    from iwm.api import load
+    from iwm.data.datasets import get_dataset
+    from iwm.data.masks import MultiBlockMaskGenerator
+    from iwm.data.sources import iter_eval_batches
+    from iwm.data.views import resolve_view_params
+    from iwm.training.distributed import resolve_device
+
+    if n_images < 1 or batch_size < 1:
+        raise ValueError(f"n_images={n_images}, batch_size={batch_size}: must be at least 1")
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    pretrained = load(run_dir, device=dev)
+    cfg, model = pretrained.config, pretrained.model
+    model.eval()  # load() returns it in eval mode; a run dir is never resumed from here
+    dataset = get_dataset(cfg.data.name, "test", cfg.data.root)
+    views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
+    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    # On the CPU so the masks, banks and true indices do not depend on the device.
+    generator = torch.Generator().manual_seed(seed)
+
+    collected: dict[str, list[Tensor]] = {}
+    notes: dict[str, str] = {}
+    seen = 0
+    for images, _ in iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev):
+        images = images[:n_images - seen]
+        ranks, batch_notes = _reciprocal_ranks(
+            model, views, images, masks, bank_size, distance, generator, chunk_size,
+            pretrained.normalize, per_transform)
+        notes.update(batch_notes)
+        for name, rr in ranks.items():
+            if rr is not None:
+                collected.setdefault(name, []).append(rr.cpu())
+            else:
+                collected.setdefault(name, [])
+        seen += images.shape[0]
+        if seen >= n_images:
+            break
+    if seen == 0:
+        raise ValueError(f"{cfg.data.name}: the test split has no images")
+    ranks_all = {name: torch.cat(parts) if parts else None for name, parts in collected.items()}
+    result = _summarise(ranks_all, notes, bank_size, distance)
+    out = {
+        **dataclasses.asdict(result),
+        "seed": seed,
+        "step": pretrained.step,
+        "bank_views": dataclasses.asdict(bank_view_params(views.params)),
+        "seconds": time.perf_counter() - start,
+    }
+    results_dir = Path(run_dir) / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "mrr.json"
+    path.write_text(json.dumps(out, indent=2))
+    return {**out, "path": str(path)}

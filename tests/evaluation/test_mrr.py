@@ -1,0 +1,311 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from iwm.config import load_config
+from iwm.data.actions import JitterParams
+from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.views import ViewParams, ViewSampler, resolve_view_params
+from iwm.evaluation.mrr import (
+    DESTRUCTIVE_OPS,
+    FACTORS,
+    MRRResult,
+    bank_view_params,
+    evaluate_mrr,
+    mean_reciprocal_rank,
+    run_mrr,
+)
+from iwm.models.iwm import build_model
+from iwm.models.tokens import gather_tokens
+
+SIZE = 16
+BANK = 16
+
+
+def harmonic(k: int) -> float:
+    return sum(1.0 / r for r in range(1, k + 1))
+
+
+def normalize(x: Tensor) -> Tensor:
+    return (x - 0.5) / 0.25
+
+
+# ---------------------------------------------------------------- mean_reciprocal_rank
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_oracle_prediction_has_rank_one(distance):
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(4, 8, 5, 6, generator=gen)
+    true = torch.tensor([0, 3, 7, 5])
+    pred = bank[torch.arange(4), true]
+    rr = mean_reciprocal_rank(pred, bank, true, distance)
+    assert rr.shape == (4,)
+    torch.testing.assert_close(rr, torch.ones(4))
+
+
+def test_rank_of_another_entry_computed_by_hand():
+    # Cosine: unit-ish vectors at 0, 10, 20, 30, 40 degrees (norms differ: cosine ignores
+    # them). Prediction = the 0-degree entry; true = 30 degrees: entries at 0, 10, 20 and 30
+    # degrees are at least as close -> rank 4.
+    angles = torch.tensor([0.0, 10.0, 20.0, 30.0, 40.0]).deg2rad()
+    norms = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0])
+    bank = torch.stack([angles.cos(), angles.sin()], -1) * norms[:, None]
+    # Shuffle the entries so the rank cannot come from the storage order.
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    bank = bank[perm].unsqueeze(0)
+    pred = bank[0, 1].unsqueeze(0)  # perm[1] = 0 degrees
+    true = torch.tensor([0])  # perm[0] = 30 degrees
+    torch.testing.assert_close(mean_reciprocal_rank(pred, bank, true, "cosine"),
+                               torch.tensor([0.25]))
+    # The same entry as "true" in reverse: 40 degrees (perm[2]) is the farthest -> 1/5.
+    torch.testing.assert_close(mean_reciprocal_rank(pred, bank, torch.tensor([2]), "cosine"),
+                               torch.tensor([0.2]))
+
+    # L2 on scalars 0..4 (shuffled), prediction 1.0, true = 3.0 (squared error 4):
+    # 0 (1), 1 (0), 2 (1) and 3 (4) are at least as close, 4 (9) is not -> rank 4.
+    values = torch.tensor([3.0, 0.0, 4.0, 2.0, 1.0]).view(1, 5, 1)
+    rr = mean_reciprocal_rank(torch.tensor([[1.0]]), values, torch.tensor([0]), "l2")
+    torch.testing.assert_close(rr, torch.tensor([0.25]))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_ties_count_as_the_worst_rank(distance):
+    gen = torch.Generator().manual_seed(1)
+    # Every entry identical: a prediction equal to all of them must not get credit.
+    entry = torch.randn(1, 1, 3, 4, generator=gen)
+    bank = entry.expand(2, 6, 3, 4)
+    rr = mean_reciprocal_rank(bank[:, 0], bank, torch.tensor([0, 5]), distance)
+    torch.testing.assert_close(rr, torch.full((2,), 1 / 6))
+    # A two-way tie at the top: rank 2 for either of the tied entries.
+    bank = torch.randn(1, 5, 3, 4, generator=gen)
+    bank[0, 3] = bank[0, 1]
+    pred = bank[:, 1] + 1e-3
+    for true in (1, 3):
+        rr = mean_reciprocal_rank(pred, bank, torch.tensor([true]), distance)
+        torch.testing.assert_close(rr, torch.tensor([0.5]))
+
+
+def test_zero_or_nan_prediction_gets_the_worst_rank():
+    bank = torch.randn(2, 7, 3, 4, generator=torch.Generator().manual_seed(2))
+    true = torch.tensor([2, 6])
+    rr = mean_reciprocal_rank(torch.zeros(2, 3, 4), bank, true, "cosine")
+    torch.testing.assert_close(rr, torch.full((2,), 1 / 7))
+    rr = mean_reciprocal_rank(torch.full((2, 3, 4), math.nan), bank, true, "l2")
+    torch.testing.assert_close(rr, torch.full((2,), 1 / 7))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_action_blind_prediction_averages_to_chance(distance):
+    # A prediction that does not depend on which entry is true, averaged over every
+    # possible true index, scores exactly H_K / K (without ties).
+    k = 9
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randn(3, k, 4, 5, generator=gen)
+    pred = torch.randn(3, 4, 5, generator=gen)
+    rr = torch.stack([mean_reciprocal_rank(pred, bank, torch.full((3,), i), distance)
+                      for i in range(k)])
+    torch.testing.assert_close(rr.mean(0), torch.full((3,), harmonic(k) / k))
+
+
+def test_padding_tokens_are_ignored():
+    gen = torch.Generator().manual_seed(4)
+    bank = torch.randn(2, 6, 5, 4, generator=gen)
+    pred = torch.randn(2, 5, 4, generator=gen)
+    valid = torch.tensor([[True, True, True, False, False], [True] * 5])
+    true = torch.tensor([1, 4])
+    for distance in ("cosine", "l2"):
+        base = mean_reciprocal_rank(pred, bank, true, distance, valid)
+        moved = bank.clone()
+        moved[0, :, 3:] = 100 * torch.randn(6, 2, 4, generator=gen)
+        torch.testing.assert_close(mean_reciprocal_rank(pred, moved, true, distance, valid), base)
+
+
+def test_rejects_unknown_distance_and_shape_mismatch():
+    bank = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="distance"):
+        mean_reciprocal_rank(bank[:, 0], bank, torch.zeros(2, dtype=torch.long), "manhattan")
+    with pytest.raises(ValueError, match="does not match"):
+        mean_reciprocal_rank(torch.zeros(2, 5), bank, torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- evaluate_mrr
+
+
+def _setup(channels: int, conditioning: str = "feature", strength: str = "destructive"):
+    torch.manual_seed(0)
+    cfg = load_config("iwm-inv-tiny", [
+        f"data.image_size={SIZE}", "model.predictor_depth=1", "model.predictor_width=64",
+        f"model.conditioning={conditioning}", f"views.strength={strength}",
+    ])
+    model = build_model(cfg, in_chans=channels)
+    views = ViewSampler(resolve_view_params(cfg.views), channels, SIZE)
+    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    return model, views, masks
+
+
+def _images(n: int, channels: int, seed: int = 0) -> Tensor:
+    return torch.rand(n, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _decode_target(action: Tensor) -> JitterParams:
+    """Target jitter from an action whose source jitter is the identity (see actions.py)."""
+    return JitterParams(brightness=action[:, 0].exp(), contrast=action[:, 1].exp(),
+                        saturation=action[:, 2].exp(), hue=action[:, 3] / 2,
+                        applied=action[:, 4] > 0.5)
+
+
+class OraclePredictor(nn.Module):
+    """Returns the target encoder's latent of the CLEAN image under the action's target
+    jitter, at the target positions: the best any world model could do. ``shift`` rolls
+    the actions across the batch, so each image gets another image's transformation."""
+
+    def __init__(self, model, images: Tensor, views: ViewSampler, shift: int = 0) -> None:
+        super().__init__()
+        self.images = images
+        self.views = views
+        self.shift = shift
+        # A plain function, not a submodule: registering the model inside its own
+        # predictor would make .eval() recurse forever.
+        self.encode = lambda x: model.target_tokens(normalize(x))
+
+    def forward(self, context, context_idx, target_idx, action, target_valid=None):
+        action = action.roll(self.shift, 0)
+        rendered = self.views.apply_jitter(self.images, _decode_target(action))
+        return gather_tokens(self.encode(rendered), target_idx)
+
+
+@pytest.mark.parametrize(("channels", "distance"), [(3, "cosine"), (1, "l2")])
+def test_oracle_predictor_scores_one_everywhere(channels, distance):
+    model, views, masks = _setup(channels)
+    images = _images(8, channels)
+    model.predictor = OraclePredictor(model, images, views)
+    result = evaluate_mrr(model, views, images, masks, bank_size=BANK, distance=distance,
+                          generator=torch.Generator().manual_seed(0), chunk_size=50,
+                          normalize=normalize)
+    assert result.mrr == 1.0
+    assert all(v == 1.0 for v in result.per_transform.values() if v is not None)
+
+
+def test_each_setting_asks_for_the_right_action():
+    # The predictor's calls, in order: main bank, then each source-side op on the same
+    # bank and true entries, then one bank per factor where only that factor varies.
+    model, views, masks = _setup(3)
+    images = _images(5, 3)
+    oracle = OraclePredictor(model, images, views)
+    actions = []
+
+    def record(context, context_idx, target_idx, action, target_valid=None):
+        actions.append(action.clone())
+        return oracle(context, context_idx, target_idx, action, target_valid)
+
+    model.predictor.forward = record
+    evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
+    assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + len(FACTORS)
+    main = actions[0]
+    assert bool((main[:, 4] == 1).all()) and bool((main[:, 5:] == 0).all())
+    assert bool((main[:, :4] != 0).all())
+    for i, op in enumerate(DESTRUCTIVE_OPS, start=1):
+        torch.testing.assert_close(actions[i][:, :6], main[:, :6])
+        flags = actions[i][:, [6, 7, 9]]
+        expected = torch.zeros(3)
+        expected[("grayscale", "blur", "solarize").index(op)] = 1
+        assert bool((flags == expected).all()), op
+        assert bool((actions[i][:, 8] > 0).all()) == (op == "blur")
+    for i, factor in enumerate(FACTORS, start=1 + len(DESTRUCTIVE_OPS)):
+        col = FACTORS.index(factor)
+        varied = actions[i][:, :4] != 0
+        assert bool(varied[:, col].all()), factor
+        assert not bool(varied[:, [c for c in range(4) if c != col]].any()), factor
+        assert bool((actions[i][:, 4] == 1).all()) and bool((actions[i][:, 5:] == 0).all())
+
+
+def test_shuffled_action_scores_low():
+    model, views, masks = _setup(3)
+    images = _images(32, 3)
+    model.predictor = OraclePredictor(model, images, views, shift=1)
+    result = evaluate_mrr(model, views, images, masks, bank_size=BANK,
+                          generator=torch.Generator().manual_seed(0), normalize=normalize,
+                          per_transform=False)
+    # Another image's transformation is independent of this image's true entry: chance.
+    assert result.mrr < 0.45
+    assert abs(result.mrr - harmonic(BANK) / BANK) < 0.15
+
+
+def test_action_blind_predictor_is_near_chance():
+    # Conditioning "none" (I-JEPA): the prediction cannot depend on the action, the true
+    # index is uniform and independent of it, so E[1/rank] = H_K / K (0.211 for K = 16;
+    # one image's 1/rank has std ~0.23, so 64 images give a std of ~0.03).
+    model, views, masks = _setup(1, conditioning="none")
+    images = _images(64, 1)
+    result = evaluate_mrr(model, views, images, masks, bank_size=BANK,
+                          generator=torch.Generator().manual_seed(0), normalize=normalize,
+                          per_transform=False)
+    chance = harmonic(BANK) / BANK
+    assert result.mrr < 0.5
+    assert abs(result.mrr - chance) < 0.12
+
+
+def test_result_fields_and_per_transform_entries():
+    model, views, masks = _setup(1, strength="jitter")
+    result = evaluate_mrr(model, views, _images(3, 1), masks, bank_size=4, normalize=normalize)
+    assert isinstance(result, MRRResult)
+    assert (result.bank, result.n_images, result.distance) == (4, 3, "cosine")
+    assert 0.25 <= result.mrr <= 1.0
+    assert set(result.per_transform) == set(FACTORS) | set(DESTRUCTIVE_OPS)
+    for name in ("saturation", "hue", "grayscale"):
+        assert result.per_transform[name] is None
+        assert "1-channel" in result.notes[name]
+    for name in ("brightness", "contrast", "blur", "solarize"):
+        assert 0.25 <= result.per_transform[name] <= 1.0
+    # The jitter preset never trains with blur/solarize: scored, but flagged.
+    assert "out of distribution" in result.notes["blur"]
+
+    model, views, masks = _setup(3)
+    result = evaluate_mrr(model, views, _images(2, 3), masks, bank_size=4, normalize=normalize)
+    assert all(v is not None for v in result.per_transform.values())
+    assert model.training  # restored after the call
+
+
+def test_chunking_does_not_change_the_result():
+    model, views, masks = _setup(3, conditioning="sequence")
+    images = _images(6, 3)
+    results = [
+        evaluate_mrr(model, views, images, masks, bank_size=BANK, chunk_size=chunk,
+                     generator=torch.Generator().manual_seed(5), normalize=normalize)
+        for chunk in (7, 10_000)
+    ]
+    assert results[0] == results[1]
+
+
+def test_bank_always_applies_jitter():
+    params = bank_view_params(ViewParams(jitter_p=0.8, brightness=0.4))
+    assert (params.jitter_p, params.brightness, params.contrast) == (1.0, 0.4, 0.0)
+    # I-JEPA's preset has no jitter: the bank falls back to the default jitter ranges.
+    params = bank_view_params(ViewParams())
+    assert params.jitter_p == 1.0 and params.brightness == 0.4 and params.hue == 0.1
+    views = ViewSampler(params, 3, SIZE)
+    sampled = views.sample_jitter(100, torch.Generator().manual_seed(0))
+    assert bool(sampled.applied.all())
+
+
+def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
+    from iwm.training.checkpoint import checkpoint_path, save_checkpoint
+
+    cfg = load_config("iwm-inv-tiny", [f"data.root={fake_mnist_dir}", f"data.image_size={SIZE}",
+                                       "model.predictor_depth=1", "model.predictor_width=64"])
+    model = build_model(cfg, in_chans=1)
+    run = tmp_path / "run"
+    save_checkpoint(checkpoint_path(run, 3), {
+        "step": 3, "model": model.state_dict(), "config": cfg.to_dict(), "in_chans": 1,
+        "normalization": {"mean": [0.5], "std": [0.25]},
+    })
+    out = run_mrr(run, n_images=6, bank_size=4, device="cpu", batch_size=4)
+    saved = json.loads((run / "results" / "mrr.json").read_text())
+    for key in ("mrr", "bank", "n_images", "per_transform", "distance"):
+        assert saved[key] == out[key]
+    assert (saved["n_images"], saved["bank"], saved["distance"]) == (6, 4, "cosine")
+    assert saved["per_transform"]["hue"] is None and saved["step"] == 3
