@@ -1,0 +1,87 @@
+"""The iwm command: errors are one line without traceback; commands chain end to end."""
+
+import json
+
+import pytest
+
+from iwm.cli.main import main
+
+TINY = ["train.batch_size=16", "train.epochs=0.5", "train.progress=false",
+        "model.predictor_depth=2"]
+
+
+@pytest.fixture(autouse=True)
+def fake_fashion_mnist(fake_mnist_dir, monkeypatch):
+    monkeypatch.setenv("IWM_DATA", str(fake_mnist_dir))
+
+
+def test_config_lists_presets_and_prints_resolved_values(capsys):
+    assert main(["config"]) == 0
+    assert "iwm-equi-tiny" in capsys.readouterr().out
+    assert main(["config", "iwm-inv-tiny", "model.predictor_depth=9"]) == 0
+    assert "predictor_depth: 9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.predictor_dept=3", "did you mean 'predictor_depth'"),
+    ("train.epochs=lots", "train.epochs='lots': expected a number"),
+    ("model.patch_size=5", "model.patch_size=5 does not divide data.image_size=28"),
+    ("views.strength=extreme", "views.strength='extreme': must be one of"),
+    ("mask.target_scale=[0.5,1.5]", "mask.target_scale"),
+    ("model.predictor_heads=5", "not divisible by model.predictor_heads=5"),
+    ("notakey", "expected key=value"),
+])
+def test_bad_config_is_one_line_error(override, message, capsys, tmp_path):
+    code = main(["pretrain", "iwm-inv-tiny", override, "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_debug_flag_shows_the_exception():
+    from iwm.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "config", "no-such-preset"])
+
+
+def test_pretrain_probe_and_mrr_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "iwm-inv-tiny", *TINY, "--run-dir", str(run)]) == 0
+    # A second pretrain into the same directory must not overwrite it.
+    assert main(["pretrain", "iwm-inv-tiny", *TINY, "--run-dir", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    assert main(["probe", str(run), "probe.max_iter=20"]) == 0
+    probe = json.loads((run / "results" / "probe_linear.json").read_text())
+    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["n_test"] == 16
+
+    assert main(["eval", "mrr", str(run), "--bank", "8", "--images", "4"]) == 0
+    mrr = json.loads((run / "results" / "mrr.json").read_text())
+    assert {"mrr", "bank", "n_images", "per_transform"} <= mrr.keys()
+    assert mrr["bank"] == 8 and mrr["n_images"] == 4
+
+
+def test_resume_from_run_directory_extends_training(tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "iwm-inv-tiny", *TINY, "--run-dir", str(run)]) == 0
+    assert main(["pretrain", str(run), "--resume", "train.epochs=1"]) == 0
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps[-1] == "step_000004.pt"
+
+
+def test_probe_of_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["probe", str(tmp_path / "nope")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    from iwm.cli.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", quick=True, device="cpu")
+    out = capsys.readouterr().out
+    assert "random-init encoder" in out
+    assert 0 <= summary["probe_linear"]["accuracy"] <= 1
+    assert 0 <= summary["probe_linear_random_encoder"]["accuracy"] <= 1
