@@ -242,3 +242,16 @@ def test_params_follow_the_requested_device() -> None:
     assert j.brightness.device.type == "cpu"
     params = ViewParams()  # the defaults are the "none" preset
     assert params == STRENGTHS["none"]
+
+
+@pytest.mark.parametrize("strength", ["none", "jitter", "destructive"])
+def test_skipping_undrawn_ops_changes_nothing(strength):
+    # __call__ skips ops a preset never draws; the full composition must give the same views.
+    sampler = ViewSampler(STRENGTHS[strength], channels=3, image_size=16)
+    crops = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    v = sampler(crops, torch.Generator().manual_seed(5))
+    target = sampler.apply_jitter(crops, v.target_jitter)
+    source = sampler.apply_destructive(sampler.apply_jitter(crops, v.source_jitter),
+                                       v.destructive)
+    torch.testing.assert_close(v.target, target, rtol=0, atol=0)
+    torch.testing.assert_close(v.source, source, rtol=0, atol=1e-6)

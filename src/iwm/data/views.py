@@ -229,8 +229,15 @@ class ViewSampler:
         target_jitter = self.sample_jitter(b, generator, device)
         source_jitter = self.sample_jitter(b, generator, device)
         destructive = self.sample_destructive(b, generator, device)
-        target = self.apply_jitter(crops, target_jitter)
-        source = self.apply_destructive(self.apply_jitter(crops, source_jitter), destructive)
+        # Ops a preset never draws are skipped (their parameters are identities, so the
+        # result is the same) to spare the I-JEPA and jitter-only presets their cost.
+        p = self.params
+        jitter = p.jitter_p > 0
+        destroy = p.blur_p > 0 or p.solarize_p > 0 or (p.grayscale_p > 0 and self.channels == 3)
+        target = self.apply_jitter(crops, target_jitter) if jitter else crops
+        source = self.apply_jitter(crops, source_jitter) if jitter else crops
+        if destroy:
+            source = self.apply_destructive(source, destructive)
         return Views(
             source=source,
             target=target,
