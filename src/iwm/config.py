@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ import yaml
 from iwm.errors import ConfigError
 
 STRENGTHS = ("none", "jitter", "destructive", "strong")
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 CONDITIONINGS = ("none", "sequence", "feature")
 LOSSES = ("l2", "smooth_l1")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -28,7 +32,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    """Registry name: fashion-mnist, mnist, cifar10, cifar100, stl10 or imagefolder:<path>."""
+    """Registry name: fashion-mnist, mnist, animal-mnist, cifar10, cifar100, stl10 or
+    imagefolder:<path>."""
     root: str | None = None
     """Where data sets are stored / downloaded (default: $IWM_DATA or ~/.cache/iwm)."""
     image_size: int = 28
@@ -110,6 +115,8 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str | None = None
     progress: bool = True
+    max_nonfinite: int = 20
+    """Steps in a row with a NaN/inf loss or gradients (each skipped) before training stops."""
 
 
 @dataclass
@@ -121,6 +128,43 @@ class ProbeConfig:
     batch_size: int = 512
     weight_decay: float = 1e-4
     max_iter: int = 200
+    """Linear probe: L2 penalty and L-BFGS iterations."""
+    attentive_epochs: float = 10.0
+    attentive_lr: float = 1e-3
+    attentive_weight_decay: float = 0.01
+    attentive_batch_size: int = 256
+    attentive_heads: int = 4
+    """Attentive probe: AdamW (cosine lr decay) on an AttentiveClassifier over frozen tokens."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    """kNN probe: neighbours and the temperature T of the exp(cosine / T) vote weights."""
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """``iwm finetune``: the same budget, data and augmentation for every protocol."""
+
+    epochs: float = 5.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    """Base lr: the head, a randomly initialised predictor and the task tokens."""
+    predictor_lr_scale: float = 0.1
+    """A PRETRAINED predictor trains at lr x this (the paper's 1/10)."""
+    encoder_lr_scale: float = 0.1
+    """A trainable (pretrained) encoder trains at lr x this."""
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Light random-resized crop (area fraction)."""
+    hflip: bool = True
+    train_limit: int | None = None
+    test_limit: int | None = None
+    seg_classes: int = 3
+    """Segmentation labels per patch: 2 (background/foreground) or 3 (+ edge vs interior)."""
+    seg_threshold: float = 0.2
+    """A patch is foreground if its mean pixel intensity in [0, 1] exceeds this."""
+    seed: int = 0
 
 
 @dataclass
@@ -132,6 +176,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -151,6 +196,20 @@ class Config:
             lo, hi = _get(self, key)
             if not 0 < lo <= hi:
                 raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max")
+        # Before the divisibility checks, which would divide by zero.
+        for key in ("train.batch_size", "mask.num_targets", "model.predictor_depth",
+                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.max_nonfinite", "data.image_size", "model.patch_size",
+                    "model.predictor_width", "model.predictor_heads", "probe.batch_size",
+                    "probe.max_iter"):
+            if _get(self, key) < 1:
+                raise ConfigError(f"{key}={_get(self, key)}: must be at least 1")
+        self._validate_optim()
+        if not 0 <= self.model.drop_path < 1:
+            raise ConfigError(f"model.drop_path={self.model.drop_path}: needs 0 <= value < 1")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.data.num_workers}: must be >= 0 "
+                              "(0 decodes in the training process)")
         if self.data.image_size % self.model.patch_size:
             raise ConfigError(
                 f"model.patch_size={self.model.patch_size} does not divide "
@@ -162,15 +221,41 @@ class Config:
                 f"model.predictor_width={self.model.predictor_width} is not divisible by "
                 f"model.predictor_heads={self.model.predictor_heads}"
             )
-        for key in ("train.batch_size", "mask.num_targets", "model.predictor_depth",
-                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
-            if _get(self, key) < 1:
-                raise ConfigError(f"{key}={_get(self, key)}: must be at least 1")
         if self.train.epochs <= 0:
             raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
         if not 0 <= self.mask.min_context < 1:
             raise ConfigError(f"mask.min_context={self.mask.min_context}: needs 0 <= value < 1")
+        self._validate_finetune()
         return self
+
+    def _validate_optim(self) -> None:
+        o = self.optim
+        if o.lr <= 0:
+            raise ConfigError(f"optim.lr={o.lr}: must be positive")
+        for key in ("optim.start_lr", "optim.final_lr", "optim.warmup_epochs",
+                    "optim.weight_decay", "optim.final_weight_decay"):
+            if _get(self, key) < 0:
+                raise ConfigError(f"{key}={_get(self, key)}: must be >= 0")
+        if not all(0 <= m <= 1 for m in o.ema):
+            raise ConfigError(f"optim.ema={list(o.ema)}: momenta need 0 <= value <= 1")
+        if not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas={list(o.betas)}: each needs 0 <= beta < 1")
+        if o.grad_clip is not None and o.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be positive, or null "
+                              "for no clipping")
+
+    def _validate_finetune(self) -> None:
+        f = self.finetune
+        if f.epochs <= 0 or f.batch_size < 1 or f.lr <= 0:
+            raise ConfigError("finetune.epochs, finetune.batch_size and finetune.lr must be "
+                              f"positive (got {f.epochs}, {f.batch_size}, {f.lr})")
+        if f.seg_classes not in (2, 3):
+            raise ConfigError(f"finetune.seg_classes={f.seg_classes}: must be 2 or 3")
+        if not 0 <= f.seg_threshold < 1:
+            raise ConfigError(f"finetune.seg_threshold={f.seg_threshold}: needs 0 <= value < 1")
+        lo, hi = f.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"finetune.crop_scale={[lo, hi]}: needs 0 < min <= max <= 1")
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -221,6 +306,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         pairs = enumerate(zip(value, args, strict=True))
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string; it means a number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
         return float(value)
@@ -324,4 +412,16 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically: ``--resume`` reads this file, so a process killed
+    mid-write must leave the previous version, not half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -20,3 +20,27 @@ class DataError(IWMError):
 
 class CheckpointError(IWMError):
     """A checkpoint that cannot be saved or loaded."""
+
+
+class StorageError(IWMError):
+    """Run output (config, metrics) that cannot be written: disk full, permissions."""
+
+
+class TrainingError(IWMError):
+    """Training cannot go on as configured, e.g. the loss keeps coming out NaN/inf."""
+
+
+class Preempted(Exception):  # noqa: N818 - a request that was honoured, not an error
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+
+    Not an :class:`IWMError`: nothing is wrong. The CLI prints the message and exits with
+    :attr:`exit_code` 75 (``EX_TEMPFAIL`` of sysexits.h, "try again later"), so a requeue
+    script can tell "preempted: requeue, ``--resume`` continues" from a failure (1, 2).
+    """
+
+    exit_code = 75
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+        """The step the checkpoint holds."""

@@ -1,6 +1,6 @@
 """Data sets by registry name.
 
-Small data sets (Fashion-MNIST, MNIST, CIFAR-10/100, STL-10) are held in memory as one
+Small data sets (Fashion-MNIST, MNIST, Animal-MNIST, CIFAR-10/100, STL-10) are held in memory as one
 uint8 tensor (:class:`ImageSet`) so the training loop can keep them on the GPU and crop
 there; ``imagefolder:<path>`` is streamed from disk (:class:`FolderSet`) and decoded by
 DataLoader workers.
@@ -12,17 +12,23 @@ import difflib
 import gzip
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from iwm.data.fetch import data_root, find_fashion_mnist, find_mnist
+from iwm.data.fetch import data_root, find_animal_mnist, find_fashion_mnist, find_mnist
 from iwm.errors import DataError
 
+ANIMAL_MNIST_CLASSES = [
+    # Label order of the package (checked by viewing samples of each label).
+    "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra",
+]
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -33,6 +39,7 @@ FASHION_MNIST_CLASSES = [
 _KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "mnist": ((0.1307,), (0.3081,)),
+    "animal-mnist": ((0.2720,), (0.4053,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
@@ -157,32 +164,57 @@ class FolderSet:
             total = torch.zeros(3, dtype=torch.float64)
             total_sq = torch.zeros(3, dtype=torch.float64)
             count = 0
+            first_error = ""
             for i in idx:
                 try:
                     img = load_image(self.samples[i][0], max_side=64).to(torch.float64) / 255
-                except DataError:
+                except DataError as e:
+                    first_error = first_error or str(e)
                     continue
                 total += img.sum(dim=(1, 2))
                 total_sq += img.square().sum(dim=(1, 2))
                 count += img.shape[1] * img.shape[2]
             if count == 0:
-                raise DataError(f"{self.root}: none of {n} sampled images could be read")
+                raise DataError(f"{self.name or self.root}: none of {n} sampled images "
+                                f"could be read (e.g. {first_error}): is this an image folder?")
             mean = total / count
             std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
             self._stats = (tuple(mean.tolist()), tuple(std.tolist()))
         return self._stats
 
 
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(im: Any) -> Any:
+    """A Pillow image of any mode as RGB.
+
+    Grayscale, palette, CMYK, LA/RGBA (alpha dropped) and 1-bit images convert with
+    Pillow's own rules. 16-bit grayscale (``I;16``; ``I`` on some Pillow versions) would be
+    clipped at 255 by Pillow, turning nearly every pixel white, so its 0..65535 range is
+    scaled down to 8 bits here instead. (16-bit RGB PNGs already decode as 8-bit RGB.)
+    """
+    from PIL import Image
+
+    if im.mode in _16BIT_MODES:
+        wide = np.asarray(im).astype(np.int64)
+        im = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # the direct P -> RGB conversion warns about transparency
+    return im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> torch.Tensor:
-    """Decode any Pillow-readable image as uint8 RGB (3, H, W). ``max_side`` lets JPEG
-    decode at reduced size (much faster) for statistics."""
+    """Decode any Pillow-readable image as uint8 RGB (3, H, W) (see :func:`_to_rgb` for the
+    modes); a :class:`DataError` for truncated, corrupt or non-image files. ``max_side``
+    lets JPEG decode at reduced size (much faster) for statistics."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             if max_side is not None:
                 im.draft("RGB", (max_side, max_side))
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(im)
         if max_side is not None and max(rgb.size) > max_side:
             rgb.thumbnail((max_side, max_side))
         array = np.array(rgb, dtype=np.uint8)
@@ -266,6 +298,8 @@ def _make_set(name: str, split: str, images: torch.Tensor, labels: torch.Tensor,
 def _load_idx_family(name: str, split: str, root: str | None, download: bool) -> ImageSet:
     if name == "fashion-mnist":
         files, classes = find_fashion_mnist(root, download), FASHION_MNIST_CLASSES
+    elif name == "animal-mnist":
+        files, classes = find_animal_mnist(root, download), ANIMAL_MNIST_CLASSES
     else:
         files, classes = find_mnist(root, download), [str(d) for d in range(10)]
     prefix = "train" if split == "train" else "t10k"
@@ -319,6 +353,7 @@ def _load_torchvision(name: str, split: str, root: str | None, download: bool) -
 _SPLITS = {
     "fashion-mnist": ("train", "test"),
     "mnist": ("train", "test"),
+    "animal-mnist": ("train", "test"),
     "cifar10": ("train", "test"),
     "cifar100": ("train", "test"),
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
@@ -326,6 +361,7 @@ _SPLITS = {
 _LOADERS: dict[str, Callable[[str, str, str | None, bool], ImageSet]] = {
     "fashion-mnist": _load_idx_family,
     "mnist": _load_idx_family,
+    "animal-mnist": _load_idx_family,
     "cifar10": _load_torchvision,
     "cifar100": _load_torchvision,
     "stl10": _load_torchvision,
@@ -370,7 +406,10 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path, recursive: bool, exts: frozenset[str]) -> list[Path]:
+def _image_files(folder: Path, recursive: bool, exts: frozenset[str],
+                 others: list[Path] | None = None) -> list[Path]:
+    """Image files under ``folder`` by extension, sorted; visible non-image files are
+    appended to ``others`` if given (hidden files such as .DS_Store are never counted)."""
     if recursive:
         files = []
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -378,8 +417,10 @@ def _image_files(folder: Path, recursive: bool, exts: frozenset[str]) -> list[Pa
             files += [Path(dirpath) / f for f in filenames]
     else:
         files = [p for p in folder.iterdir() if p.is_file()]
-    return sorted(p for p in files
-                  if not p.name.startswith(".") and p.suffix.lower() in exts)
+    visible = [p for p in files if not p.name.startswith(".")]
+    if others is not None:
+        others += [p for p in visible if p.suffix.lower() not in exts]
+    return sorted(p for p in visible if p.suffix.lower() in exts)
 
 
 def _resolve_split(base: Path, split: str) -> tuple[Path, list[Path]]:
@@ -411,16 +452,32 @@ def open_image_folder(path: str | os.PathLike[str], split: str = "train") -> Fol
     classes = sorted({d.name for s in split_dirs for d in _visible_dirs(s)})
     samples: list[tuple[str, int]] = []
     exts = _image_extensions()
+    others: list[Path] = []
+    empty: list[str] = []
     if classes:
         for label, cls in enumerate(classes):
             if (folder / cls).is_dir():
-                samples += [(str(p), label) for p in _image_files(folder / cls, True, exts)]
+                found = _image_files(folder / cls, True, exts, others)
+                samples += [(str(p), label) for p in found]
+                if not found:
+                    empty.append(cls)
     else:
         classes = [folder.name]
-        samples = [(str(p), 0) for p in _image_files(folder, False, exts)]
+        samples = [(str(p), 0) for p in _image_files(folder, False, exts, others)]
     if not samples:
         raise DataError(
             f"{name}: no images in {folder} (expected <class>/<image> files in a format "
             f"Pillow can read, e.g. .png, .jpg)"
         )
+    # Reported once, when the folder is indexed. An empty class keeps its label (so labels
+    # agree between splits) but gets no samples; a non-image file is ignored.
+    notes = []
+    if empty:
+        notes.append(f"{len(empty)} class folders without images ({', '.join(empty[:5])}) "
+                     "keep their label but contribute nothing")
+    if others:
+        notes.append(f"{len(others)} files that are not images by their extension "
+                     f"ignored (e.g. {others[0].name})")
+    if notes:
+        warnings.warn(f"{name} ({split}): " + "; ".join(notes), stacklevel=2)
     return FolderSet(folder, samples, classes, name, split)

@@ -11,6 +11,7 @@ run would have, on any device, however many batches the loader had prefetched.
 from __future__ import annotations
 
 import hashlib
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,9 @@ from iwm.errors import CheckpointError, DataError
 MAX_SUBSTITUTES = 16
 """Unreadable files in a row a streamed batch tolerates before giving up."""
 MAX_WARNINGS = 20
-"""Unreadable files reported one by one; later ones are only counted."""
+"""Unreadable files reported one by one (evaluation); later ones are only counted."""
+REPORT_EXAMPLES = 3
+"""Unreadable files named in a training epoch's report."""
 
 
 def derive_seed(*parts: object) -> int:
@@ -63,6 +66,8 @@ class _ResumableSource:
     position: int
 
     dataset: ImageSet | FolderSet
+    skipped: int = 0
+    """Unreadable images replaced so far by this source (always 0 in memory)."""
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -130,6 +135,9 @@ class _ResumableSource:
 
     def _restart(self) -> None:
         """Drop anything derived from the old (epoch, position)."""
+
+    def close(self) -> None:
+        """Report what is pending and release resources; the source stays resumable."""
 
 
 class TensorBatchSource(_ResumableSource):
@@ -203,7 +211,7 @@ class _CropDataset(Dataset):
         return len(self.folder)
 
     def __getitem__(self, key: tuple[int, int, int, int]
-                    ) -> tuple[torch.Tensor, int, list[str]]:
+                    ) -> tuple[torch.Tensor | None, int, list[str]]:
         from torchvision.transforms.v2 import functional as TF
 
         # The seed travels with the key: persistent workers hold a copy of this object made
@@ -226,14 +234,32 @@ class _CropDataset(Dataset):
             if self.hflip and torch.rand((), generator=gen) < 0.5:
                 out = TF.horizontal_flip(out)
             return out, self.folder.samples[i][1], bad
-        raise DataError(f"{MAX_SUBSTITUTES} unreadable images in a row:\n" + "\n".join(bad))
+        # No image: the main process raises. An exception raised here would reach the
+        # user wrapped in the worker's traceback, not as a one-line DataError.
+        return None, -1, bad
 
 
-def _collate(items: list[tuple[torch.Tensor, int, list[str]]]
-             ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images = torch.stack([it[0] for it in items])
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGUSR1 do not end a decoding worker.
+
+    A cluster preempting a job signals every process of it, workers included, and torch's
+    workers die of SIGTERM; but the training process answers it by finishing its step and
+    writing a checkpoint (:mod:`iwm.training.signals`), for which it needs its workers. They
+    still stop when the training process shuts them down, or exits (they watch it).
+    """
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _collate(items: list[tuple[torch.Tensor | None, int, list[str]]]
+             ) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
+    bad = [msg for it in items for msg in it[2]]
+    if any(it[0] is None for it in items):
+        return None, torch.empty(0, dtype=torch.long), bad
+    images = torch.stack([it[0] for it in items])  # type: ignore[misc]
     labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-    return images, labels, [msg for it in items for msg in it[2]]
+    return images, labels, bad
 
 
 class _EpochBatches:
@@ -290,6 +316,7 @@ class StreamingBatchSource(_ResumableSource):
         """Unreadable files met so far (each replaced by a readable neighbour)."""
         self.bad_files: set[str] = set()
         """One message per distinct unreadable file, starting with its path."""
+        self._epoch_bad: list[str] = []
         self._sampler = _EpochBatches(len(folder), batch_size, seed)
         self._loader = DataLoader(
             _CropDataset(folder, image_size, crop_scale, crop_ratio, hflip),
@@ -298,12 +325,14 @@ class StreamingBatchSource(_ResumableSource):
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_ignores_stop_signals,
         )
         self._iter: Iterator[Any] | None = None
 
     def _restart(self) -> None:
         self._iter = None
         self._sampler.seed = self.seed
+        self._epoch_bad = []
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position >= self.steps_per_epoch:
@@ -316,27 +345,40 @@ class StreamingBatchSource(_ResumableSource):
             self._iter = iter(self._loader)
         images, labels, bad = next(self._iter)
         self.position += 1
-        if bad:
-            self._report(bad)
+        self.skipped += len(bad)
+        self.bad_files.update(bad)
+        self._epoch_bad += bad
+        if images is None:
+            raise DataError(
+                f"{self.dataset.name}: {MAX_SUBSTITUTES} unreadable images in a row (e.g. "
+                f"{bad[0]}); the data set is mostly unusable: fix or remove the bad files"
+            )
+        if self.position == self.steps_per_epoch:
+            self._report_epoch()
         # Pinned host memory makes the copy asynchronous; the float conversion then runs
         # on the device, where it is cheap.
         images = images.to(self.device, non_blocking=True).float().div_(255)
         return images, labels.to(self.device, non_blocking=True)
 
-    def _report(self, bad: list[str]) -> None:
-        for msg in bad:
-            self.skipped += 1
-            if msg in self.bad_files:
-                continue
-            self.bad_files.add(msg)
-            if len(self.bad_files) <= MAX_WARNINGS:
-                warnings.warn(f"skipping unreadable image: {msg}", stacklevel=3)
-            elif len(self.bad_files) == MAX_WARNINGS + 1:
-                warnings.warn("more unreadable images; see the source's bad_files",
-                              stacklevel=3)
+    def _report_epoch(self) -> None:
+        """One warning for the epoch's unreadable images, however many there were: a
+        broken file is met again every epoch, and a line per meeting would bury the log."""
+        if not self._epoch_bad:
+            return
+        distinct = sorted(set(self._epoch_bad))
+        more = len(distinct) - REPORT_EXAMPLES
+        examples = "; ".join(distinct[:REPORT_EXAMPLES]) + (f"; {more} more" if more > 0 else "")
+        warnings.warn(
+            f"{self.dataset.name}, epoch {self.epoch}: {len(distinct)} unreadable files "
+            f"({len(self._epoch_bad)} reads) replaced by readable neighbours: {examples}",
+            stacklevel=3,
+        )
+        self._epoch_bad = []
 
     def close(self) -> None:
-        """Stop the worker processes (they also stop when the source is garbage-collected)."""
+        """Report the unreadable images of the unfinished epoch and stop the worker
+        processes (they also stop when the source is garbage-collected)."""
+        self._report_epoch()
         self._iter = None
         self._loader = None  # type: ignore[assignment]
 

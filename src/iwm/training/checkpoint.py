@@ -18,6 +18,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,40 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The highest-numbered checkpoint file of the run, or ``None`` if there is none.
 
-    The file is not opened here. Since saves are atomic, the newest file is complete
-    unless something outside this library damaged it; that case surfaces as a
-    :class:`CheckpointError` from :func:`load_checkpoint`, whose message says to delete it
-    and resume from the previous one (rather than silently training from an older step).
+    The file is not opened here: it may still turn out damaged (see
+    :func:`load_latest_checkpoint`, which resuming uses).
     """
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def load_latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu"
+                           ) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest checkpoint of the run that loads; ``None`` if the run has none.
+
+    Saves are atomic, so a damaged newest file means something outside this library cut
+    or corrupted it (a copy interrupted, a disk error). Stopping there would make every
+    requeued job of the run fail until a person deletes the file, so each unloadable file
+    is reported with a warning naming it and the previous one is tried; only when no
+    checkpoint loads is that an error. The damaged file is left in place for inspection:
+    the resumed run overwrites it when it reaches that step again.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    newest_error = ""
+    for i in range(len(found) - 1, -1, -1):
+        try:
+            return found[i][1], load_checkpoint(found[i][1], map_location=map_location)
+        except CheckpointError as e:
+            newest_error = newest_error or str(e)
+            if i > 0:
+                warnings.warn(f"{e} (trying the previous one, {found[i - 1][1].name}, "
+                              "instead)", stacklevel=2)
+    if len(found) == 1:
+        raise CheckpointError(newest_error)
+    raise CheckpointError(f"none of the {len(found)} checkpoints of {run_dir} can be loaded; "
+                          f"the newest: {newest_error}")
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
@@ -224,9 +252,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                 "trust its source, re-save it as plain tensors and dicts"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); it was "
-            "probably cut off by a crash or a full disk: delete it and resume from an "
-            "earlier checkpoint"
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); something cut "
+            "it off or damaged it after it was written (an interrupted copy, a disk error): "
+            "use an earlier checkpoint"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(

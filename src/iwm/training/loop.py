@@ -9,17 +9,36 @@
 
 Schedules are functions of the step, all randomness comes from generators whose state
 is checkpointed, so ``--resume`` continues the same run instead of replaying it.
+
+Faults, and what each costs:
+
+* a step whose loss or gradients are NaN/inf is skipped exactly (weights, optimiser state
+  and EMA untouched) and counted (``skipped_steps`` in the metrics); ``train.max_nonfinite``
+  such steps in a row stop training with a :class:`~iwm.errors.TrainingError`. The check
+  is read at log and checkpoint steps, the only host syncs, so the stop comes at the first
+  of those after the limit is reached;
+* SIGTERM / SIGUSR1: the current step finishes, a checkpoint is written and
+  :class:`~iwm.errors.Preempted` is raised (CLI exit status 75), see
+  :mod:`iwm.training.signals`;
+* SIGKILL / power loss: checkpoints are atomic, so the newest one is whole and ``--resume``
+  continues from it (falling back to an older one, with a warning, if something else
+  damaged it); rows the metrics logged after it are replaced by the resumed run's;
+* full disk / unwritable run directory: :class:`~iwm.errors.CheckpointError` or
+  :class:`~iwm.errors.StorageError`, the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -29,13 +48,13 @@ from iwm.data.datasets import get_dataset
 from iwm.data.masks import MultiBlockMaskGenerator
 from iwm.data.sources import make_source
 from iwm.data.views import ViewSampler, resolve_view_params
-from iwm.errors import ConfigError
+from iwm.errors import CheckpointError, ConfigError, Preempted, StorageError, TrainingError
+from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, StepOutput, build_model
 from iwm.training.checkpoint import (
     capture_rng_state,
     checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -48,6 +67,7 @@ from iwm.training.distributed import (
 )
 from iwm.training.metrics import MetricsLogger
 from iwm.training.schedules import Schedules
+from iwm.training.signals import StopRequests
 
 CONFIG_FILE = "config.yaml"
 
@@ -97,6 +117,45 @@ def _no_mark(phase: str) -> None:
 
 
 @dataclass
+class NonFiniteSteps:
+    """Optimisation steps skipped because the loss or a gradient was NaN/inf.
+
+    Device tensors, updated without being read back, so that counting adds no host sync to
+    the step; the loop reads them where it syncs anyway (logging, checkpoints).
+    """
+
+    total: Tensor
+    streak: Tensor
+    """Skipped steps in a row, up to the latest step (0 after a good step)."""
+    longest: Tensor
+    """The longest streak so far: a streak that ended between two reads still counts."""
+
+    KEYS = ("total", "streak", "longest")
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> NonFiniteSteps:
+        return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in cls.KEYS))
+
+    def update(self, ok: Tensor) -> None:
+        bad = (~ok).long()
+        self.total = self.total + bad
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def read(self) -> tuple[int, int]:
+        """``(total, longest)`` on the host (a sync)."""
+        total, longest = torch.stack([self.total, self.longest]).tolist()
+        return int(total), int(longest)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self.KEYS:
+            setattr(self, k, state[k].to(self.total.device, torch.int64))
+
+
+@dataclass
 class Trainer:
     """Everything one training step touches; :meth:`step` is the step.
 
@@ -115,6 +174,7 @@ class Trainer:
     """Draws views and masks; its state is checkpointed."""
     schedules: Schedules
     amp_dtype: torch.dtype | None
+    nonfinite: NonFiniteSteps
 
     @classmethod
     def create(cls, cfg: Config, *, channels: int, mean: tuple[float, ...],
@@ -124,10 +184,12 @@ class Trainer:
         model = build_model(cfg, channels).to(device)
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.train.seed * 7919 + dist.rank)
+        # Fused on every device (CPU too, torch >= 2.4): the fused kernel is the one that
+        # honours ``found_inf``, which is how :meth:`step` skips a non-finite update
+        # without a host sync.
         optimizer = torch.optim.AdamW(param_groups(model), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas,
-                                      weight_decay=cfg.optim.weight_decay,
-                                      fused=device.type == "cuda")
+                                      weight_decay=cfg.optim.weight_decay, fused=True)
         train_model: nn.Module = model
         if dist.world_size > 1:
             train_model = nn.parallel.DistributedDataParallel(
@@ -143,12 +205,19 @@ class Trainer:
             masks=MultiBlockMaskGenerator(model.encoder.grid, cfg.mask),
             normalize=Normalizer.create(mean, std, device), generator=generator,
             schedules=Schedules.for_run(cfg.optim, cfg.train.epochs, steps_per_epoch),
-            amp_dtype=autocast_dtype(cfg, device),
+            amp_dtype=autocast_dtype(cfg, device), nonfinite=NonFiniteSteps.zeros(device),
         )
 
     def step(self, step: int, crops: Tensor, mark: Callable[[str], None] = _no_mark
-             ) -> tuple[StepOutput, Tensor | None]:
+             ) -> tuple[StepOutput, Tensor]:
         """One optimisation step on a batch of crops; returns the output and grad norm.
+
+        A step whose loss or gradient norm is not finite changes nothing: not the weights,
+        not the optimiser state (moments, step count), not the EMA. It still consumes its
+        batch and random draws, so a run stays reproducible. It is counted in
+        :attr:`nonfinite`. The decision never leaves the device: the fused AdamW skips its
+        whole update when its ``found_inf`` is 1 (the hook ``GradScaler`` uses), and the
+        EMA moves by a weight that is 0 on such a step.
 
         ``mark(phase)`` is called after each phase (data, forward, backward, optimizer, ema)
         so a benchmark can time them; training passes nothing.
@@ -170,27 +239,59 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         mark("backward")
-        grad_norm = None
-        if self.cfg.optim.grad_clip:
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        # The norm is needed anyway to detect non-finite gradients; without clipping,
+        # max_norm=inf only measures it (the scale factor clamps to exactly 1).
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(),
+                                             self.cfg.optim.grad_clip or float("inf"))
+        ok = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
+        # Under DDP the gradients agree across ranks but the losses do not: all ranks must
+        # skip together or their weights drift apart. (Single process: no-op.)
+        ok = all_reduce_mean((~ok).float()) == 0
+        self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
         self.optimizer.step()
         mark("optimizer")
-        self.model.update_target(self.schedules.ema_momentum(step))
+        # A skipped step must not move the EMA either, or resuming would not match.
+        self.model.update_target(self.schedules.ema_momentum(step), ok)
+        self.nonfinite.update(ok)
         mark("ema")
         return out, grad_norm
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(),
+                "nonfinite": self.nonfinite.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        """Restore :meth:`state_dict`; a :class:`CheckpointError` naming what does not fit
+        if ``state`` comes from another model configuration."""
+        for key in ("model", "optimizer", "generator"):
+            if key not in state:
+                raise CheckpointError(f"{where} is not an iwm training checkpoint (no '{key}')")
+        mismatch = state_shapes_mismatch(self.model.state_dict(), state["model"])
+        if mismatch:
+            raise CheckpointError(
+                f"{where} was written by another model configuration ({mismatch}); resume "
+                "with the run's own model.* settings"
+            )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"].cpu())
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"].cpu())
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{where}: optimiser or random state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from None
+        if "nonfinite" in state:
+            self.nonfinite.load_state_dict(state["nonfinite"])
 
 
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
-    """Pretrain the model ``cfg`` describes into ``run_dir``; returns ``run_dir``."""
+    """Pretrain the model ``cfg`` describes into ``run_dir``; returns ``run_dir``.
+
+    ``resume`` continues from the newest loadable checkpoint of ``run_dir``. Raises
+    :class:`~iwm.errors.Preempted` after writing a checkpoint if SIGTERM or SIGUSR1 arrives
+    (see :mod:`iwm.training.signals`), and :class:`~iwm.errors.IWMError` subclasses for
+    everything the user can fix.
+    """
     dist, device = init_distributed(cfg.train.device)
     try:
         _pretrain(cfg, run_dir, resume, dist, device)
@@ -199,11 +300,46 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     return run_dir
 
 
+@contextlib.contextmanager
+def _writing(what: str, path: Path) -> Iterator[None]:
+    """Turn a failed write into a one-line :class:`StorageError` naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(
+            f"cannot write {what} {path}: {e.strerror or e}; free disk space or fix the "
+            "directory's permissions (checkpoints already written are unchanged)"
+        ) from None
+
+
+def _check_nonfinite(total: int, longest: int, limit: int, done: int) -> None:
+    """Stop training if ``limit`` steps in a row were skipped as non-finite."""
+    if longest >= limit:
+        raise TrainingError(
+            f"training diverged: {longest} steps in a row had a NaN/inf loss or gradients "
+            f"(train.max_nonfinite={limit}; {total} skipped by step {done}); lower optim.lr "
+            "or set optim.grad_clip, then continue from the last checkpoint with "
+            "`iwm pretrain RUN --resume optim.lr=...`"
+        )
+
+
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
               device: torch.device) -> None:
     if cfg.train.batch_size % dist.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                          f"{dist.world_size} processes")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split evenly over "
+                          f"{dist.world_size} processes: use a multiple of {dist.world_size}")
+    # From before the first (slow) set-up step, so that a stop requested during set-up is
+    # honoured after the first training step instead of killing the process.
+    with StopRequests() as stop:
+        _train(cfg, run_dir, resume, dist, device, stop)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: torch.device,
+           stop: StopRequests) -> None:
+    # Every global generator, not only torch's: a fresh run must not depend on what the
+    # caller drew before, and the checkpoint captures (and resume restores) all three.
+    random.seed(cfg.train.seed + dist.rank)
+    np.random.seed(cfg.train.seed + dist.rank)
     torch.manual_seed(cfg.train.seed + dist.rank)
     dataset = get_dataset(cfg.data.name, "train", cfg.data.root)
     # Each rank draws its own random batches (seed offset by rank): for random-sampling
@@ -216,18 +352,25 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
     start_step = 0
     if resume:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-        state = load_checkpoint(path, map_location=device)
-        trainer.load_state_dict(state)
-        source.load_state_dict(state["source"])
-        restore_rng_state(state["rng"])
-        start_step = int(state["step"])
+        loaded = load_latest_checkpoint(run_dir, map_location=device)
+        if loaded is None:
+            if not (run_dir / CONFIG_FILE).is_file():
+                raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+            # The run was stopped before its first checkpoint. Starting over is what the
+            # user would do by hand; refusing would fail every requeue of the job.
+            warnings.warn(f"--resume: {run_dir} has no checkpoint yet; starting it from step 0",
+                          stacklevel=2)
+        else:
+            path, state = loaded
+            trainer.load_state_dict(state, str(path))
+            source.load_state_dict(state["source"])
+            restore_rng_state(state["rng"])
+            start_step = int(state["step"])
 
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
+        with _writing("the run's config", run_dir / CONFIG_FILE):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / CONFIG_FILE)
 
     def checkpoint_state(step: int) -> dict:
         return {
@@ -243,8 +386,11 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                disable=not (cfg.train.progress and dist.is_main), dynamic_ncols=True)
-    logger = MetricsLogger(run_dir, enabled=dist.is_main,
-                           resume_step=start_step if resume else None)
+    with _writing("metrics to", run_dir):
+        # Resuming drops the rows a killed run logged after its checkpoint (the resumed
+        # run logs those steps again); also when it had no checkpoint at all (step 0).
+        logger = MetricsLogger(run_dir, enabled=dist.is_main,
+                               resume_step=start_step if resume else None)
     trainer.model.train()
     tick, images_since = time.perf_counter(), 0
     try:
@@ -255,29 +401,65 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
             bar.update(1)
 
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == total_steps:
-                # The only host syncs of the loop, once every log_every steps.
+            last = done == total_steps
+            log_now = done % cfg.train.log_every == 0 or last
+            save_now = done % cfg.train.checkpoint_every == 0 or last
+            if dist.world_size == 1:
+                stopping = stop.requested
+            elif log_now:
+                # Ranks get the signal at different steps but must stop at the same one;
+                # they agree at log steps, where they synchronise anyway.
+                flag = torch.tensor(float(stop.requested), device=device)
+                stopping = all_reduce_mean(flag).item() > 0
+            else:
+                stopping = False
+            if not (log_now or save_now or stopping):
+                continue  # the common case: no host sync
+
+            skipped, longest = trainer.nonfinite.read()
+            if log_now:
                 now = time.perf_counter()
+                loss, pred_std, target_std, gnorm = torch.stack([
+                    all_reduce_mean(out.loss.detach()).float(), out.pred_std.float(),
+                    out.target_std.float(), grad_norm.float()]).tolist()
                 values = {
-                    "loss": all_reduce_mean(out.loss.detach()).item(),
+                    "loss": loss,
                     "lr": trainer.schedules.lr(step),
                     "weight_decay": trainer.schedules.weight_decay(step),
                     "ema": trainer.schedules.ema_momentum(step),
-                    "pred_std": out.pred_std.item(), "target_std": out.target_std.item(),
+                    "pred_std": pred_std, "target_std": target_std, "grad_norm": gnorm,
                     "images_per_s": images_since / max(now - tick, 1e-9),
                     "epoch": done / source.steps_per_epoch,
+                    "skipped_steps": skipped,
                 }
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                logger.log(done, values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                if source.skipped:
+                    values["data_skipped"] = source.skipped
+                with _writing("metrics to", logger.path):
+                    logger.log(done, values)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
                                 img_s=f"{values['images_per_s']:.0f}")
                 tick, images_since = now, 0
-            if dist.is_main and (done % cfg.train.checkpoint_every == 0 or done == total_steps):
-                save_checkpoint(checkpoint_path(run_dir, done), checkpoint_state(done))
+            # Before saving: a checkpoint never holds a run that should have stopped.
+            _check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
+            if dist.is_main and (save_now or stopping):
+                path = checkpoint_path(run_dir, done)
+                save_checkpoint(path, checkpoint_state(done))
                 prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-    finally:
+            if stopping and not last:
+                name = stop.signal.name if stop.signal else "a stop signal"
+                raise Preempted(
+                    f"stopped by {name} at step {done}/{total_steps}, checkpoint "
+                    f"{checkpoint_path(run_dir, done)} written; continue with "
+                    f"`iwm pretrain {run_dir} --resume`", step=done)
+    except BaseException:
         bar.close()
+        source.close()
+        with contextlib.suppress(OSError):  # already failing; keep the first error
+            logger.close()
+        raise
+    bar.close()
+    source.close()
+    with _writing("metrics to", logger.path):
         logger.close()
 
 
