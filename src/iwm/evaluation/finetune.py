@@ -1,0 +1,439 @@
+"""Leveraging the world model: finetuning protocols (``iwm finetune``, PAPER.md §2).
+
+Four protocols, compared on the same budget (``finetune.*``: epochs, batch size, data,
+light random-resized crop + flip drawn on the device) and the same head, so that the
+table is fair:
+
+=====================  ==================  =========================  =====================
+protocol               encoder             predictor                  trained
+=====================  ==================  =========================  =====================
+``encoder``            target, trainable   none                       encoder + head
+``random-predictor``   target, frozen      same architecture, random  predictor + head
+``predictor``          target, frozen      pretrained                 predictor + head
+``end-to-end``         target, trainable   pretrained                 all
+=====================  ==================  =========================  =====================
+
+The predictor is used as the paper reuses it: every encoder token is context and every
+position is predicted (``Predictor.predict_all``), with the NULL action (identity
+transformation), so the pretrained world model starts by "reproducing" the image's latents.
+
+Learning rates (AdamW, linear warmup then cosine to 0, one multiplier for all groups so
+the ratios hold throughout): head, randomly initialised predictor and task tokens at
+``finetune.lr``; a pretrained predictor at ``lr * predictor_lr_scale`` (0.1, the paper's
+rule); a trainable encoder at ``lr * encoder_lr_scale`` (0.1: also pretrained weights,
+given the same treatment). Weight decay only on matrices, as in pretraining.
+
+Frozen parts have ``requires_grad_(False)``, stay in eval mode (also while the rest
+trains), run under ``no_grad``, and are checked bit-for-bit unchanged after training.
+
+Heads: :class:`~iwm.models.heads.AttentiveClassifier` (classification) or
+:class:`~iwm.models.heads.LinearSegmentationHead` (``--task segmentation``, see
+:mod:`iwm.evaluation.segmentation`) on the backbone's tokens (B, N, D); D is the encoder
+width in every protocol because the predictor projects back to it.
+
+Multitask predictor tuning (several ``tasks``): ONE backbone; the predictor is conditioned
+on a learned task token that enters exactly where actions do: a table (num_tasks,
+ACTION_DIM) whose row is added to the null action. It starts at zero, so at step 0 every
+task sees the pretrained predictor's null-action behaviour. One head per task; batches are
+single-task and interleaved in a seeded random order holding each task's own number of
+steps (``epochs`` x its batches per epoch), so no task is trained only at the end. Other
+data sets are converted to the run's input format: grayscale -> RGB by replication, RGB
+-> grayscale by luma (ITU-R 601, as ``to_grayscale``), any size -> ``data.image_size`` by
+the crop / centre-resize, and all normalised with the RUN's statistics (the frozen encoder
+is a fixed function of its input; feeding it another normalisation would shift its input
+distribution).
+
+Compute: ``trainable_params``, wall ``seconds`` (training + evaluation) and
+``train_flops`` = FLOPs of one measured training step (forward + backward, counted by
+``torch.utils.flop_counter``) per image x images seen. Frozen parts run without autograd,
+so their backward costs nothing and is not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from iwm.api import Pretrained
+from iwm.config import Config
+from iwm.data.actions import ACTION_DIM, null_action
+from iwm.data.datasets import FolderSet, ImageSet, get_dataset
+from iwm.data.photometric import to_grayscale
+from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
+from iwm.errors import ConfigError, DataError
+from iwm.evaluation.segmentation import (
+    SEG_CLASS_NAMES,
+    confusion_matrix,
+    mean_iou,
+    patch_labels,
+)
+from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead
+from iwm.models.iwm import build_model
+from iwm.models.predictor import Predictor
+from iwm.models.vit import Encoder
+from iwm.training.loop import Normalizer, autocast_dtype
+from iwm.training.schedules import warmup_cosine
+
+PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end")
+TASK_KINDS = ("classification", "segmentation")
+LOG_POINTS = 10
+"""Loss lines printed per run (when a logger is given)."""
+
+
+def match_channels(images: Tensor, channels: int) -> Tensor:
+    """Float images (B, C, H, W) -> (B, ``channels``, H, W): 1 -> 3 by replication,
+    3 -> 1 by luma."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1:
+        return images.expand(-1, channels, -1, -1)
+    if have == 3 and channels == 1:
+        return to_grayscale(images)[:, :1]
+    raise DataError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+class Backbone(nn.Module):
+    """Normalised images -> tokens (B, N, D) for the head, under one protocol."""
+
+    def __init__(self, encoder: Encoder, predictor: Predictor | None, *, train_encoder: bool,
+                 pretrained_predictor: bool, num_tasks: int = 0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+        self.train_encoder = train_encoder
+        self.pretrained_predictor = pretrained_predictor
+        if not train_encoder:
+            encoder.requires_grad_(False)
+        self.task_tokens: nn.Embedding | None = None
+        if num_tasks:
+            if predictor is None:
+                raise ConfigError("multitask tuning conditions the predictor on a task token: "
+                                  "choose a protocol with a predictor")
+            self.task_tokens = nn.Embedding(num_tasks, ACTION_DIM)
+            # Zero = the null action: tuning starts from the pretrained world model exactly.
+            nn.init.zeros_(self.task_tokens.weight)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        if not self.train_encoder:
+            # A frozen encoder stays in eval mode (no drop-path) whatever the rest does.
+            self.encoder.eval()
+        return self
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        """Copies of every frozen tensor, to verify after training that none changed."""
+        if self.train_encoder:
+            return {}
+        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+
+    def forward(self, images: Tensor, task: int | None = None) -> Tensor:
+        if self.train_encoder:
+            tokens = self.encoder.forward_tokens(images)
+        else:
+            with torch.no_grad():
+                tokens = self.encoder.forward_tokens(images)
+        if self.predictor is None:
+            return tokens
+        action = None
+        if self.task_tokens is not None:
+            if task is None:
+                raise ValueError("a multitask backbone needs the task index")
+            action = null_action(tokens.shape[0], tokens.device) + self.task_tokens.weight[task]
+        return self.predictor.predict_all(tokens, action)
+
+
+def build_backbone(pretrained: Pretrained, protocol: str, num_tasks: int = 0) -> Backbone:
+    """The backbone of ``protocol``, made of COPIES of the run's modules (the run itself is
+    never modified), on the run's device."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol {protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+    encoder = copy.deepcopy(pretrained.encoder)
+    predictor: Predictor | None = None
+    if protocol == "random-predictor":
+        # build_model gives the exact architecture of the run's predictor, freshly initialised.
+        in_chans = pretrained.in_chans
+        predictor = build_model(pretrained.config, in_chans).predictor
+    elif protocol in ("predictor", "end-to-end"):
+        predictor = copy.deepcopy(pretrained.predictor)
+    if predictor is not None:
+        predictor.requires_grad_(True)
+    train_encoder = protocol in ("encoder", "end-to-end")
+    if train_encoder:
+        # The copied EMA encoder is all requires_grad=False; train what pretraining trained
+        # (the context encoder's flags: its fixed sin-cos positions stay frozen).
+        for p, q in zip(encoder.parameters(), pretrained.context_encoder.parameters(),
+                        strict=True):
+            p.requires_grad_(q.requires_grad)
+    backbone = Backbone(encoder, predictor,
+                        train_encoder=train_encoder,
+                        pretrained_predictor=protocol in ("predictor", "end-to-end"),
+                        num_tasks=num_tasks)
+    return backbone.to(pretrained.device)
+
+
+def _split_decay(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    # As in pretraining: matrices decay; biases, norms, tokens and queries do not.
+    decay = [p for p in params if p.ndim >= 2 and p.shape[0] > 1]
+    ids = {id(p) for p in decay}
+    return decay, [p for p in params if id(p) not in ids]
+
+
+def make_optimizer(backbone: Backbone, heads: nn.ModuleList, cfg: Config
+                   ) -> torch.optim.AdamW:
+    """AdamW with one group per (part, decay); each group carries its ``name``."""
+    ft = cfg.finetune
+    parts: list[tuple[str, list[nn.Parameter], float]] = [
+        ("head", list(heads.parameters()), ft.lr)]
+    if backbone.task_tokens is not None:
+        parts.append(("task_tokens", list(backbone.task_tokens.parameters()), ft.lr))
+    if backbone.predictor is not None:
+        scale = ft.predictor_lr_scale if backbone.pretrained_predictor else 1.0
+        parts.append(("predictor", list(backbone.predictor.parameters()), ft.lr * scale))
+    if backbone.train_encoder:
+        params = [p for p in backbone.encoder.parameters() if p.requires_grad]
+        parts.append(("encoder", params, ft.lr * ft.encoder_lr_scale))
+    groups = []
+    for name, params, lr in parts:
+        decay, no_decay = _split_decay(params)
+        groups += [{"name": name, "params": decay, "lr": lr, "weight_decay": ft.weight_decay},
+                   {"name": name, "params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    device = next(backbone.parameters()).device
+    return torch.optim.AdamW([g for g in groups if g["params"]], fused=device.type == "cuda")
+
+
+def count_trainable(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: ImageSet | FolderSet
+    test: ImageSet | FolderSet
+    num_classes: int
+
+
+def load_task(name: str, cfg: Config, kind: str) -> TaskData:
+    train = get_dataset(name, "train", cfg.data.root)
+    test = get_dataset(name, "test", cfg.data.root)
+    n = cfg.finetune.seg_classes if kind == "segmentation" else len(train.classes)
+    return TaskData(train.name or name, train, test, n)
+
+
+@dataclass
+class FinetuneOutcome:
+    """What :func:`finetune` trained (for inspection) and its results."""
+
+    backbone: Backbone
+    heads: nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _targets(images: Tensor, labels: Tensor, kind: str, cfg: Config) -> Tensor:
+    if kind == "classification":
+        return labels
+    return patch_labels(images, cfg.model.patch_size, cfg.finetune.seg_threshold,
+                        cfg.finetune.seg_classes)
+
+
+def _loss(logits: Tensor, targets: Tensor) -> Tensor:
+    # (B, C) for classification, (B, N, C) per token for segmentation.
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+def _step_schedule(steps: list[int], seed: int) -> list[int]:
+    """Task index of every step: each task ``steps[i]`` times, in a seeded random order."""
+    order = torch.cat([torch.full((n,), i) for i, n in enumerate(steps)])
+    gen = torch.Generator().manual_seed(derive_seed("finetune-tasks", seed))
+    return order[torch.randperm(len(order), generator=gen)].tolist()
+
+
+@torch.no_grad()
+def evaluate(backbone: Backbone, head: nn.Module, task: TaskData, task_index: int | None,
+             kind: str, cfg: Config, normalize: Normalizer, channels: int,
+             device: torch.device) -> dict[str, Any]:
+    """Test-set accuracy (classification) or mIoU (segmentation), centre views."""
+    backbone.eval()
+    head.eval()
+    amp = autocast_dtype(cfg, device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    conf = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long, device=device)
+    n = 0
+    for images, labels in iter_eval_batches(task.test, cfg.finetune.batch_size,
+                                            cfg.data.image_size, device,
+                                            limit=cfg.finetune.test_limit):
+        images = match_channels(images, channels)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = head(backbone(normalize(images), task_index))
+        pred = logits.argmax(-1)
+        targets = _targets(images, labels, kind, cfg)
+        if kind == "classification":
+            correct += (pred == targets).sum()
+        else:
+            conf += confusion_matrix(pred, targets, task.num_classes)
+        n += len(labels)
+    if kind == "classification":
+        return {"accuracy": correct.item() / max(n, 1), "n_test": n}
+    miou, per_class = mean_iou(conf.cpu())
+    return {"miou": miou, "per_class_iou": dict(zip(SEG_CLASS_NAMES[task.num_classes],
+                                                    per_class, strict=True)),
+            "patch_accuracy": conf.diag().sum().item() / max(conf.sum().item(), 1),
+            "n_test": n}
+
+
+def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[TaskData],
+             kind: str = "classification",
+             log: Callable[[str], None] | None = None) -> FinetuneOutcome:
+    """Train ``protocol`` on ``tasks`` (one: single task; several: multitask with task
+    tokens) and evaluate; ``cfg`` supplies ``finetune.*``, ``data.*`` and ``model.*``."""
+    if kind not in TASK_KINDS:
+        raise ConfigError(f"task {kind!r}: must be one of {', '.join(TASK_KINDS)}")
+    if not tasks:
+        raise ConfigError("no tasks to finetune on")
+    ft = cfg.finetune
+    device = pretrained.device
+    torch.manual_seed(ft.seed)  # the random predictor, heads and task tokens
+    start = time.perf_counter()
+    multitask = len(tasks) > 1
+    backbone = build_backbone(pretrained, protocol, num_tasks=len(tasks) if multitask else 0)
+    dim = pretrained.encoder.embed_dim
+    heads = nn.ModuleList(
+        AttentiveClassifier(dim, t.num_classes) if kind == "classification"
+        else LinearSegmentationHead(dim, t.num_classes) for t in tasks).to(device)
+    optimizer = make_optimizer(backbone, heads, cfg)
+    frozen = backbone.frozen_state()
+    channels = pretrained.in_chans
+    normalize = pretrained.normalize
+    amp = autocast_dtype(cfg, device)
+
+    data_cfg = dataclasses.replace(cfg.data, crop_scale=ft.crop_scale, hflip=ft.hflip,
+                                   limit=ft.train_limit)
+    sources = [make_source(data_cfg, ft.batch_size, device, derive_seed("finetune", ft.seed, i),
+                           dataset=t.train) for i, t in enumerate(tasks)]
+    steps = [max(1, round(ft.epochs * len(s))) for s in sources]
+    schedule = _step_schedule(steps, ft.seed)
+    total = len(schedule)
+    warmup = ft.warmup_epochs * total / ft.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, warmup, 0.0, 1.0, 0.0))
+    flops_per_image = [0.0] * len(tasks)
+
+    backbone.train()
+    heads.train()
+    for step, i in enumerate(schedule):
+        images, labels = sources[i].next()
+        images = match_channels(images, channels)
+        targets = _targets(images, labels, kind, cfg)
+        # FLOPs of the first step of each task (forward + backward): the steps of a task
+        # differ only in their data, not in their cost.
+        counter = FlopCounterMode(display=False) if flops_per_image[i] == 0 else None
+        with counter if counter is not None else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = _loss(heads[i](backbone(normalize(images), i if multitask else None)),
+                             targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if counter is not None:
+            flops_per_image[i] = counter.get_total_flops() / len(images)
+        optimizer.step()
+        scheduler.step()
+        if log is not None and (step + 1) % max(1, total // LOG_POINTS) == 0:
+            log(f"{protocol} step {step + 1}/{total} task {tasks[i].name} "
+                f"loss {loss.item():.4f}")
+
+    for source in sources:
+        if isinstance(source, StreamingBatchSource):
+            source.close()  # stop its decoding workers now, not at garbage collection
+    for key, before in frozen.items():
+        if not torch.equal(before, backbone.encoder.state_dict()[key]):
+            raise RuntimeError(f"frozen encoder tensor {key} changed during finetuning")
+    per_task = {}
+    for i, t in enumerate(tasks):
+        per_task[t.name] = {
+            **evaluate(backbone, heads[i], t, i if multitask else None, kind, cfg, normalize,
+                       channels, device),
+            "n_train": len(sources[i].dataset), "steps": steps[i]}
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "protocol": protocol,
+        "task": kind,
+        "tasks": per_task,
+        "trainable_params": count_trainable(backbone, heads),
+        "seconds": seconds,
+        "train_flops": sum(f * n * ft.batch_size
+                           for f, n in zip(flops_per_image, steps, strict=True)),
+        "epochs": ft.epochs,
+        "steps": total,
+        "batch_size": ft.batch_size,
+        "lr": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
+        "frozen": ["encoder"] if frozen else [],
+        "frozen_unchanged": True,  # checked above; a change raises instead
+        "pretrain_step": pretrained.step,
+        "finetune_config": dataclasses.asdict(ft),
+    }
+    if not multitask:
+        # The single task's metrics at the top level, where the table reads them.
+        result.update(dataset=tasks[0].name, **per_task[tasks[0].name])
+    else:
+        metric = "accuracy" if kind == "classification" else "miou"
+        result[f"mean_{metric}"] = sum(r[metric] for r in per_task.values()) / len(per_task)
+    return FinetuneOutcome(backbone, heads, optimizer, result)
+
+
+def _log_stderr(message: str) -> None:
+    print(f"iwm: {message}", file=sys.stderr, flush=True)
+
+
+def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
+                 kind: str = "classification", overrides: list[str] | None = None,
+                 device: str = "auto", compare_separate: bool = False,
+                 log: Callable[[str], None] | None = _log_stderr) -> dict[str, Any]:
+    """``iwm finetune``: writes and returns ``RUN/results/finetune_<protocol>.json``
+    (``segment_<protocol>.json`` for segmentation; ``*_multitask.json`` for several tasks,
+    with the separately tuned predictors under ``separate`` if ``compare_separate``)."""
+    from iwm.api import load
+    from iwm.config import load_config
+    from iwm.training.distributed import resolve_device
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol {protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+    pretrained = load(run_dir, device=resolve_device(device))
+    cfg = load_config(pretrained.config.to_dict(), overrides)
+    names = tasks or [cfg.data.name]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--tasks {','.join(names)}: a task is listed twice")
+    data = [load_task(name, cfg, kind) for name in names]
+    out = finetune(pretrained, protocol, cfg, data, kind, log).result
+    if compare_separate and len(data) > 1:
+        runs = [finetune(pretrained, protocol, cfg, [t], kind, log).result for t in data]
+        metric = "accuracy" if kind == "classification" else "miou"
+        out["separate"] = {
+            "tasks": {r["dataset"]: {metric: r[metric]} for r in runs},
+            f"mean_{metric}": sum(r[metric] for r in runs) / len(runs),
+            "trainable_params": sum(r["trainable_params"] for r in runs),
+            "seconds": sum(r["seconds"] for r in runs),
+            "train_flops": sum(r["train_flops"] for r in runs),
+        }
+    prefix = "finetune" if kind == "classification" else "segment"
+    suffix = "multitask" if len(data) > 1 else protocol
+    results_dir = Path(run_dir) / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{prefix}_{suffix}.json"
+    path.write_text(json.dumps(out, indent=2))
+    return {**out, "path": str(path)}

@@ -1,0 +1,571 @@
+"""``iwm report RUN``: one HTML page that says how a run went and what its model does.
+
+``RUN/report/index.html`` with PNG figures beside it (referenced by relative paths, so
+the folder can be copied or served as is; no network, scripts or external CSS):
+
+- header: run name, step, data set, architecture, views;
+- training curves from ``metrics.csv``: loss, the collapse monitor (``pred_std`` and
+  ``target_std``: a collapsing encoder drives both towards 0), learning rate, gradient
+  norm;
+- world-model quality from ``results/mrr.json`` (overall and per-transform bar chart);
+- every ``results/{probe,finetune,segment}_*.json`` in one table, whatever keys it has;
+- a retrieval grid: for a few test images, the requested transformation and the bank
+  entries nearest to the predictor's output (MRR's protocol, small bank; see
+  :mod:`iwm.evaluation.retrieval`). Needs a checkpoint; computed fresh on every report;
+- the run's config.
+
+A section whose inputs do not exist says so (and which command creates them) rather than
+failing, so a report can be made of a run that is still training.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from iwm.errors import IWMError
+from iwm.evaluation.retrieval import RetrievalExample, jitter_description, score_label
+from iwm.training.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from iwm.api import Pretrained
+
+__all__ = ["REPORT_DIR", "build_report"]
+
+REPORT_DIR = "report"
+CURVES_PNG = "curves.png"
+MRR_PNG = "mrr.png"
+RETRIEVAL_PNG = "retrieval.png"
+# Results a report tabulates: linear/attentive probes, predictor/encoder finetuning,
+# segmentation. Anything else in results/ (mrr.json has its own section) is left out.
+RESULT_PATTERNS = ("probe_*.json", "finetune_*.json", "segment_*.json")
+# Columns shown when present, in this order; any other scalar key goes to "other".
+_METRIC_KEYS = ("accuracy", "miou", "mean_accuracy", "mean_miou", "top1")
+_COLUMNS = ("protocol", "kind", "encoder", "dataset", "train_accuracy", "n_train", "n_test",
+            "trainable_params", "epochs", "step", "seconds")
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; } .missing { color: #8a5a00; background: #fff6e0; padding: 0.5em; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.meta td:first-child { font-weight: 600; }
+"""
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _fmt(value: Any) -> str:
+    """A JSON scalar for a table: accuracies keep 4 decimals, big numbers fewer."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if abs(value) < 1:
+            return f"{value:.4f}"
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{text}</p>'
+
+
+def _pyplot() -> Any:
+    # Agg: the report is written on servers without a display; imported lazily because
+    # matplotlib is slow to import and only the report needs it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------- training curves
+
+
+def _series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: the raw loss of a small batch is too noisy to read."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+_COLORS = {"loss": "C0", "pred_std": "C1", "target_std": "C2", "lr": "C3", "grad_norm": "C4"}
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path) -> list[str]:
+    """Loss, collapse monitor, learning rate and gradient norm vs step; returns the
+    metrics that were plotted."""
+    plt = _pyplot()
+    panels: list[tuple[str, list[str]]] = [
+        ("loss", ["loss"]),
+        ("collapse monitor (std of latents)", ["pred_std", "target_std"]),
+        ("learning rate", ["lr"]),
+        ("gradient norm", ["grad_norm"]),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+    plotted = []
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        drawn = False
+        for key in keys:
+            steps, values = _series(rows, key)
+            if not steps:
+                continue
+            drawn = True
+            plotted.append(key)
+            color = _COLORS[key]
+            if len(values) > 50:
+                # Raw values faint, a moving average on top: trends stay readable.
+                ax.plot(steps, values, alpha=0.25, color=color)
+                ax.plot(steps, _smooth(values, max(5, len(values) // 50)), label=key,
+                        color=color)
+            else:
+                ax.plot(steps, values, marker="." if len(values) < 20 else None, label=key,
+                        color=color)
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {' / '.join(keys)} logged", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+        elif len(keys) > 1:
+            ax.legend()
+        if keys == ["loss"] and drawn and all(v > 0 for v in _series(rows, "loss")[1]):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return plotted
+
+
+def _curves_section(run_dir: Path, out_dir: Path, rows: list[dict[str, float]]) -> str:
+    if not rows:
+        return _missing(f"no metrics yet ({_esc(run_dir / 'metrics.csv')} is missing or "
+                        "empty) — run <code>iwm pretrain</code>")
+    plot_curves(rows, out_dir / CURVES_PNG)
+    last = rows[-1]
+    facts = [f"{len(rows)} logged rows, last step {int(last['step'])}"]
+    for key, label in (("loss", "last loss"), ("pred_std", "pred_std"),
+                       ("target_std", "target_std"), ("epoch", "epoch")):
+        steps, values = _series(rows, key)
+        if values:
+            facts.append(f"{label} {values[-1]:.4g}")
+    speeds = _series(rows, "images_per_s")[1]
+    if speeds:
+        facts.append(f"median throughput {statistics.median(speeds):.0f} images/s")
+    return (f"<p>{_esc('; '.join(facts))}. The collapse monitor is the std across the batch "
+            "of the predicted and target latents: both falling towards 0 means the encoder "
+            "is collapsing.</p>"
+            f'<img src="{CURVES_PNG}" alt="training curves">')
+
+
+# ---------------------------------------------------------------- MRR
+
+
+def plot_mrr(result: dict[str, Any], path: Path) -> None:
+    """Bar chart: overall MRR, then each per-transform entry (hatched 'n/a' if None)."""
+    plt = _pyplot()
+    per = result.get("per_transform") or {}
+    names = ["all", *per]
+    values = [result.get("mrr"), *per.values()]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for i, (name, value) in enumerate(zip(names, values, strict=True)):
+        if isinstance(value, int | float) and math.isfinite(value):
+            ax.bar(i, value, color="#1f4e79" if name == "all" else "#5b9bd5")
+            ax.text(i, value + 0.02, f"{value:.3f}", ha="center", fontsize=9)
+        else:
+            ax.bar(i, 0.1, color="none", edgecolor="#bbb", hatch="//")
+            ax.text(i, 0.12, "n/a", ha="center", color="gray", fontsize=9)
+    bank = result.get("bank")
+    if isinstance(bank, int) and bank >= 1:
+        chance = sum(1 / r for r in range(1, bank + 1)) / bank
+        ax.axhline(chance, color="#c00000", linestyle="--", linewidth=1,
+                   label=f"chance (action ignored): {chance:.3f}")
+        ax.legend(loc="upper right", fontsize=9)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("MRR")
+    ax.set_title(f"world-model quality: MRR, bank {bank}, {result.get('n_images')} images, "
+                 f"{result.get('distance')} distance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mrr_section(run_dir: Path, out_dir: Path) -> str:
+    path = run_dir / "results" / "mrr.json"
+    if not path.exists():
+        return _missing(f"not computed yet — run <code>iwm eval mrr {_esc(run_dir)}</code>")
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return _missing(f"{_esc(path)} is unreadable: {_esc(e)}")
+    plot_mrr(result, out_dir / MRR_PNG)
+    rows = [("all", result.get("mrr"))] + list((result.get("per_transform") or {}).items())
+    notes = result.get("notes") or {}
+    body = "".join(
+        f"<tr><td>{_esc(name)}</td><td class=num>{_esc(_fmt(value))}</td>"
+        f"<td>{_esc(notes.get(name, ''))}</td></tr>" for name, value in rows)
+    extra = ", ".join(f"{k} {_fmt(result[k])}" for k in ("seed", "step", "seconds")
+                      if k in result)
+    return ("<p>Mean reciprocal rank of the true transformed image's latent among a bank of "
+            "the same image under other transformations, given the predictor's output for "
+            "the action (≈1: the predictor applies transformations; chance: it ignores "
+            f"them). {_esc(extra)}</p>"
+            f'<img src="{MRR_PNG}" alt="MRR per transform">'
+            f"<table><tr><th>setting</th><th>MRR</th><th>note</th></tr>{body}</table>")
+
+
+# ---------------------------------------------------------------- probes / finetuning
+
+
+def _result_files(results_dir: Path) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in RESULT_PATTERNS:
+        found.update(results_dir.glob(pattern))
+    return sorted(found)
+
+
+def _metric_of(data: dict[str, Any]) -> tuple[str, Any]:
+    for key in _METRIC_KEYS:
+        if key in data:
+            return key, data[key]
+    return "", None
+
+
+def _cell(value: Any) -> str:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"<td{' class=num' if numeric else ''}>{_esc(_fmt(value))}</td>"
+
+
+def _results_section(run_dir: Path) -> str:
+    files = _result_files(run_dir / "results")
+    if not files:
+        return _missing("no probe or finetuning results yet — run <code>iwm probe "
+                        f"{_esc(run_dir)}</code>")
+    records: list[tuple[str, dict[str, Any] | None, str]] = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            records.append((path.stem, None, f"unreadable: {e}"))
+            continue
+        if not isinstance(data, dict):
+            records.append((path.stem, None, "not a JSON object"))
+            continue
+        records.append((path.stem, data, ""))
+    # Only columns some file has, so a table of linear probes is not mostly empty cells.
+    columns = [c for c in _COLUMNS if any(d is not None and c in d for _, d, _ in records)]
+    head = "".join(f"<th>{_esc(c)}</th>" for c in ["result", "metric", "value", *columns,
+                                                   "other"])
+    body = []
+    for name, data, problem in records:
+        if data is None:
+            body.append(f"<tr><td>{_esc(name)}</td><td colspan={len(columns) + 3}>"
+                        f"{_esc(problem)}</td></tr>")
+            continue
+        metric, value = _metric_of(data)
+        shown = {metric, *columns, "path"}
+        other = ", ".join(f"{k}={_fmt(v)}" for k, v in data.items()
+                          if k not in shown and not isinstance(v, dict | list))
+        tasks = data.get("tasks")
+        if isinstance(tasks, dict) and len(tasks) > 1:  # multitask: each task's metric
+            per_task = ", ".join(f"{name} {_fmt(_metric_of(v)[1])}" for name, v in tasks.items()
+                                 if isinstance(v, dict))
+            other = f"tasks: {per_task}; {other}" if other else f"tasks: {per_task}"
+        cells = [f"<td>{_esc(name)}</td>", f"<td>{_esc(metric or '?')}</td>",
+                 f"<td class=num>{_esc(_fmt(value))}</td>"]
+        cells += [_cell(data[c]) if c in data else "<td></td>" for c in columns]
+        cells.append(f"<td>{_esc(other)}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+# ---------------------------------------------------------------- retrieval grid
+
+
+@dataclass
+class _GridInfo:
+    grid: tuple[int, int]
+    bank_size: int
+    distance: str
+    varied: tuple[str, ...]
+
+
+def _show(ax: Any, image: Tensor) -> None:
+    img = image.clamp(0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _frame(ax: Any, color: str, width: float) -> None:
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(width)
+
+
+def _mask_overlay(ax: Any, ex: RetrievalExample, grid: tuple[int, int], size: int) -> None:
+    """Tint the patches the context encoder does not see; outline the predicted block."""
+    from matplotlib.collections import LineCollection
+
+    rows, cols = grid
+    hidden = torch.ones(rows * cols)
+    hidden[ex.context] = 0
+    # One RGBA image over the whole picture: far cheaper to draw than a patch per cell.
+    alpha = hidden.view(rows, cols).repeat_interleave(size // rows, 0)
+    alpha = alpha.repeat_interleave(size // cols, 1)
+    overlay = torch.zeros(*alpha.shape, 4)
+    overlay[..., :3] = torch.tensor([0.3, 0.45, 1.0])
+    overlay[..., 3] = 0.45 * alpha
+    ax.imshow(overlay.numpy(), interpolation="nearest")
+    # The block's outline, edge by edge: blocks may wrap around the grid (mask.wrap), so
+    # a bounding box would be wrong.
+    ph, pw = size / rows, size / cols
+    block = {divmod(int(i), cols) for i in ex.target_block}
+    segments = []
+    for r, c in block:
+        x0, y0, x1, y1 = c * pw - 0.5, r * ph - 0.5, (c + 1) * pw - 0.5, (r + 1) * ph - 0.5
+        for (dr, dc), seg in (((-1, 0), ((x0, y0), (x1, y0))), ((1, 0), ((x0, y1), (x1, y1))),
+                              ((0, -1), ((x0, y0), (x0, y1))), ((0, 1), ((x1, y0), (x1, y1)))):
+            if (r + dr, c + dc) not in block:
+                segments.append(seg)
+    ax.add_collection(LineCollection(segments, colors="#ffc000", linewidths=2))
+
+
+def plot_retrieval(examples: list[RetrievalExample], info: _GridInfo, path: Path) -> None:
+    """One row per image: source (context + predicted block), requested transformation,
+    then the nearest bank entries (the true one framed in green)."""
+    plt = _pyplot()
+    top_k = max(len(ex.top) for ex in examples)
+    n_cols, n_rows = 2 + top_k, len(examples)
+    # Fixed layout in inches (tight_layout on ~40 axes is slow and still let the
+    # parameter lines collide with the next row's titles).
+    cell, gap, title_h, top_h = 1.45, 0.3, 0.42, 0.45
+    label_h = 0.16 * max(1, len(info.varied)) + 0.12
+    row_h = title_h + cell + label_h
+    width, height = n_cols * (cell + gap) + gap, top_h + n_rows * row_h
+    fig = plt.figure(figsize=(width, height))
+    fig.suptitle(f"nearest of {info.bank_size} bank latents to the predictor's output "
+                 "(green = the true transformation)", fontsize=10,
+                 y=1 - 0.12 / height)
+
+    def cell_axes(r: int, c: int) -> Any:
+        left = gap + c * (cell + gap)
+        bottom = height - top_h - r * row_h - title_h - cell
+        return fig.add_axes((left / width, bottom / height, cell / width, cell / height))
+
+    for r, ex in enumerate(examples):
+        size = ex.image.shape[-1]
+        ax = cell_axes(r, 0)
+        _show(ax, ex.image)
+        _mask_overlay(ax, ex, info.grid, size)
+        ax.set_title("source\n(blue: hidden, yellow: predicted)", fontsize=7)
+        ax = cell_axes(r, 1)
+        _show(ax, ex.target)
+        _frame(ax, "#2e7d32", 3)
+        ax.set_title(f"requested: entry {ex.true_index}\ntrue rank {ex.rank}/{info.bank_size}",
+                     fontsize=8)
+        ax.set_xlabel(jitter_description(ex.true_params, info.varied).replace(", ", "\n"),
+                      fontsize=7)
+        for j, (entry, score) in enumerate(zip(ex.top, ex.top_scores, strict=True)):
+            ax = cell_axes(r, 2 + j)
+            _show(ax, ex.top_images[j])
+            hit = entry == ex.true_index
+            _frame(ax, "#2e7d32" if hit else "#999", 3 if hit else 0.8)
+            ax.set_title(f"#{j + 1}: entry {entry}" + (" (true)" if hit else ""), fontsize=8,
+                         color="#2e7d32" if hit else "black")
+            ax.set_xlabel(score_label(score, info.distance), fontsize=7)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top_k: int, seed: int,
+                      distance: str = "cosine") -> tuple[list[RetrievalExample], _GridInfo]:
+    """Retrieval examples of a loaded run (:class:`iwm.api.Pretrained`) on the first
+    ``n_images`` test images."""
+    from iwm.data.datasets import get_dataset
+    from iwm.data.masks import MultiBlockMaskGenerator
+    from iwm.data.sources import iter_eval_batches
+    from iwm.data.views import ViewSampler, resolve_view_params
+    from iwm.evaluation.mrr import bank_view_params
+    from iwm.evaluation.retrieval import retrieval_examples
+
+    cfg, model = pretrained.config, pretrained.model
+    dataset = get_dataset(cfg.data.name, "test", cfg.data.root)
+    batch = next(iter_eval_batches(dataset, n_images, cfg.data.image_size, pretrained.device,
+                                   limit=n_images), None)
+    if batch is None:
+        raise IWMError(f"{cfg.data.name}: the test split has no images")
+    images = batch[0]
+    views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
+    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    examples = retrieval_examples(model, views, images, masks, bank_size=bank_size,
+                                  top_k=min(top_k, bank_size), distance=distance,
+                                  generator=torch.Generator().manual_seed(seed),
+                                  normalize=pretrained.normalize)
+    bank = bank_view_params(views.params)
+    varied = tuple(f for f in ("brightness", "contrast", "saturation", "hue")
+                   if getattr(bank, f) > 0
+                   and not (dataset.channels == 1 and f in ("saturation", "hue")))
+    return examples, _GridInfo(tuple(model.encoder.grid), bank_size, distance, varied)
+
+
+def _retrieval_section(pretrained: Pretrained | None, problem: str, out_dir: Path, n_images: int,
+                       bank_size: int, top_k: int, seed: int) -> str:
+    if pretrained is None:
+        return _missing(f"needs a checkpoint: {_esc(problem)}")
+    examples, info = compute_retrieval(pretrained, n_images, bank_size, top_k, seed)
+    plot_retrieval(examples, info, out_dir / RETRIEVAL_PNG)
+    hits = sum(ex.rank == 1 for ex in examples)
+    mean_rr = sum(1 / ex.rank for ex in examples) / len(examples)
+    return (f"<p>For each of the first {len(examples)} test images: the context the encoder "
+            "sees (masked-out patches shaded blue, the block to predict outlined in yellow), "
+            "the requested transformation (the true target rendered with the action's "
+            f"jitter parameters), and the {len(examples[0].top)} entries of a bank of "
+            f"{bank_size} transformations of the same image whose target-encoder latents are "
+            "nearest to the predictor's output. Same protocol as MRR (seed "
+            f"{seed}); true entry first for {hits} of {len(examples)} images, mean "
+            f"reciprocal rank {mean_rr:.3f} on these images.</p>"
+            f'<img src="{RETRIEVAL_PNG}" alt="retrieval grid">')
+
+
+# ---------------------------------------------------------------- page
+
+
+def _header(run_dir: Path, cfg: Any, step: int | None, rows: list[dict[str, float]]) -> str:
+    facts: list[tuple[str, str]] = [("run directory", str(run_dir))]
+    if step is None and rows:
+        step = int(rows[-1]["step"])
+    facts.append(("step", "?" if step is None else str(step)))
+    if cfg is not None:
+        m = cfg.model
+        facts += [
+            ("data set", f"{cfg.data.name} ({cfg.data.image_size} px)"),
+            ("encoder", f"{m.encoder}, patch {m.patch_size}"),
+            ("predictor", f"depth {m.predictor_depth}, width {m.predictor_width}, "
+                          f"conditioning '{m.conditioning}'"),
+            ("views", f"'{cfg.views.strength}'"),
+        ]
+    facts.append(("report written", f"{datetime.now():%Y-%m-%d %H:%M:%S}"))
+    body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in facts)
+    return f'<table class="meta">{body}</table>'
+
+
+def _config_text(run_dir: Path, cfg: Any) -> str | None:
+    path = run_dir / "config.yaml"
+    if path.exists():
+        return path.read_text()
+    if cfg is not None:
+        import yaml
+
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return None
+
+
+def _load_run(run_dir: Path, device: str) -> tuple[Pretrained | None, str]:
+    """``(Pretrained, "")``, or ``(None, why)`` when the run has no usable checkpoint."""
+    from iwm.api import load
+    from iwm.training.distributed import resolve_device
+
+    try:
+        return load(run_dir, device=resolve_device(device)), ""
+    except IWMError as e:
+        return None, str(e)
+
+
+def _config_from_file(run_dir: Path) -> Any:
+    from iwm.config import load_config
+
+    path = run_dir / "config.yaml"
+    try:
+        return load_config(str(path)) if path.exists() else None
+    except IWMError:
+        return None
+
+
+def _page(title: str, sections: Iterable[tuple[str, str]], header: str) -> str:
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{_esc(title)}</h1>", header]
+    for heading, content in sections:
+        parts.append(f"<h2>{_esc(heading)}</h2>{content}" if heading else content)
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
+                 bank_size: int = 32, top_k: int = 5, seed: int = 0,
+                 device: str = "auto") -> Path:
+    """Write the report of ``run_dir`` (default into ``RUN/report``); returns the path of
+    its ``index.html``. ``n_images``, ``bank_size``, ``top_k`` and ``seed`` size the
+    retrieval grid."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise IWMError(f"{run_dir}: no such run directory")
+    if n_images < 1 or bank_size < 2 or top_k < 1:
+        raise IWMError(f"retrieval grid: images={n_images} (>= 1), bank={bank_size} (>= 2), "
+                       f"top_k={top_k} (>= 1)")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A figure left by an earlier report must not outlive the data it was drawn from.
+    for name in (CURVES_PNG, MRR_PNG, RETRIEVAL_PNG):
+        (out_dir / name).unlink(missing_ok=True)
+
+    rows = read_metrics(run_dir)
+    pretrained, problem = _load_run(run_dir, device)
+    cfg = pretrained.config if pretrained is not None else _config_from_file(run_dir)
+    config = _config_text(run_dir, cfg)
+    sections = [
+        ("Training curves", _curves_section(run_dir, out_dir, rows)),
+        ("World-model quality (MRR)", _mrr_section(run_dir, out_dir)),
+        ("Probes and finetuning", _results_section(run_dir)),
+        ("The world model at work: retrieval",
+         _retrieval_section(pretrained, problem, out_dir, n_images, bank_size, top_k, seed)),
+        ("Config", f"<pre>{_esc(config)}</pre>" if config is not None
+         else _missing("no config.yaml and no checkpoint")),
+    ]
+    header = _header(run_dir, cfg, None if pretrained is None else pretrained.step, rows)
+    sections.append(("", f"<p><small>generated in {time.perf_counter() - start:.1f} s"
+                         "</small></p>"))
+    page = _page(f"iwm report: {run_dir.resolve().name}", sections, header)
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,208 @@
+"""``iwm report``: the HTML page, its figures and the retrieval grid behind it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from iwm.cli.main import main
+from iwm.config import load_config
+from iwm.data.actions import JitterParams
+from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.views import ViewSampler, resolve_view_params
+from iwm.evaluation.mrr import evaluate_mrr
+from iwm.evaluation.report import build_report
+from iwm.evaluation.retrieval import jitter_description, retrieval_examples
+from iwm.models.iwm import build_model
+from iwm.models.tokens import gather_tokens
+from tiny_run import make_tiny_run
+
+SECTIONS = ("Training curves", "World-model quality (MRR)", "Probes and finetuning",
+            "The world model at work: retrieval", "Config")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture
+def fresh_run(run, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny run, so each test adds its own results."""
+    monkeypatch.setenv("IWM_DATA", str(run.parent / "fmnist"))
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "results"))
+    return copy
+
+
+def _build(run_dir: Path, out: Path | None = None) -> Path:
+    # A small retrieval grid: the page's structure is what these tests check.
+    return build_report(run_dir, out, n_images=2, bank_size=4, top_k=3, device="cpu")
+
+
+def _referenced(page: Path) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', page.read_text())
+
+
+def _check_links(page: Path) -> list[str]:
+    refs = _referenced(page)
+    for ref in refs:
+        assert not re.match(r"[a-z]+:", ref) and not ref.startswith("/"), ref  # relative only
+        assert (page.parent / ref).is_file(), ref
+    return refs
+
+
+def test_report_of_a_bare_run(fresh_run):
+    page = _build(fresh_run)
+    assert page == fresh_run / "report" / "index.html"
+    text = page.read_text()
+    for heading in SECTIONS:
+        assert f"<h2>{heading}</h2>" in text
+    assert "not computed yet" in text and f"iwm eval mrr {fresh_run}" in text
+    assert "no probe or finetuning results yet" in text
+    assert "fashion-mnist" in text and "predictor_depth: 2" in text  # header and config
+    assert set(_check_links(page)) == {"curves.png", "retrieval.png"}
+
+
+def test_report_with_results(fresh_run):
+    results = fresh_run / "results"
+    results.mkdir()
+    mrr = {"mrr": 0.4321, "bank": 8, "n_images": 4, "distance": "cosine",
+           "per_transform": {"brightness": 0.6543, "saturation": None},
+           "notes": {"saturation": "no-op on 1-channel images"}, "seed": 0}
+    (results / "mrr.json").write_text(json.dumps(mrr))
+    (results / "probe_linear.json").write_text(json.dumps(
+        {"accuracy": 0.8125, "train_accuracy": 0.9375, "n_train": 64, "n_test": 16,
+         "encoder": "target", "unexpected": "kept"}))
+    (results / "finetune_frozen_pretrained.json").write_text(json.dumps(
+        {"protocol": "frozen_pretrained", "accuracy": 0.7777, "trainable_params": 12345,
+         "seconds": 3.5, "lr": {"head": 0.001}}))
+    (results / "segment_end_to_end.json").write_text(json.dumps({"miou": 0.2468}))
+    (results / "finetune_multitask.json").write_text(json.dumps(
+        {"protocol": "frozen_pretrained", "mean_accuracy": 0.55,
+         "tasks": {"mnist": {"accuracy": 0.6}, "fashion-mnist": {"accuracy": 0.5}}}))
+    (results / "probe_broken.json").write_text("{not json")
+    (results / "demo_summary.json").write_text(json.dumps({"accuracy": 0.1111}))
+
+    page = _build(fresh_run)
+    text = page.read_text()
+    for number in ("0.4321", "0.6543", "0.8125", "0.9375", "0.7777", "12345", "0.2468",
+                   "0.5500", "mnist 0.6000", "unexpected=kept"):
+        assert number in text, number
+    assert "no-op on 1-channel images" in text
+    assert "probe_broken" in text and "unreadable" in text
+    assert "0.1111" not in text  # only probe/finetune/segment results are tabulated
+    assert "not computed yet" not in text
+    assert set(_check_links(page)) == {"curves.png", "mrr.png", "retrieval.png"}
+
+    # Rebuilt without mrr.json: its figure goes with it.
+    (results / "mrr.json").unlink()
+    page = _build(fresh_run)
+    assert not (page.parent / "mrr.png").exists()
+    assert "mrr.png" not in _check_links(page)
+
+
+def test_report_without_checkpoint_or_metrics(fresh_run, tmp_path):
+    shutil.rmtree(fresh_run / "checkpoints")
+    page = _build(fresh_run, tmp_path / "out")
+    text = page.read_text()
+    assert "needs a checkpoint" in text and "predictor_depth: 2" in text
+    assert _check_links(page) == ["curves.png"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    page = _build(empty)
+    assert "no metrics yet" in page.read_text() and _check_links(page) == []
+
+
+def test_cli_report(fresh_run, capsys):
+    assert main(["report", str(fresh_run), "--bank", "4", "--images", "2"]) == 0
+    assert str(fresh_run / "report" / "index.html") in capsys.readouterr().out
+    assert main(["report", str(fresh_run / "nope")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["report", str(fresh_run), "--bank", "1"]) == 2
+
+
+# ---------------------------------------------------------------- retrieval grid
+
+SIZE = 16
+
+
+def _setup(channels: int = 3):
+    torch.manual_seed(0)
+    cfg = load_config("iwm-inv-tiny", [f"data.image_size={SIZE}", "model.predictor_depth=1",
+                                       "model.predictor_width=64", "views.strength=strong"])
+    model = build_model(cfg, in_chans=channels)
+    views = ViewSampler(resolve_view_params(cfg.views), channels, SIZE)
+    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    images = torch.rand(3, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    return model, views, masks, images
+
+
+class Oracle(nn.Module):
+    """Predicts the target latent of the image really rendered with the action's target
+    jitter (the source jitter is the identity in this protocol): a perfect world model."""
+
+    def __init__(self, model, images: Tensor, views: ViewSampler) -> None:
+        super().__init__()
+        self.images, self.views = images, views
+        self.encode = lambda x: model.target_tokens(x)  # not a submodule: no recursion
+
+    def forward(self, context, context_idx, target_idx, action, target_valid=None):
+        target = JitterParams(brightness=action[:, 0].exp(), contrast=action[:, 1].exp(),
+                              saturation=action[:, 2].exp(), hue=action[:, 3] / 2,
+                              applied=action[:, 4] > 0.5)
+        return gather_tokens(self.encode(self.views.apply_jitter(self.images, target)),
+                             target_idx)
+
+
+def test_oracle_predictor_puts_the_true_entry_first():
+    model, views, masks, images = _setup()
+    model.predictor = Oracle(model, images, views)
+    examples = retrieval_examples(model, views, images, masks, bank_size=12, top_k=4)
+    assert len(examples) == len(images)
+    for ex in examples:
+        assert ex.rank == 1 and ex.top[0] == ex.true_index
+        assert len(ex.top) == len(set(ex.top)) == 4
+        assert ex.top_scores == sorted(ex.top_scores, reverse=True)
+        assert ex.top_images.shape == (4, 3, SIZE, SIZE)
+        torch.testing.assert_close(ex.top_images[0], ex.target)
+        assert ex.target_block.numel() > 0 and ex.context.numel() > 0
+        assert not set(ex.target_block.tolist()) & set(ex.context.tolist())
+
+
+def test_grid_uses_the_mrr_protocol_and_draws():
+    # Same seed, same images: the grid's ranks are exactly those behind MRR's main setting.
+    model, views, masks, images = _setup()
+    examples = retrieval_examples(model, views, images, masks, bank_size=8, top_k=8,
+                                  generator=torch.Generator().manual_seed(3))
+    result = evaluate_mrr(model, views, images, masks, bank_size=8, per_transform=False,
+                          generator=torch.Generator().manual_seed(3))
+    mrr = sum(1 / ex.rank for ex in examples) / len(examples)
+    assert mrr == pytest.approx(result.mrr, abs=1e-6)
+    for ex in examples:
+        # The whole bank, nearest first, with the true entry exactly at its rank.
+        assert sorted(ex.top) == list(range(8)) and ex.top[ex.rank - 1] == ex.true_index
+
+
+def test_tied_entries_go_before_the_true_one():
+    model, views, masks, images = _setup()
+    # A zero prediction is equidistant from every entry: the true one ranks last.
+    model.predictor.forward = lambda c, ci, ti, a, v=None: torch.zeros(
+        ti.shape[0], ti.shape[1], model.encoder.embed_dim)
+    examples = retrieval_examples(model, views, images, masks, bank_size=6, top_k=6)
+    for ex in examples:
+        assert ex.rank == 6 and ex.top[-1] == ex.true_index
+
+
+def test_jitter_description():
+    params = {"brightness": 1.234, "contrast": 0.8, "saturation": 1.0, "hue": -0.05}
+    assert jitter_description(params) == ("brightness x1.23, contrast x0.80, "
+                                          "saturation x1.00, hue -0.05")
+    assert jitter_description(params, ("brightness",)) == "brightness x1.23"
