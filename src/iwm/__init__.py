@@ -1,6 +1,21 @@
 """iwm: Image World Models on a Joint-Embedding Predictive Architecture."""
 
-from iwm.api import Pretrained, load
+from __future__ import annotations
 
-__all__ = ["Pretrained", "load", "__version__"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from iwm.api import Action, Pretrained, from_pretrained, load
+
+__all__ = ["Action", "Pretrained", "from_pretrained", "load", "__version__"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `iwm.api` pulls in timm (and through it torch._dynamo, ~2 s), which the CLI's
+    # quick paths (`iwm config`, argument errors) should not pay for.
+    if name in ("Action", "Pretrained", "from_pretrained", "load"):
+        import iwm.api
+
+        return getattr(iwm.api, name)
+    raise AttributeError(f"module 'iwm' has no attribute {name!r}")

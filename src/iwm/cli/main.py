@@ -1,19 +1,22 @@
 """The ``iwm`` command line.
 
 User errors (:class:`iwm.errors.IWMError`) print one line and exit with status 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. A run stopped by SIGTERM/SIGUSR1 after writing
+its checkpoint exits with status 75 (:class:`iwm.errors.Preempted`; requeue it and
+``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
 
 from iwm.config import load_config, preset_names, resolve_config_path
-from iwm.errors import IWMError
+from iwm.errors import IWMError, Preempted
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
@@ -43,6 +46,23 @@ def _cmd_probe(args: argparse.Namespace) -> None:
           f"{result['n_test']} test images) -> {result['path']}")
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from iwm.evaluation.finetune import run_finetune
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    r = run_finetune(Path(args.run), args.protocol, tasks, args.task, args.overrides,
+                     device=args.device, compare_separate=args.compare_separate)
+    metric = "accuracy" if args.task == "classification" else "miou"
+    per_task = ", ".join(f"{name} {v[metric]:.4f}" for name, v in r["tasks"].items())
+    line = (f"{args.protocol} {metric}: {per_task} ({r['trainable_params']:,} trainable "
+            f"params, {r['seconds']:.1f} s)")
+    if "separate" in r:
+        s = r["separate"]
+        line += (f"; separate predictors: mean {s[f'mean_{metric}']:.4f} "
+                 f"({s['trainable_params']:,} params, {s['seconds']:.1f} s)")
+    print(f"{line} -> {r['path']}")
+
+
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:
     from iwm.evaluation.mrr import run_mrr
 
@@ -53,10 +73,51 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
           f"per transform: {parts} -> {r['path']}")
 
 
+def _cmd_eval_probe(args: argparse.Namespace) -> None:
+    from iwm.evaluation.probe import run_probe
+
+    # --encoder is sugar for the probe.encoder override, so the config stays the one source.
+    overrides = [*args.overrides, *([f"probe.encoder={args.encoder}"] if args.encoder else [])]
+    r = run_probe(Path(args.run), args.kind, overrides, device=args.device)
+    print(f"{r['kind']} probe accuracy ({r['encoder']} encoder): {r['accuracy']:.4f} "
+          f"(train {r['train_accuracy']:.4f}; {r['n_train']} train / {r['n_test']} test "
+          f"images, {r['seconds']:.1f} s) -> {r['path']}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from iwm.cli.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, device=args.device)
+    run_demo(Path(args.out), quick=args.quick, device=args.device, overrides=args.overrides)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from iwm.interop.export import export
+
+    out = export(args.run, args.format, Path(args.out))
+    if args.format == "timm":
+        print(f"timm encoder -> {out}; load it with "
+              f"timm.create_model('local-dir:{out}', pretrained=True)")
+    else:
+        print(f"whole model -> {out}; load it with iwm.from_pretrained('{out}')")
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from iwm.interop.embed import embed_files
+
+    r = embed_files(args.run, args.images, args.out, batch_size=args.batch_size,
+                    device=args.device, num_workers=args.workers)
+    skipped = f" ({r['n_skipped']} unreadable skipped)" if r["n_skipped"] else ""
+    print(f"{r['n_images']} images{skipped} -> features ({r['n_images']}, {r['dim']}) -> "
+          f"{', '.join(str(w) for w in r['written'])}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from iwm.evaluation.report import build_report
+
+    path = build_report(Path(args.run), Path(args.out) if args.out else None,
+                        n_images=args.images, bank_size=args.bank, seed=args.seed,
+                        device=args.device)
+    print(f"report -> {path}")
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -72,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain I-JEPA / IWM from a config")
+    p = sub.add_parser(
+        "pretrain", help="pretrain I-JEPA / IWM from a config",
+        epilog="exit status: 0 done; 2 bad input (config, data, checkpoint, disk); "
+               f"{Preempted.exit_code} stopped by SIGTERM or SIGUSR1 after finishing the step "
+               "and writing a checkpoint (e.g. SLURM preemption: requeue the job and run "
+               "`iwm pretrain RUN --resume`); 130 Ctrl-C.")
     p.add_argument("config", help="preset name (see `iwm config`), YAML file, or a run "
                                   "directory with --resume")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=2")
@@ -97,19 +163,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=_cmd_eval_mrr)
+    p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "
+                                       "attentive or kNN")
+    p.add_argument("run", help="run directory")
+    p.add_argument("overrides", nargs="*", help="probe.* overrides, e.g. probe.knn_k=10")
+    p.add_argument("--kind", choices=("linear", "attentive", "knn"), default="linear")
+    p.add_argument("--encoder", choices=("target", "context"),
+                   help="encoder to probe (default: probe.encoder, i.e. target = EMA)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=_cmd_eval_probe)
+
+    p = sub.add_parser("finetune", help="finetune a run's encoder and/or predictor with a "
+                                        "head (protocols of PAPER.md: leveraging the "
+                                        "world model)")
+    p.add_argument("run", help="run directory (results go to RUN/results/)")
+    p.add_argument("overrides", nargs="*", help="finetune.* overrides, e.g. finetune.epochs=2")
+    p.add_argument("--protocol", required=True,
+                   choices=("encoder", "random-predictor", "predictor", "end-to-end"))
+    p.add_argument("--tasks", help="comma-separated data sets (default: the run's); several "
+                                   "= multitask tuning with task tokens")
+    p.add_argument("--task", choices=("classification", "segmentation"),
+                   default="classification", help="head: attentive classifier or per-patch "
+                                                  "linear segmentation")
+    p.add_argument("--compare-separate", action="store_true",
+                   help="with several --tasks, also tune one predictor per task")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=_cmd_finetune)
 
     p = sub.add_parser("demo", help="the main job: pretrain a tiny IWM on Fashion-MNIST, "
                                     "probe it, summarise")
+    p.add_argument("overrides", nargs="*", help="config overrides on top of the demo's")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("export", help="write a run for other tools: the encoder for timm, or "
+                                      "the whole model as safetensors")
+    p.add_argument("run", help="run directory, checkpoint or exported folder")
+    p.add_argument("--format", choices=("timm", "safetensors"), default="timm",
+                   help="timm: the EMA target encoder for timm.create_model (default); "
+                        "safetensors: the whole model, for iwm.from_pretrained")
+    p.add_argument("--out", required=True, help="output folder (config.json + "
+                                                "model.safetensors)")
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("embed", help="pooled target-encoder features of image files")
+    p.add_argument("run", help="run directory, checkpoint or exported folder")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched "
+                                             "recursively; any format Pillow reads)")
+    p.add_argument("--out", required=True, help="features.npy (+ features.paths.txt) or "
+                                                "features.parquet (needs pyarrow)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=_cmd_embed)
+
+    p = sub.add_parser("report", help="an HTML page of a run: curves, MRR, probe/finetune "
+                                      "results, retrieval examples, config")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="output folder (default: RUN/report)")
+    p.add_argument("--images", type=int, default=6, help="test images in the retrieval grid")
+    p.add_argument("--bank", type=int, default=32, help="transformations ranked per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=_cmd_report)
 
     p = sub.add_parser("config", help="list presets, or print a resolved config")
     p.add_argument("config", nargs="?", help="preset name or YAML file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=_cmd_config)
     return parser
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    # Library warnings (unreadable images skipped, a damaged checkpoint passed over) are
+    # messages for the user, like errors: one line, without Python's source-line echo.
+    return f"iwm: warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         args.fn(args)
+    except Preempted as e:
+        # Not an error, even with --debug: a requeue script must see this status.
+        print(f"iwm: {e}", file=sys.stderr)
+        return e.exit_code
     except IWMError as e:
         if args.debug:
             raise
@@ -131,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("iwm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
     return 0
 
 
