@@ -16,7 +16,7 @@ demo: $(BIN)/iwm
 	$(BIN)/iwm demo
 
 lint: $(BIN)/iwm
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks hubconf.py
 
 # One torch thread per xdist worker: two workers on two cores, no oversubscription.
 test: lint
