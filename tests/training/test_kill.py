@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compare import assert_identical  # tests/training/compare.py
 from forking import ForkedCLI  # tests/training/forking.py
 
 from iwm.config import load_config
@@ -191,24 +192,8 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(forked_cli, tmp_path
     b = load_checkpoint(list_checkpoints(run)[-1][1])
     assert a.keys() == b.keys()
     for key in a:
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
     ref_loss = [r["loss"] for r in read_metrics(tmp_path / "ref")][:final]
     assert [r["loss"] for r in read_metrics(run)][:final] == ref_loss
     print(f"\n{TRIALS} SIGKILLs survived ({saves_hit} inside a save); resumed "
           f"from steps {resumed_from}; final step {final} identical to an uninterrupted run")
-
-
-def _assert_identical(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from compare import assert_identical  # tests/training/compare.py
 
 from iwm.config import load_config
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
@@ -39,23 +40,6 @@ def _params(path):
     return load_checkpoint(path)["model"]
 
 
-def _assert_identical(a, b, where: str) -> None:
-    """Equal to the bit: tensors (dtype too), containers, plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=where)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
     # Each step also draws from the global generators (Python, numpy, torch), as user code
     # or a library might: a resume that did not restore them would draw other numbers.
@@ -87,7 +71,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
     assert a.keys() == b.keys() >= {"model", "optimizer", "generator", "source", "rng",
                                     "nonfinite", "step"}
     for key in a:
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
     assert any(k.startswith("target_encoder.") for k in a["model"])  # the EMA is compared
     assert a["source"]["epoch"] == 1  # and the data order crossed an epoch boundary
     # The metrics file has each step once, also after the resume, with the same values.
