@@ -9,6 +9,7 @@ its checkpoint exits with status 75 (:class:`iwm.errors.Preempted`; requeue it a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -34,7 +35,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
             raise IWMError(f"{run_dir} already holds a run: pass --resume to continue it, "
                            "or choose another train.run_name / --run-dir")
     pretrain(cfg, run_dir, resume=args.resume)
-    print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
+        print(f"run directory: {run_dir}")
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:

@@ -346,8 +346,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     # SSL this is statistically equivalent to sharding one permutation.
     source = make_source(cfg.data, cfg.train.batch_size // dist.world_size, device,
                          seed=cfg.train.seed + 1000 * dist.rank, dataset=dataset)
+    # An epoch is one pass's worth of images over ALL ranks (global batch), so train.epochs
+    # means the same amount of data whatever the number of processes.
+    steps_per_epoch = max(1, source.steps_per_epoch // dist.world_size)
     trainer = Trainer.create(cfg, channels=source.channels, mean=source.mean, std=source.std,
-                             device=device, steps_per_epoch=source.steps_per_epoch, dist=dist)
+                             device=device, steps_per_epoch=steps_per_epoch, dist=dist)
     total_steps = trainer.schedules.total_steps
 
     start_step = 0
@@ -429,7 +432,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                     "ema": trainer.schedules.ema_momentum(step),
                     "pred_std": pred_std, "target_std": target_std, "grad_norm": gnorm,
                     "images_per_s": images_since / max(now - tick, 1e-9),
-                    "epoch": done / source.steps_per_epoch,
+                    "epoch": done / steps_per_epoch,
                     "skipped_steps": skipped,
                 }
                 if source.skipped:
