@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from iwm.config import Config, load_config, save_config
 from iwm.data.datasets import get_dataset
 from iwm.data.masks import MultiBlockMaskGenerator
-from iwm.data.sources import make_source
+from iwm.data.sources import BatchSource, make_source
 from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import CheckpointError, ConfigError, Preempted, StorageError, TrainingError
 from iwm.models.encoder_io import state_shapes_mismatch
@@ -366,8 +366,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         else:
             path, state = loaded
             trainer.load_state_dict(state, str(path))
-            source.load_state_dict(state["source"])
-            restore_rng_state(state["rng"])
+            mine = _own_rank_state(state, dist, path)
+            trainer.generator.set_state(mine["generator"].cpu())
+            source.load_state_dict(mine["source"])
+            restore_rng_state(mine["rng"])
             start_step = int(state["step"])
 
     if dist.is_main:
@@ -375,12 +377,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / CONFIG_FILE)
 
-    def checkpoint_state(step: int) -> dict:
+    def checkpoint_state(step: int, ranks: list[dict]) -> dict:
         return {
             **trainer.state_dict(),
+            **ranks[0],
+            "ranks": ranks,
             "step": step,
-            "source": source.state_dict(),
-            "rng": capture_rng_state(),
             "config": cfg.to_dict(),
             "in_chans": source.channels,
             "normalization": {"mean": [float(v) for v in source.mean],
@@ -444,10 +446,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                 tick, images_since = now, 0
             # Before saving: a checkpoint never holds a run that should have stopped.
             _check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
-            if dist.is_main and (save_now or stopping):
-                path = checkpoint_path(run_dir, done)
-                save_checkpoint(path, checkpoint_state(done))
-                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+            if save_now or stopping:
+                ranks = _gather_rank_states(trainer, source, dist)  # every rank takes part
+                if dist.is_main:
+                    path = checkpoint_path(run_dir, done)
+                    save_checkpoint(path, checkpoint_state(done, ranks))
+                    prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             if stopping and not last:
                 name = stop.signal.name if stop.signal else "a stop signal"
                 raise Preempted(
@@ -464,6 +468,33 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     source.close()
     with _writing("metrics to", logger.path):
         logger.close()
+
+
+def _gather_rank_states(trainer: Trainer, source: BatchSource, dist: DistInfo) -> list[dict]:
+    """What differs between ranks: view/mask generator, data position, global RNGs.
+
+    Every rank's, so that after a resume each rank continues its own streams instead of
+    all of them replaying rank 0's (identical batches on every GPU).
+    """
+    local = {"generator": trainer.generator.get_state(), "source": source.state_dict(),
+             "rng": capture_rng_state()}
+    if dist.world_size == 1:
+        return [local]
+    gathered: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, local)
+    return gathered
+
+
+def _own_rank_state(state: dict, dist: DistInfo, path: Path) -> dict:
+    ranks = state.get("ranks")
+    if ranks is None:  # written before per-rank states were kept
+        return state
+    if len(ranks) != dist.world_size:
+        raise CheckpointError(
+            f"{path} was written by {len(ranks)} processes; resume it with the same number "
+            f"(this run has {dist.world_size})"
+        )
+    return ranks[dist.rank]
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
