@@ -395,7 +395,7 @@ def get_dataset(name: str, split: str, root: str | None = None,
 # ---------------------------------------------------------------- image folders
 
 
-def _image_extensions() -> frozenset[str]:
+def image_extensions() -> frozenset[str]:
     from PIL import Image
 
     # Everything the installed Pillow can decode (png, jpg, webp, bmp, tiff, gif, ...).
@@ -406,7 +406,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path, recursive: bool, exts: frozenset[str],
+def image_files(folder: Path, recursive: bool, exts: frozenset[str],
                  others: list[Path] | None = None) -> list[Path]:
     """Image files under ``folder`` by extension, sorted; visible non-image files are
     appended to ``others`` if given (hidden files such as .DS_Store are never counted)."""
@@ -451,19 +451,19 @@ def open_image_folder(path: str | os.PathLike[str], split: str = "train") -> Fol
     # not shift the labels of the others.
     classes = sorted({d.name for s in split_dirs for d in _visible_dirs(s)})
     samples: list[tuple[str, int]] = []
-    exts = _image_extensions()
+    exts = image_extensions()
     others: list[Path] = []
     empty: list[str] = []
     if classes:
         for label, cls in enumerate(classes):
             if (folder / cls).is_dir():
-                found = _image_files(folder / cls, True, exts, others)
+                found = image_files(folder / cls, True, exts, others)
                 samples += [(str(p), label) for p in found]
                 if not found:
                     empty.append(cls)
     else:
         classes = [folder.name]
-        samples = [(str(p), 0) for p in _image_files(folder, False, exts, others)]
+        samples = [(str(p), 0) for p in image_files(folder, False, exts, others)]
     if not samples:
         raise DataError(
             f"{name}: no images in {folder} (expected <class>/<image> files in a format "

@@ -124,7 +124,7 @@ class MRRResult:
 # ---------------------------------------------------------------- ranking
 
 
-def _check_distance(distance: str) -> None:
+def check_distance(distance: str) -> None:
     if distance not in DISTANCES:
         raise ValueError(f"distance={distance!r}: must be one of {', '.join(DISTANCES)}")
 
@@ -158,7 +158,7 @@ def pairwise_scores(pred: Tensor, bank: Tensor, distance: str = "cosine",
     optional token mask. Any dims between the leading ones and the channel dim D are
     treated as tokens. Returns (B, K).
     """
-    _check_distance(distance)
+    check_distance(distance)
     b, k, d = bank.shape[0], bank.shape[1], bank.shape[-1]
     if pred.shape[0] != b or pred.shape[-1] != d or pred[0].numel() != bank[0, 0].numel():
         raise ValueError(f"pred {tuple(pred.shape)} does not match bank {tuple(bank.shape)}")
@@ -204,7 +204,7 @@ def bank_view_params(params: ViewParams) -> ViewParams:
     return dataclasses.replace(params, jitter_p=1.0)
 
 
-def _select(params: JitterParams, rows: Tensor) -> JitterParams:
+def select_rows(params: JitterParams, rows: Tensor) -> JitterParams:
     return JitterParams(**{f.name: getattr(params, f.name)[rows]
                            for f in dataclasses.fields(JitterParams)})
 
@@ -234,11 +234,11 @@ def _forced_op(op: str, batch: int, params: ViewParams, generator: torch.Generat
 # ---------------------------------------------------------------- evaluation
 
 
-def _identity(x: Tensor) -> Tensor:
+def no_normalization(x: Tensor) -> Tensor:
     return x
 
 
-class _Evaluator:
+class BankEvaluator:
     """One batch of images: shared masks, predictions and chunked bank scoring."""
 
     def __init__(self, model: IWM, bank_sampler: ViewSampler, images: Tensor, masks: Masks,
@@ -267,7 +267,7 @@ class _Evaluator:
                                     self.valid)
 
     def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
-        return _select(bank, self.rows * self.k + true_index)
+        return select_rows(bank, self.rows * self.k + true_index)
 
     def scores(self, bank: JitterParams, preds: list[Tensor]) -> list[Tensor]:
         """(B, K) closeness of each prediction in ``preds`` to every entry of ``bank``
@@ -277,7 +277,7 @@ class _Evaluator:
         for start in range(0, total, self.chunk):
             rows = torch.arange(start, min(total, start + self.chunk), device=self.images.device)
             img = torch.div(rows, self.k, rounding_mode="floor")
-            views = self.sampler.apply_jitter(self.images[img], _select(bank, rows))
+            views = self.sampler.apply_jitter(self.images[img], select_rows(bank, rows))
             latents = gather_tokens(self.model.target_tokens(self.norm(views)),
                                     self.target_idx[img])
             valid = self.valid[img]
@@ -287,7 +287,7 @@ class _Evaluator:
         return [o.view(-1, self.k) for o in out]
 
 
-def _draw_index(batch: int, k: int, generator: torch.Generator, device: torch.device) -> Tensor:
+def draw_true_index(batch: int, k: int, generator: torch.Generator, device: torch.device) -> Tensor:
     return torch.randint(k, (batch,), generator=generator, device=generator.device).to(device)
 
 
@@ -298,7 +298,7 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
                       normalize: Callable[[Tensor], Tensor] | None, per_transform: bool,
                       ) -> tuple[dict[str, Tensor | None], dict[str, str]]:
     """Reciprocal ranks (B,) per setting ("all" + breakdown; None = skipped) and notes."""
-    _check_distance(distance)
+    check_distance(distance)
     if bank_size < 2:
         raise ValueError(f"bank_size={bank_size}: a ranking needs at least 2 entries")
     if chunk_size < 1:
@@ -316,13 +316,13 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
         notes["bank"] = "the run's preset has no jitter; bank drawn from the 'jitter' preset"
 
     masks = mask_generator(b, generator, device)
-    ev = _Evaluator(model, sampler, images, masks, bank_size, distance, chunk_size,
-                    normalize or _identity)
+    ev = BankEvaluator(model, sampler, images, masks, bank_size, distance, chunk_size,
+                    normalize or no_normalization)
     no_op = DestructiveParams.identity(b, device)
 
     # Main bank, shared by "all" and the source-side destructive checks.
     bank = sampler.sample_jitter(b * bank_size, generator, device)
-    true_index = _draw_index(b, bank_size, generator, device)
+    true_index = draw_true_index(b, bank_size, generator, device)
     target = ev.true_params(bank, true_index)
     names, preds = ["all"], [ev.predict(images, target, no_op)]
     ranks: dict[str, Tensor | None] = {}
@@ -352,7 +352,7 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
                 notes[factor] = f"views.{factor}=0: the preset never varies it"
                 continue
             bank = _only_factor(sampler.sample_jitter(b * bank_size, generator, device), factor)
-            true_index = _draw_index(b, bank_size, generator, device)
+            true_index = draw_true_index(b, bank_size, generator, device)
             pred = ev.predict(images, ev.true_params(bank, true_index), no_op)
             (scores,) = ev.scores(bank, [pred])
             ranks[factor] = 1.0 / ranks_from_scores(scores, true_index).float()

@@ -24,14 +24,14 @@ from iwm.data.actions import DestructiveParams, JitterParams
 from iwm.data.views import ViewSampler
 from iwm.evaluation.mrr import (
     FACTORS,
+    BankEvaluator,
     MaskFn,
-    _check_distance,
-    _draw_index,
-    _Evaluator,
-    _identity,
-    _select,
     bank_view_params,
+    check_distance,
+    draw_true_index,
+    no_normalization,
     ranks_from_scores,
+    select_rows,
 )
 from iwm.models.iwm import IWM
 
@@ -91,7 +91,7 @@ def retrieval_examples(model: IWM, view_sampler: ViewSampler, images: Tensor,
     ``bank_size``) entries are kept per image. The model is put in eval mode for the call
     and restored afterwards.
     """
-    _check_distance(distance)
+    check_distance(distance)
     if bank_size < 2 or not 1 <= top_k <= bank_size:
         raise ValueError(f"bank_size={bank_size}, top_k={top_k}: need 1 <= top_k <= bank_size"
                          " and bank_size >= 2")
@@ -104,7 +104,7 @@ def retrieval_examples(model: IWM, view_sampler: ViewSampler, images: Tensor,
     model.eval()
     try:
         return _examples(model, view_sampler, images, mask_generator, bank_size, top_k,
-                         distance, generator, normalize or _identity, chunk_size)
+                         distance, generator, normalize or no_normalization, chunk_size)
     finally:
         model.train(was_training)
 
@@ -119,9 +119,9 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_genera
                           view_sampler.image_size)
     # Same draws, in the same order, as MRR's main setting (see module docstring).
     masks = mask_generator(b, generator, device)
-    ev = _Evaluator(model, sampler, images, masks, bank_size, distance, chunk_size, normalize)
+    ev = BankEvaluator(model, sampler, images, masks, bank_size, distance, chunk_size, normalize)
     bank = sampler.sample_jitter(b * bank_size, generator, device)
-    true_index = _draw_index(b, bank_size, generator, device)
+    true_index = draw_true_index(b, bank_size, generator, device)
     target = ev.true_params(bank, true_index)
     pred = ev.predict(images, target, DestructiveParams.identity(b, device))
     (scores,) = ev.scores(bank, [pred])
@@ -137,7 +137,7 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_genera
         top = (others[:rank - 1] + [t] + others[rank - 1:])[:top_k]
         rows = torch.tensor([i * bank_size + k for k in top], device=device)
         rendered = sampler.apply_jitter(images[i].expand(len(top), -1, -1, -1),
-                                        _select(bank, rows))
+                                        select_rows(bank, rows))
         true_row = torch.tensor([i * bank_size + t], device=device)
         valid = ev.valid[i]
         examples.append(RetrievalExample(
@@ -146,7 +146,7 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_genera
             target_block=ev.target_idx[i][valid].cpu(),
             true_index=t,
             true_params=_params_of(target, i),
-            target=sampler.apply_jitter(images[i:i + 1], _select(bank, true_row))[0].cpu(),
+            target=sampler.apply_jitter(images[i:i + 1], select_rows(bank, true_row))[0].cpu(),
             rank=rank,
             top=top,
             top_scores=[float(scores[i, k]) for k in top],

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iwm.data.datasets import FolderSet, _image_extensions, _image_files
+from iwm.data.datasets import FolderSet, image_extensions, image_files
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import iter_eval_batches
 from iwm.errors import DataError, IWMError
@@ -33,12 +33,12 @@ OUTPUT_SUFFIXES = (".npy", ".parquet")
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Files to embed, in order: folders are searched recursively (sorted, any format Pillow
     reads, hidden files skipped); files are taken as given."""
-    exts = _image_extensions()
+    exts = image_extensions()
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = _image_files(path, True, exts)
+            found = image_files(path, True, exts)
             if not found:
                 raise DataError(f"{path}: no images in this folder or below (any format "
                                 "Pillow reads, e.g. .png, .jpg)")
