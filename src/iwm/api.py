@@ -23,6 +23,7 @@ from torch import Tensor
 from iwm.config import Config, load_config
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.masks import Masks
+from iwm.data.normalize import Normalizer
 from iwm.errors import CheckpointError
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, build_model
@@ -30,7 +31,6 @@ from iwm.models.predictor import Predictor
 from iwm.models.tokens import gather_tokens
 from iwm.models.vit import Encoder
 from iwm.training.checkpoint import latest_checkpoint, load_checkpoint
-from iwm.training.loop import Normalizer
 
 
 @dataclass(frozen=True)

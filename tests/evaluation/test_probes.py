@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from iwm.config import load_config
+from iwm.data.normalize import Normalizer
 from iwm.errors import ConfigError
 from iwm.evaluation.attentive_probe import train_attentive_probe
 from iwm.evaluation.knn import knn_predict, train_knn_probe
 from iwm.evaluation.linear_probe import train_linear_probe
 from iwm.evaluation.probe import probe_encoder
 from iwm.models.vit import create_encoder
-from iwm.training.loop import Normalizer
 from tiny_run import make_tiny_run
 
 

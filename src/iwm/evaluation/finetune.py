@@ -71,6 +71,7 @@ from iwm.api import Pretrained
 from iwm.config import Config
 from iwm.data.actions import ACTION_DIM, null_action
 from iwm.data.datasets import FolderSet, ImageSet, get_dataset
+from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
 from iwm.errors import ConfigError, DataError
@@ -84,7 +85,7 @@ from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead
 from iwm.models.iwm import build_model
 from iwm.models.predictor import Predictor
 from iwm.models.vit import Encoder
-from iwm.training.loop import Normalizer, autocast_dtype
+from iwm.training.loop import autocast_dtype
 from iwm.training.schedules import warmup_cosine
 
 PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from iwm.config import Config
 from iwm.data.datasets import get_dataset
+from iwm.data.normalize import Normalizer
 from iwm.data.sources import iter_eval_batches
 from iwm.errors import ConfigError
 from iwm.evaluation.attentive_probe import train_attentive_probe
@@ -26,7 +27,6 @@ from iwm.evaluation.knn import train_knn_probe
 from iwm.evaluation.linear_probe import ProbeResult, train_linear_probe
 from iwm.models.vit import Encoder
 from iwm.training.distributed import resolve_device
-from iwm.training.loop import Normalizer
 
 PROBE_KINDS = ("linear", "attentive", "knn")
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from iwm.config import Config, load_config, save_config
 from iwm.data.datasets import get_dataset
 from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.normalize import Normalizer
 from iwm.data.sources import BatchSource, make_source
 from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import CheckpointError, ConfigError, Preempted, StorageError, TrainingError
@@ -70,23 +71,6 @@ from iwm.training.schedules import Schedules
 from iwm.training.signals import StopRequests
 
 CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class Normalizer:
-    """Per-channel normalisation of [0, 1] images, stored with the model."""
-
-    mean: Tensor
-    std: Tensor
-
-    @classmethod
-    def create(cls, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-               ) -> Normalizer:
-        return cls(torch.tensor(mean, device=device).view(1, -1, 1, 1),
-                   torch.tensor(std, device=device).view(1, -1, 1, 1))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
 
 def new_run_dir(cfg: Config, config_name: str) -> Path:
