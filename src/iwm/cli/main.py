@@ -13,11 +13,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from iwm.config import load_config, preset_names, resolve_config_path
 from iwm.errors import IWMError, Preempted
+
+if TYPE_CHECKING:
+    from iwm.study.grid import Study
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
@@ -120,6 +124,37 @@ def _cmd_report(args: argparse.Namespace) -> None:
                         n_images=args.images, bank_size=args.bank, seed=args.seed,
                         device=args.device)
     print(f"report -> {path}")
+
+
+def _cmd_study_run(args: argparse.Namespace) -> None:
+    from iwm.errors import TrainingError
+    from iwm.study.grid import load_study
+    from iwm.study.runner import run_study
+
+    study = load_study(args.grid)
+    out = Path(args.out or f"runs/study-{args.scale}")
+    failed = run_study(study, args.scale, out, seeds=args.seed, only=args.cell,
+                       workers=args.workers, device=args.device)
+    if not args.no_summary:
+        _print_summary(study, args.scale, out)
+    if failed:
+        raise TrainingError(f"{len(failed)} task(s) failed: {', '.join(failed)} (logs under "
+                            f"{out / 'logs'}); run the same command again to retry them")
+
+
+def _print_summary(study: Study, scale: str, out: Path) -> None:
+    from iwm.study.summary import summarise
+
+    paths = summarise(study, scale, out)
+    print(paths["table"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _cmd_study_table(args: argparse.Namespace) -> None:
+    from iwm.study.grid import load_study
+
+    _print_summary(load_study(args.grid), args.scale,
+                   Path(args.out or f"runs/study-{args.scale}"))
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -230,6 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=_cmd_report)
+
+    p = sub.add_parser("study", help="a seeded grid of pretraining runs and evaluations, "
+                                     "summarised per finding (benchmarks/paper/grid.yaml)")
+    study = p.add_subparsers(dest="study_command", required=True)
+    for name, fn, text in (
+            ("run", _cmd_study_run, "run the grid's pending cells (finished ones are skipped, "
+                                    "half-finished ones resume), then write the table"),
+            ("table", _cmd_study_table, "rewrite the table, findings and plots from the "
+                                        "finished cells")):
+        p = study.add_parser(name, help=text)
+        p.add_argument("grid", help="grid YAML, e.g. benchmarks/paper/grid.yaml")
+        p.add_argument("--scale", required=True, help="a scale of the grid file, e.g. cpu")
+        p.add_argument("--out", help="output folder (default: runs/study-SCALE)")
+        p.set_defaults(fn=fn)
+        if name == "run":
+            p.add_argument("--seed", type=int, action="append",
+                           help="only this seed (repeatable; default: the grid's seeds)")
+            p.add_argument("--cell", action="append", help="only this cell (repeatable; "
+                                                           "'baselines' for the baselines)")
+            p.add_argument("--workers", type=int,
+                           help="cells at once, each in its own process (default: the "
+                                "scale's)")
+            p.add_argument("--device", default="auto")
+            p.add_argument("--no-summary", action="store_true",
+                           help="do not write the table afterwards")
 
     p = sub.add_parser("config", help="list presets, or print a resolved config")
     p.add_argument("config", nargs="?", help="preset name or YAML file")

@@ -1,0 +1,1 @@
+"""Seeded study grids (``iwm study``): the paper's findings as runs, a table and verdicts."""
