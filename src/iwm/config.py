@@ -84,6 +84,10 @@ class ModelConfig:
     conditioning: str = "feature"
     drop_path: float = 0.0
     loss: str = "l2"
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (encoder and predictor):
+    about a third more compute for far less activation memory, for models or batches that
+    would not fit otherwise."""
 
 
 @dataclass
@@ -117,6 +121,10 @@ class TrainConfig:
     progress: bool = True
     max_nonfinite: int = 20
     """Steps in a row with a NaN/inf loss or gradients (each skipped) before training stops."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimisation step. ``batch_size`` stays the global batch of one
+    step (over all processes); each process computes batch_size / (processes x steps)
+    images at a time, with exactly the gradients of the whole batch at once."""
 
 
 @dataclass
@@ -199,12 +207,17 @@ class Config:
         # Before the divisibility checks, which would divide by zero.
         for key in ("train.batch_size", "mask.num_targets", "model.predictor_depth",
                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.max_nonfinite", "data.image_size", "model.patch_size",
+                    "train.max_nonfinite", "train.grad_accum_steps", "data.image_size",
+                    "model.patch_size",
                     "model.predictor_width", "model.predictor_heads", "probe.batch_size",
                     "probe.max_iter"):
             if _get(self, key) < 1:
                 raise ConfigError(f"{key}={_get(self, key)}: must be at least 1")
         self._validate_optim()
+        if self.train.batch_size % self.train.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} does not split into "
+                f"train.grad_accum_steps={self.train.grad_accum_steps} equal micro-batches")
         if not 0 <= self.model.drop_path < 1:
             raise ConfigError(f"model.drop_path={self.model.drop_path}: needs 0 <= value < 1")
         if self.data.num_workers < 0:

@@ -63,3 +63,28 @@ def test_overfits_one_fixed_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0]
     assert min(losses[-5:]) < min(losses[:5])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = load_config("iwm-inv-tiny", ["model.predictor_depth=2",
+                                           f"model.grad_checkpointing={checkpointing}"])
+        model = build_model(cfg, in_chans=1).train()
+        assert model.encoder.grad_checkpointing is checkpointing
+        assert model.predictor.grad_checkpointing is checkpointing
+        assert model.target_encoder.grad_checkpointing is False  # no autograd there
+        _, images, action, masks = _setup()
+        model(images, images, action, masks).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_a_denominator_rescales_the_loss_of_a_part_of_a_batch():
+    model, images, action, masks = _setup()
+    own = model(images, images, action, masks).loss
+    count = masks.target_valid.sum().float()
+    torch.testing.assert_close(model(images, images, action, masks, count / 2).loss, 2 * own)

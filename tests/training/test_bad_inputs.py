@@ -53,7 +53,8 @@ def test_more_processes_than_images_per_batch(tmp_path, monkeypatch, fake_mnist_
 
     monkeypatch.setenv("IWM_DATA", str(fake_mnist_dir))
     cfg = load_config("iwm-inv-tiny", ["train.batch_size=2"])
-    with pytest.raises(ConfigError, match="batch_size=2 cannot be split evenly over 4 proc"):
+    with pytest.raises(ConfigError,
+                       match=r"batch_size=2 \(the global batch\) cannot be split evenly over 4"):
         _pretrain(cfg, tmp_path / "run", False, DistInfo(rank=0, world_size=4), None)
 
 

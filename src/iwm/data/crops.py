@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from iwm.data.shard import SINGLE, Shard
+
 ATTEMPTS = 10
 """Candidate boxes per sample, as torchvision's retries."""
 
@@ -118,12 +120,18 @@ def random_resized_crop(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: bool = True,
     generator: torch.Generator | None = None,
+    shard: Shard = SINGLE,
 ) -> torch.Tensor:
     """Random-resized crop (+ horizontal flip with p=0.5 if ``hflip``) of every image of
-    uint8 (B, C, H, W) ``images``; float (B, C, size, size) in [0, 1] on the same device."""
+    uint8 (B, C, H, W) ``images``; float (B, C, size, size) in [0, 1] on the same device.
+
+    With a ``shard``, ``images`` are that shard's rows of a global batch: the boxes are
+    drawn for the whole global batch and this shard's rows used."""
     n, _, height, width = images.shape
-    boxes = sample_crop_boxes(n, height, width, scale, ratio, generator, images.device)
-    flip = _rand((n,), generator, images.device) < 0.5 if hflip else None
+    rows = shard.rows(n)
+    boxes = sample_crop_boxes(n * shard.count, height, width, scale, ratio, generator,
+                              images.device)[rows]
+    flip = (_rand((n * shard.count,), generator, images.device) < 0.5)[rows] if hflip else None
     return resized_crops(images, boxes, size, flip)
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from iwm.config import DataConfig
 from iwm.data.crops import center_resize, random_resized_crop, sample_crop_boxes
 from iwm.data.datasets import FolderSet, ImageSet, get_dataset
+from iwm.data.shard import SINGLE, Shard
 from iwm.errors import CheckpointError, DataError
 
 MAX_SUBSTITUTES = 16
@@ -45,9 +46,13 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=gen)
 
 
-def _check_batch(num_items: int, batch_size: int, name: str) -> int:
+def _check_batch(num_items: int, batch_size: int, name: str, shard: Shard = SINGLE) -> int:
     if batch_size < 1:
         raise DataError(f"batch size {batch_size} must be at least 1")
+    if batch_size % shard.count:
+        raise DataError(f"batch size {batch_size} does not split into {shard.count} equal "
+                        "parts (processes x gradient-accumulation steps): make "
+                        "train.batch_size a multiple of it")
     if num_items < batch_size:
         raise DataError(
             f"{name}: {num_items} images are fewer than one batch of {batch_size}; lower "
@@ -153,10 +158,13 @@ class TensorBatchSource(_ResumableSource):
         hflip: bool = True,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        shard: Shard = SINGLE,
     ) -> None:
         self.dataset = images
         self.batch_size = batch_size
-        self.steps_per_epoch = _check_batch(len(images), batch_size, images.name)
+        """The global batch: this source returns ``shard``'s rows of it."""
+        self.shard = shard
+        self.steps_per_epoch = _check_batch(len(images), batch_size, images.name, shard)
         self.image_size = image_size
         self.crop_scale = crop_scale
         self.crop_ratio = crop_ratio
@@ -182,13 +190,14 @@ class TensorBatchSource(_ResumableSource):
             self._order = epoch_permutation(self.num_images, self.seed, self.epoch).to(self.device)
         start = self.position * self.batch_size
         idx = self._order[start:start + self.batch_size]
+        idx = idx[self.shard.rows(self.batch_size // self.shard.count)]
         # Reseeding per batch (cheap) instead of carrying generator state is what makes the
         # state device-independent: a CUDA generator's state cannot be loaded on the CPU.
         self._gen.manual_seed(derive_seed("crop", self.seed, self.epoch, self.position))
         self.position += 1
         crops = random_resized_crop(
             self._images.index_select(0, idx), self.image_size, self.crop_scale,
-            self.crop_ratio, self.hflip, self._gen,
+            self.crop_ratio, self.hflip, self._gen, self.shard,
         )
         return crops, self._labels.index_select(0, idx)
 
@@ -266,10 +275,11 @@ class _EpochBatches:
     """Batch sampler: the batches of ``epoch`` from batch ``start`` on, as keys
     (index, seed, epoch, slot). Iterated in the main process, so the source can move it."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int, shard: Shard) -> None:
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
+        self.shard = shard
         self.epoch = 0
         self.start = 0
 
@@ -282,8 +292,11 @@ class _EpochBatches:
     def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
         seed, epoch, b = self.seed, self.epoch, self.batch_size
         order = epoch_permutation(self.num_items, seed, epoch).tolist()
+        # Crops are seeded by global slot, so a shard's rows match one process's exactly.
+        rows = self.shard.rows(b // self.shard.count)
         for step in range(self.start, self._steps()):
-            yield [(order[s], seed, epoch, s) for s in range(step * b, (step + 1) * b)]
+            yield [(order[s], seed, epoch, s)
+                   for s in range(step * b + rows.start, step * b + rows.stop)]
 
 
 class StreamingBatchSource(_ResumableSource):
@@ -301,12 +314,14 @@ class StreamingBatchSource(_ResumableSource):
         device: torch.device | str = "cpu",
         seed: int = 0,
         num_workers: int = 4,
+        shard: Shard = SINGLE,
     ) -> None:
         if len(folder) == 0:
             raise DataError(f"{folder.name or folder.root}: no images")
         self.dataset = folder
         self.batch_size = batch_size
-        self.steps_per_epoch = _check_batch(len(folder), batch_size, folder.name)
+        """The global batch: this source returns ``shard``'s rows of it."""
+        self.steps_per_epoch = _check_batch(len(folder), batch_size, folder.name, shard)
         self.image_size = image_size
         self.device = torch.device(device)
         self.seed = seed
@@ -317,7 +332,7 @@ class StreamingBatchSource(_ResumableSource):
         self.bad_files: set[str] = set()
         """One message per distinct unreadable file, starting with its path."""
         self._epoch_bad: list[str] = []
-        self._sampler = _EpochBatches(len(folder), batch_size, seed)
+        self._sampler = _EpochBatches(len(folder), batch_size, seed, shard)
         self._loader = DataLoader(
             _CropDataset(folder, image_size, crop_scale, crop_ratio, hflip),
             batch_sampler=self._sampler,
@@ -387,16 +402,18 @@ BatchSource = TensorBatchSource | StreamingBatchSource
 
 
 def make_source(cfg: DataConfig, batch_size: int, device: torch.device | str, seed: int,
-                dataset: ImageSet | FolderSet | None = None
+                dataset: ImageSet | FolderSet | None = None, shard: Shard = SINGLE
                 ) -> TensorBatchSource | StreamingBatchSource:
     """The training batch source for ``cfg`` (in memory or streamed, by data set type), on
     ``dataset`` if given (already loaded train split) else on ``cfg.name``'s train split;
-    ``cfg.limit`` is applied either way."""
+    ``cfg.limit`` is applied either way. ``batch_size`` is the global batch, of which the
+    source returns ``shard``'s rows."""
     if dataset is None:
         dataset = get_dataset(cfg.name, "train", cfg.root)
     data = dataset.subset(cfg.limit)
     common = dict(batch_size=batch_size, image_size=cfg.image_size, crop_scale=cfg.crop_scale,
-                  crop_ratio=cfg.crop_ratio, hflip=cfg.hflip, device=device, seed=seed)
+                  crop_ratio=cfg.crop_ratio, hflip=cfg.hflip, device=device, seed=seed,
+                  shard=shard)
     if isinstance(data, ImageSet):
         return TensorBatchSource(data, **common)
     return StreamingBatchSource(data, num_workers=cfg.num_workers, **common)

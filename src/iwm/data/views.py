@@ -27,6 +27,7 @@ from torch import Tensor
 from iwm.config import ViewsConfig
 from iwm.data import photometric as P
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
+from iwm.data.shard import SINGLE, Shard, take_rows
 from iwm.errors import ConfigError
 
 SOLARIZE_THRESHOLD = 0.5
@@ -219,16 +220,23 @@ class ViewSampler:
         out = P.gaussian_blur(out, sigma, self.kernel_size)
         return P.solarize(out, params.solarize, threshold=SOLARIZE_THRESHOLD)
 
-    def __call__(self, crops: Tensor, generator: torch.Generator) -> Views:
-        """Views of a batch of crops ``(B, C, H, W)`` in [0, 1], both from the same crop."""
+    def __call__(self, crops: Tensor, generator: torch.Generator, shard: Shard = SINGLE
+                 ) -> Views:
+        """Views of a batch of crops ``(B, C, H, W)`` in [0, 1], both from the same crop.
+
+        With a ``shard``, ``crops`` are that shard's rows of a global batch: parameters are
+        drawn for the whole global batch (as one process would) and this shard's rows kept.
+        """
         if crops.ndim != 4 or crops.shape[1] != self.channels:
             raise ValueError(
                 f"expected crops (B, {self.channels}, H, W), got {tuple(crops.shape)}"
             )
         b, device = crops.shape[0], crops.device
-        target_jitter = self.sample_jitter(b, generator, device)
-        source_jitter = self.sample_jitter(b, generator, device)
-        destructive = self.sample_destructive(b, generator, device)
+        rows = shard.rows(b)
+        target_jitter = take_rows(self.sample_jitter(b * shard.count, generator, device), rows)
+        source_jitter = take_rows(self.sample_jitter(b * shard.count, generator, device), rows)
+        destructive = take_rows(self.sample_destructive(b * shard.count, generator, device),
+                                rows)
         # Ops a preset never draws are skipped (their parameters are identities, so the
         # result is the same) to spare the I-JEPA and jitter-only presets their cost.
         p = self.params

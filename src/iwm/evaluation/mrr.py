@@ -83,6 +83,7 @@ from torch import Tensor
 
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.masks import Masks
+from iwm.data.shard import take_rows
 from iwm.data.views import STRENGTHS, ViewParams, ViewSampler
 from iwm.models.iwm import IWM
 from iwm.models.tokens import gather_tokens
@@ -204,11 +205,6 @@ def bank_view_params(params: ViewParams) -> ViewParams:
     return dataclasses.replace(params, jitter_p=1.0)
 
 
-def select_rows(params: JitterParams, rows: Tensor) -> JitterParams:
-    return JitterParams(**{f.name: getattr(params, f.name)[rows]
-                           for f in dataclasses.fields(JitterParams)})
-
-
 def _only_factor(params: JitterParams, factor: str) -> JitterParams:
     """``params`` with every factor but ``factor`` reset to the identity."""
     identity = JitterParams.identity(params.batch_size, params.applied.device)
@@ -267,7 +263,7 @@ class BankEvaluator:
                                     self.valid)
 
     def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
-        return select_rows(bank, self.rows * self.k + true_index)
+        return take_rows(bank, self.rows * self.k + true_index)
 
     def scores(self, bank: JitterParams, preds: list[Tensor]) -> list[Tensor]:
         """(B, K) closeness of each prediction in ``preds`` to every entry of ``bank``
@@ -277,7 +273,7 @@ class BankEvaluator:
         for start in range(0, total, self.chunk):
             rows = torch.arange(start, min(total, start + self.chunk), device=self.images.device)
             img = torch.div(rows, self.k, rounding_mode="floor")
-            views = self.sampler.apply_jitter(self.images[img], select_rows(bank, rows))
+            views = self.sampler.apply_jitter(self.images[img], take_rows(bank, rows))
             latents = gather_tokens(self.model.target_tokens(self.norm(views)),
                                     self.target_idx[img])
             valid = self.valid[img]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from iwm.data.actions import DestructiveParams, JitterParams
+from iwm.data.shard import take_rows
 from iwm.data.views import ViewSampler
 from iwm.evaluation.mrr import (
     FACTORS,
@@ -31,7 +32,6 @@ from iwm.evaluation.mrr import (
     draw_true_index,
     no_normalization,
     ranks_from_scores,
-    select_rows,
 )
 from iwm.models.iwm import IWM
 
@@ -137,7 +137,7 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_genera
         top = (others[:rank - 1] + [t] + others[rank - 1:])[:top_k]
         rows = torch.tensor([i * bank_size + k for k in top], device=device)
         rendered = sampler.apply_jitter(images[i].expand(len(top), -1, -1, -1),
-                                        select_rows(bank, rows))
+                                        take_rows(bank, rows))
         true_row = torch.tensor([i * bank_size + t], device=device)
         valid = ev.valid[i]
         examples.append(RetrievalExample(
@@ -146,7 +146,7 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_genera
             target_block=ev.target_idx[i][valid].cpu(),
             true_index=t,
             true_params=_params_of(target, i),
-            target=sampler.apply_jitter(images[i:i + 1], select_rows(bank, true_row))[0].cpu(),
+            target=sampler.apply_jitter(images[i:i + 1], take_rows(bank, true_row))[0].cpu(),
             rank=rank,
             top=top,
             top_scores=[float(scores[i, k]) for k in top],

@@ -48,7 +48,15 @@ class IWM(nn.Module):
         h = self.target_encoder.forward_tokens(images)
         return F.layer_norm(h, h.shape[-1:])
 
-    def forward(self, source: Tensor, target: Tensor, action: Tensor, masks: Masks) -> StepOutput:
+    def forward(self, source: Tensor, target: Tensor, action: Tensor, masks: Masks,
+                denominator: Tensor | None = None) -> StepOutput:
+        """The loss: mean squared error over the valid target tokens of the batch.
+
+        ``denominator`` replaces this batch's count of valid target tokens: when the batch
+        is one part of a larger one (a process's shard, a micro-batch), dividing by the
+        share of the WHOLE batch's count that the averaging of gradients expects makes the
+        parts' gradients add up to exactly the whole batch's.
+        """
         targets = self.target_tokens(target)
         context = self.encoder.forward_tokens(source, masks.context)
         pred = self.predictor.predict_blocks(context, masks.context, masks.targets,
@@ -60,7 +68,8 @@ class IWM(nn.Module):
         else:
             per_token = (pred.float() - truth.float()).pow(2).mean(-1)
         weights = valid.float()
-        loss = (per_token * weights).sum() / weights.sum()
+        loss = (per_token * weights).sum() / (weights.sum() if denominator is None
+                                               else denominator)
         with torch.no_grad():
             pred_std = pred.detach().float().std(dim=0).mean()
             target_std = targets.float().mean(dim=1).std(dim=0).mean()
@@ -91,4 +100,8 @@ def build_model(cfg: Config, in_chans: int) -> IWM:
                           width=m.predictor_width, depth=m.predictor_depth,
                           num_heads=m.predictor_heads, action_dim=ACTION_DIM,
                           conditioning=m.conditioning, drop_path_rate=m.drop_path)
-    return IWM(encoder, predictor, loss=m.loss)
+    model = IWM(encoder, predictor, loss=m.loss)
+    # Only the networks that backpropagate: the EMA target encoder runs without autograd.
+    model.encoder.set_grad_checkpointing(m.grad_checkpointing)
+    model.predictor.grad_checkpointing = m.grad_checkpointing
+    return model

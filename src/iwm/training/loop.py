@@ -47,6 +47,7 @@ from iwm.config import Config, load_config, save_config
 from iwm.data.datasets import get_dataset
 from iwm.data.masks import MultiBlockMaskGenerator
 from iwm.data.normalize import Normalizer
+from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import BatchSource, make_source
 from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import CheckpointError, ConfigError, Preempted, StorageError, TrainingError
@@ -159,6 +160,11 @@ class Trainer:
     schedules: Schedules
     amp_dtype: torch.dtype | None
     nonfinite: NonFiniteSteps
+    shard: Shard
+    """This process's part of every global batch (rank of world size)."""
+    ddp: nn.parallel.DistributedDataParallel | None
+    """The DDP wrapper (inside ``train_model``), for skipping the all-reduce of all but
+    the last micro-batch."""
 
     @classmethod
     def create(cls, cfg: Config, *, channels: int, mean: tuple[float, ...],
@@ -167,7 +173,8 @@ class Trainer:
         dist = dist or DistInfo()
         model = build_model(cfg, channels).to(device)
         generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.train.seed * 7919 + dist.rank)
+        # The same stream on every rank: views and masks are drawn for the global batch.
+        generator.manual_seed(cfg.train.seed * 7919)
         # Fused on every device (CPU too, torch >= 2.4): the fused kernel is the one that
         # honours ``found_inf``, which is how :meth:`step` skips a non-finite update
         # without a host sync.
@@ -175,8 +182,9 @@ class Trainer:
                                       betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay, fused=True)
         train_model: nn.Module = model
+        ddp = None
         if dist.world_size > 1:
-            train_model = nn.parallel.DistributedDataParallel(
+            train_model = ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.train.compile:
             try:
@@ -190,11 +198,19 @@ class Trainer:
             normalize=Normalizer.create(mean, std, device), generator=generator,
             schedules=Schedules.for_run(cfg.optim, cfg.train.epochs, steps_per_epoch),
             amp_dtype=autocast_dtype(cfg, device), nonfinite=NonFiniteSteps.zeros(device),
+            shard=Shard(dist.rank, dist.world_size), ddp=ddp,
         )
 
     def step(self, step: int, crops: Tensor, mark: Callable[[str], None] = _no_mark
              ) -> tuple[StepOutput, Tensor]:
         """One optimisation step on a batch of crops; returns the output and grad norm.
+
+        ``crops`` are this process's rows of the global batch (:attr:`shard`); views and
+        masks are drawn for the global batch and sliced, and the loss is normalised by the
+        global batch's target count, so that any number of processes and micro-batches
+        (``train.grad_accum_steps``) make the same update as one process with the whole
+        batch. The returned loss is this process's share (all-reduce-mean it for the
+        global batch's loss).
 
         A step whose loss or gradient norm is not finite changes nothing: not the weights,
         not the optimiser state (moments, step count), not the EMA. It still consumes its
@@ -211,18 +227,35 @@ class Trainer:
             group["lr"] = lr
             if group["decay"]:
                 group["weight_decay"] = wd
-        v = self.views(crops, self.generator)
-        m = self.masks(crops.shape[0], self.generator, crops.device)
+        local, world = crops.shape[0], self.shard.count
+        v = self.views(crops, self.generator, self.shard)
+        masks = self.masks(local * world, self.generator, crops.device)
+        # Every rank and micro-batch divides by the same global count (no host sync: it
+        # stays a device tensor); DDP then averages over ranks, hence the division.
+        denominator = masks.target_valid.sum().float() / world
+        masks = take_rows(masks, self.shard.rows(local))
+        source, target = self.normalize(v.source), self.normalize(v.target)
         mark("data")
         autocast = (torch.autocast(crops.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
-        with autocast:
-            out = self.train_model(self.normalize(v.source), self.normalize(v.target),
-                                   v.action, m)
-        mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        mark("backward")
+        micro = self.cfg.train.grad_accum_steps
+        size = local // micro
+        loss = torch.zeros((), device=crops.device)
+        for i in range(micro):
+            rows = slice(i * size, (i + 1) * size)
+            last = i == micro - 1
+            sync = (self.ddp.no_sync() if self.ddp is not None and not last
+                    else contextlib.nullcontext())
+            with sync:
+                with autocast:
+                    out = self.train_model(source[rows], target[rows], v.action[rows],
+                                           take_rows(masks, rows), denominator)
+                mark("forward")
+                out.loss.backward()
+                mark("backward")
+            loss = loss + out.loss.detach()
+        out = StepOutput(loss=loss, pred_std=out.pred_std, target_std=out.target_std)
         # The norm is needed anyway to detect non-finite gradients; without clipping,
         # max_norm=inf only measures it (the scale factor clamps to exactly 1).
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -309,9 +342,12 @@ def _check_nonfinite(total: int, longest: int, limit: int, done: int) -> None:
 
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
               device: torch.device) -> None:
-    if cfg.train.batch_size % dist.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split evenly over "
-                          f"{dist.world_size} processes: use a multiple of {dist.world_size}")
+    parts = dist.world_size * cfg.train.grad_accum_steps
+    if cfg.train.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) cannot be split evenly "
+            f"over {dist.world_size} process(es) x train.grad_accum_steps="
+            f"{cfg.train.grad_accum_steps}: use a multiple of {parts}")
     # From before the first (slow) set-up step, so that a stop requested during set-up is
     # honoured after the first training step instead of killing the process.
     with StopRequests() as stop:
@@ -326,13 +362,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     np.random.seed(cfg.train.seed + dist.rank)
     torch.manual_seed(cfg.train.seed + dist.rank)
     dataset = get_dataset(cfg.data.name, "train", cfg.data.root)
-    # Each rank draws its own random batches (seed offset by rank): for random-sampling
-    # SSL this is statistically equivalent to sharding one permutation.
-    source = make_source(cfg.data, cfg.train.batch_size // dist.world_size, device,
-                         seed=cfg.train.seed + 1000 * dist.rank, dataset=dataset)
-    # An epoch is one pass's worth of images over ALL ranks (global batch), so train.epochs
-    # means the same amount of data whatever the number of processes.
-    steps_per_epoch = max(1, source.steps_per_epoch // dist.world_size)
+    # One permutation and one stream of crops for the global batch, of which each rank
+    # takes its rows: together the ranks see exactly what one process would.
+    source = make_source(cfg.data, cfg.train.batch_size, device, seed=cfg.train.seed,
+                         dataset=dataset, shard=Shard(dist.rank, dist.world_size))
+    steps_per_epoch = source.steps_per_epoch
     trainer = Trainer.create(cfg, channels=source.channels, mean=source.mean, std=source.std,
                              device=device, steps_per_epoch=steps_per_epoch, dist=dist)
     total_steps = trainer.schedules.total_steps
