@@ -1,7 +1,10 @@
 """Throughput of one preset's pretraining step, without a data set.
 
     python benchmarks/train_throughput.py --config iwm-equi-tiny [key=value ...] \
-        --steps 20 --warmup 5 --device auto --channels 1 [--json out.json]
+        --steps 20 --warmup 5 --device auto --channels 1 [--json out.json] [--profile DIR]
+
+Options of the step are config overrides: train.precision=bf16, train.compile=true,
+train.grad_accum_steps=N, model.grad_checkpointing=true.
 
 Synthetic uint8 images of the preset's size and channel count are held on the device, so
 the numbers cover what the training loop does per step on the device (crop, views, masks,
@@ -181,8 +184,13 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
-              peak_tflops: float | None = None) -> dict[str, Any]:
-    """Run ``warmup`` untimed and ``steps`` timed training steps of ``cfg``; the results."""
+              peak_tflops: float | None = None, profile: Path | None = None
+              ) -> dict[str, Any]:
+    """Run ``warmup`` untimed and ``steps`` timed training steps of ``cfg``; the results.
+
+    With ``profile``, 3 more steps run under ``torch.profiler`` afterwards (so the
+    profiler's overhead is not in the timings): a Chrome/Perfetto trace and the operators
+    sorted by self time are written there."""
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     batch = cfg.train.batch_size
@@ -211,6 +219,9 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         # counter's bookkeeping and one-off autotuning should not be in the number.
         torch.cuda.reset_peak_memory_stats(device)
     per_step = [train_step(warmup + i) for i in range(steps)]
+
+    if profile is not None:
+        write_profile(profile, device, lambda i: train_step(warmup + steps + i))
 
     step_s = [sum(t.values()) for t in per_step]
     total_s = sum(step_s)
@@ -248,6 +259,26 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         "peak_tflops": peak_tflops,
         "mfu": mfu,
     }
+
+
+def write_profile(folder: Path, device: torch.device, run_step: Callable[[int], Any],
+                  n_steps: int = 3) -> None:
+    """Profile ``n_steps`` calls of ``run_step``: ``trace.json`` (open in Perfetto or
+    chrome://tracing) and ``ops.txt``, the operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    folder.mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities, record_shapes=True) as prof:
+        for i in range(n_steps):
+            run_step(i)
+    prof.export_chrome_trace(str(folder / "trace.json"))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    (folder / "ops.txt").write_text(table + "\n")
+    print(f"profile of {n_steps} steps -> {folder / 'trace.json'}, {folder / 'ops.txt'}")
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -291,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="device peak for MFU (default: looked up for bf16 on known GPUs)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="also write the results here as JSON")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="also profile 3 steps (torch.profiler): DIR/trace.json, DIR/ops.txt")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -305,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(args.config, overrides)
     channels = args.channels or default_channels(cfg)
     results = benchmark(cfg, steps=args.steps, warmup=args.warmup, channels=channels,
-                        peak_tflops=args.peak_tflops)
+                        peak_tflops=args.peak_tflops, profile=args.profile)
     results["config_name"] = args.config
     results["overrides"] = overrides
     print(format_table(results))

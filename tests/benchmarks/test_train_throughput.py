@@ -49,6 +49,21 @@ def test_two_steps_on_cpu_write_consistent_json(script: ModuleType, tmp_path: Pa
     assert returned["images_per_s"] == result["images_per_s"]
 
 
+def test_profile_and_step_options(script: ModuleType, tmp_path: Path) -> None:
+    plain = script.main(["--config", "iwm-equi-tiny", "train.batch_size=4", "--steps", "1",
+                         "--warmup", "0", "--device", "cpu"])
+    result = script.main([
+        "--config", "iwm-equi-tiny", "train.batch_size=4", "train.grad_accum_steps=2",
+        "model.grad_checkpointing=true", "--steps", "1", "--warmup", "0", "--device", "cpu",
+        "--profile", str(tmp_path / "prof")])
+    trace = json.loads((tmp_path / "prof" / "trace.json").read_text())
+    assert trace["traceEvents"]
+    ops = (tmp_path / "prof" / "ops.txt").read_text()
+    assert "aten::" in ops and "Self CPU" in ops
+    # Checkpointing recomputes the forward in the backward: counted FLOPs go up.
+    assert result["flops_per_image"] > plain["flops_per_image"]
+
+
 def test_attention_flops_are_counted_on_cpu(script: ModuleType) -> None:
     # The CPU attention kernel is unknown to FlopCounterMode; the script's formula must
     # give what the decomposed (math) attention counts: QK^T and PV, 2 FLOPs per MAC.
