@@ -121,6 +121,9 @@ class TrainConfig:
     progress: bool = True
     max_nonfinite: int = 20
     """Steps in a row with a NaN/inf loss or gradients (each skipped) before training stops."""
+    data_parallel: str = "ddp"
+    """Several processes: ``ddp`` (every process holds the whole model) or ``fsdp``
+    (parameters, gradients and optimiser state sharded; for models that do not fit)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimisation step. ``batch_size`` stays the global batch of one
     step (over all processes); each process computes batch_size / (processes x steps)
@@ -195,6 +198,7 @@ class Config:
         _check_choice("model.conditioning", self.model.conditioning, CONDITIONINGS)
         _check_choice("model.loss", self.model.loss, LOSSES)
         _check_choice("train.precision", self.train.precision, PRECISIONS)
+        _check_choice("train.data_parallel", self.train.data_parallel, ("ddp", "fsdp"))
         _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
         for key in ("mask.target_scale", "mask.context_scale", "data.crop_scale"):
             lo, hi = _get(self, key)

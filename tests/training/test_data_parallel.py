@@ -107,3 +107,34 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist_dir):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
         moved += not torch.equal(one[key], init[key])
     assert moved > len(one) // 2  # the comparison is between trained weights
+
+
+def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, fake_mnist_dir):
+    """FSDP (parameters and optimiser state sharded over 2 gloo processes) trains the
+    one-process weights; its checkpoints hold full tensors that load anywhere, and a run
+    resumed from one continues exactly."""
+    from iwm.api import load
+
+    fsdp = ["train.data_parallel=fsdp", "train.keep_checkpoints=5"]
+    _pretrain(tmp_path / "one", fake_mnist_dir, 1, "train.epochs=2")
+    _pretrain(tmp_path / "fsdp", fake_mnist_dir, 2, "train.epochs=2", *fsdp)
+    (_, a4), (_, a8) = list_checkpoints(tmp_path / "one")
+    (_, b4), (_, b8) = list_checkpoints(tmp_path / "fsdp")
+    one, two = load_checkpoint(a8), load_checkpoint(b8)
+    assert two["optimizer_format"] == "fqn"
+    for key in one["model"]:
+        torch.testing.assert_close(two["model"][key], one["model"][key], rtol=1e-4,
+                                   atol=1e-5, msg=key)
+    assert load(tmp_path / "fsdp").step == 8  # a plain, full checkpoint
+
+    # Interrupted after step 4: resuming gives the uninterrupted run's step 8.
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.csv"):
+        (part / name).write_bytes((tmp_path / "fsdp" / name).read_bytes())
+    (part / "checkpoints" / b4.name).write_bytes(b4.read_bytes())
+    _pretrain(part, fake_mnist_dir, 2, "train.epochs=2", *fsdp, "--resume")
+    resumed = load_checkpoint(part / "checkpoints" / b8.name)
+    for key in two["model"]:
+        assert torch.equal(resumed["model"][key], two["model"][key]), key
+    assert resumed["optimizer"].keys() == two["optimizer"].keys()

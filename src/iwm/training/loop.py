@@ -67,6 +67,13 @@ from iwm.training.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from iwm.training.fsdp import (
+    OPTIMIZER_FORMAT,
+    full_state,
+    load_full_state,
+    local_tensor,
+    shard_model,
+)
 from iwm.training.metrics import MetricsLogger
 from iwm.training.schedules import Schedules
 from iwm.training.signals import StopRequests
@@ -165,6 +172,8 @@ class Trainer:
     ddp: nn.parallel.DistributedDataParallel | None
     """The DDP wrapper (inside ``train_model``), for skipping the all-reduce of all but
     the last micro-batch."""
+    fsdp: bool
+    """``model`` is sharded with FSDP (its tensors are DTensors)."""
 
     @classmethod
     def create(cls, cfg: Config, *, channels: int, mean: tuple[float, ...],
@@ -172,6 +181,9 @@ class Trainer:
                dist: DistInfo | None = None) -> Trainer:
         dist = dist or DistInfo()
         model = build_model(cfg, channels).to(device)
+        fsdp = dist.world_size > 1 and cfg.train.data_parallel == "fsdp"
+        if fsdp:
+            shard_model(model)  # before the optimiser, which must see the sharded tensors
         generator = torch.Generator(device=device)
         # The same stream on every rank: views and masks are drawn for the global batch.
         generator.manual_seed(cfg.train.seed * 7919)
@@ -183,7 +195,7 @@ class Trainer:
                                       weight_decay=cfg.optim.weight_decay, fused=True)
         train_model: nn.Module = model
         ddp = None
-        if dist.world_size > 1:
+        if dist.world_size > 1 and not fsdp:
             train_model = ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.train.compile:
@@ -198,7 +210,7 @@ class Trainer:
             normalize=Normalizer.create(mean, std, device), generator=generator,
             schedules=Schedules.for_run(cfg.optim, cfg.train.epochs, steps_per_epoch),
             amp_dtype=autocast_dtype(cfg, device), nonfinite=NonFiniteSteps.zeros(device),
-            shard=Shard(dist.rank, dist.world_size), ddp=ddp,
+            shard=Shard(dist.rank, dist.world_size), ddp=ddp, fsdp=fsdp,
         )
 
     def step(self, step: int, crops: Tensor, mark: Callable[[str], None] = _no_mark
@@ -247,6 +259,8 @@ class Trainer:
             last = i == micro - 1
             sync = (self.ddp.no_sync() if self.ddp is not None and not last
                     else contextlib.nullcontext())
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with autocast:
                     out = self.train_model(source[rows], target[rows], v.action[rows],
@@ -258,8 +272,8 @@ class Trainer:
         out = StepOutput(loss=loss, pred_std=out.pred_std, target_std=out.target_std)
         # The norm is needed anyway to detect non-finite gradients; without clipping,
         # max_norm=inf only measures it (the scale factor clamps to exactly 1).
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(),
-                                             self.cfg.optim.grad_clip or float("inf"))
+        grad_norm = local_tensor(nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.optim.grad_clip or float("inf")))
         ok = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
         # Under DDP the gradients agree across ranks but the losses do not: all ranks must
         # skip together or their weights drift apart. (Single process: no-op.)
@@ -274,9 +288,16 @@ class Trainer:
         return out, grad_norm
 
     def state_dict(self) -> dict:
+        """Full tensors on the main process. Collective under FSDP (every rank calls it;
+        the other ranks get empty model and optimiser entries)."""
+        common = {"generator": self.generator.get_state(),
+                  "nonfinite": self.nonfinite.state_dict()}
+        if self.fsdp:
+            model, optimizer = full_state(self.model, self.optimizer)
+            return {"model": model, "optimizer": optimizer,
+                    "optimizer_format": OPTIMIZER_FORMAT, **common}
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "nonfinite": self.nonfinite.state_dict()}
+                **common}
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
         """Restore :meth:`state_dict`; a :class:`CheckpointError` naming what does not fit
@@ -290,9 +311,17 @@ class Trainer:
                 f"{where} was written by another model configuration ({mismatch}); resume "
                 "with the run's own model.* settings"
             )
-        self.model.load_state_dict(state["model"])
+        if (state.get("optimizer_format") == OPTIMIZER_FORMAT) != self.fsdp:
+            raise CheckpointError(
+                f"{where} was written with train.data_parallel="
+                f"{'fsdp' if not self.fsdp else 'ddp (or one process)'}; resume it the same "
+                "way")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"].cpu())
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"{where}: optimiser or random state does not fit this run "
@@ -395,9 +424,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / CONFIG_FILE)
 
-    def checkpoint_state(step: int, ranks: list[dict]) -> dict:
+    def checkpoint_state(step: int, ranks: list[dict], trained: dict) -> dict:
         return {
-            **trainer.state_dict(),
+            **trained,
             **ranks[0],
             "ranks": ranks,
             "step": step,
@@ -465,10 +494,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             # Before saving: a checkpoint never holds a run that should have stopped.
             _check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
             if save_now or stopping:
-                ranks = _gather_rank_states(trainer, source, dist)  # every rank takes part
+                # Every rank takes part in both (gathers; FSDP's full state is collective).
+                ranks = _gather_rank_states(trainer, source, dist)
+                trained = trainer.state_dict()
                 if dist.is_main:
                     path = checkpoint_path(run_dir, done)
-                    save_checkpoint(path, checkpoint_state(done, ranks))
+                    save_checkpoint(path, checkpoint_state(done, ranks, trained))
                     prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             if stopping and not last:
                 name = stop.signal.name if stop.signal else "a stop signal"
@@ -489,11 +520,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
 
 
 def _gather_rank_states(trainer: Trainer, source: BatchSource, dist: DistInfo) -> list[dict]:
-    """What differs between ranks: view/mask generator, data position, global RNGs.
-
-    Every rank's, so that after a resume each rank continues its own streams instead of
-    all of them replaying rank 0's (identical batches on every GPU).
-    """
+    """Every rank's view/mask generator, data position and global RNGs. The first two
+    are the same on every rank (draws are made for the global batch); the global RNGs
+    (seeded per rank: drop-path) differ, and each rank resumes its own."""
     local = {"generator": trainer.generator.get_state(), "source": source.state_dict(),
              "rng": capture_rng_state()}
     if dist.world_size == 1:
