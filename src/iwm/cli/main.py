@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from iwm.training.loop import load_run_config, new_run_dir, pretrain
 
+    slurm = None
+    if args.slurm is not None:
+        from iwm.training.slurm import parse_slurm_options
+
+        slurm = parse_slurm_options(args.slurm)  # before the config: a typo fails fast
     target = Path(args.config)
     if args.resume and target.is_dir():
         # `iwm pretrain RUN --resume`: the run directory carries its own config.
@@ -38,6 +43,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         if not args.resume and (run_dir / "checkpoints").exists():
             raise IWMError(f"{run_dir} already holds a run: pass --resume to continue it, "
                            "or choose another train.run_name / --run-dir")
+    if slurm is not None:
+        from iwm.training.slurm import submit_pretrain
+
+        job = submit_pretrain(cfg, run_dir, slurm, resume=args.resume)
+        print(f"submitted SLURM job {job.job_id} ({slurm.nodes} node(s) x "
+              f"{slurm.tasks_per_node} process(es))")
+        print(f"run directory: {run_dir}")
+        print(f"logs: {job.paths.folder} ({job.paths.stdout.name}, ...)")
+        return
     pretrain(cfg, run_dir, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
         print(f"run directory: {run_dir}")
@@ -181,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=2")
     p.add_argument("--run-dir", help="where to write the run (default: train.out_dir/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--slurm", metavar="OPTIONS",
+                   help="submit to SLURM (submitit) instead of training here, requeued on "
+                        "preemption and timeout: e.g. 'nodes=2,gpus=8,partition=learn,"
+                        "time=4320' (keys: nodes gpus partition time cpus mem account qos "
+                        "constraint requeue folder signal_delay; docs/distributed.md)")
     p.set_defaults(fn=_cmd_pretrain)
 
     p = sub.add_parser("probe", help="linear probe of a run's frozen encoder")

@@ -249,14 +249,15 @@ class _CropDataset(Dataset):
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SIGTERM and SIGUSR1 do not end a decoding worker.
+    """DataLoader ``worker_init_fn``: SIGTERM, SIGUSR1 and SIGUSR2 do not end a worker.
 
     A cluster preempting a job signals every process of it, workers included, and torch's
     workers die of SIGTERM; but the training process answers it by finishing its step and
     writing a checkpoint (:mod:`iwm.training.signals`), for which it needs its workers. They
     still stop when the training process shuts them down, or exits (they watch it).
     """
-    for name in ("SIGTERM", "SIGUSR1"):
+    # SIGUSR2: submitit's time-limit signal, which a SLURM job turns into the same stop.
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
