@@ -138,3 +138,21 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, fake_mnist_dir):
     for key in two["model"]:
         assert torch.equal(resumed["model"][key], two["model"][key]), key
     assert resumed["optimizer"].keys() == two["optimizer"].keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_training_step_never_waits_for_the_gpu():
+    """Masks are drawn on the CPU and copied asynchronously; nothing in the step reads a
+    device value on the host (the loop does that only at log and checkpoint steps)."""
+    torch.manual_seed(0)
+    cfg = load_config("iwm-equi-tiny", [*TINY[:-1], "train.device=cuda"])
+    trainer = Trainer.create(cfg, channels=1, mean=(0.5,), std=(0.25,),
+                             device=torch.device("cuda"), steps_per_epoch=4)
+    trainer.model.train()
+    crops = torch.rand(16, 1, 28, 28, device="cuda")
+    trainer.step(0, crops)  # first step: lazy initialisation may synchronise
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.step(1, crops)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

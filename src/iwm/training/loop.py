@@ -3,7 +3,7 @@
     crops  = source.next()                      # shared crop + flip, on the device
     # Trainer.step:
     views  = view_sampler(crops)                # target jitter; source jitter + destructive
-    masks  = mask_generator(batch)              # multi-block context / targets
+    masks  = mask_generator(batch)              # multi-block context / targets, on the CPU
     loss   = model(source, target, action, masks)
     backward -> clip -> AdamW -> EMA
 
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from iwm.config import Config, load_config, save_config
 from iwm.data.datasets import get_dataset
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import Masks, MultiBlockMaskGenerator
 from iwm.data.normalize import Normalizer
 from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import BatchSource, make_source
@@ -163,7 +163,11 @@ class Trainer:
     masks: MultiBlockMaskGenerator
     normalize: Normalizer
     generator: torch.Generator
-    """Draws views and masks; its state is checkpointed."""
+    """Draws the views, on the training device; its state is checkpointed."""
+    mask_generator: torch.Generator
+    """Draws the masks, on the CPU: their sizes are read on the host, which on a GPU would
+    wait for the queued kernels every step. Drawn on the CPU and copied asynchronously,
+    the masks of step i are made while the GPU still runs step i - 1. Checkpointed."""
     schedules: Schedules
     amp_dtype: torch.dtype | None
     nonfinite: NonFiniteSteps
@@ -187,6 +191,7 @@ class Trainer:
         generator = torch.Generator(device=device)
         # The same stream on every rank: views and masks are drawn for the global batch.
         generator.manual_seed(cfg.train.seed * 7919)
+        mask_generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + 1)
         # Fused on every device (CPU too, torch >= 2.4): the fused kernel is the one that
         # honours ``found_inf``, which is how :meth:`step` skips a non-finite update
         # without a host sync.
@@ -208,6 +213,7 @@ class Trainer:
             views=ViewSampler(resolve_view_params(cfg.views), channels, cfg.data.image_size),
             masks=MultiBlockMaskGenerator(model.encoder.grid, cfg.mask),
             normalize=Normalizer.create(mean, std, device), generator=generator,
+            mask_generator=mask_generator,
             schedules=Schedules.for_run(cfg.optim, cfg.train.epochs, steps_per_epoch),
             amp_dtype=autocast_dtype(cfg, device), nonfinite=NonFiniteSteps.zeros(device),
             shard=Shard(dist.rank, dist.world_size), ddp=ddp, fsdp=fsdp,
@@ -241,11 +247,13 @@ class Trainer:
                 group["weight_decay"] = wd
         local, world = crops.shape[0], self.shard.count
         v = self.views(crops, self.generator, self.shard)
-        masks = self.masks(local * world, self.generator, crops.device)
-        # Every rank and micro-batch divides by the same global count (no host sync: it
-        # stays a device tensor); DDP then averages over ranks, hence the division.
-        denominator = masks.target_valid.sum().float() / world
+        masks = self.masks(local * world, self.mask_generator, "cpu")
+        # Every rank and micro-batch divides by the same global count; DDP then averages
+        # over ranks, hence the division.
+        denominator = _to_device(masks.target_valid.sum().float() / world, crops.device)
         masks = take_rows(masks, self.shard.rows(local))
+        masks = Masks(*(_to_device(t, crops.device) for t in
+                        (masks.context, masks.targets, masks.target_valid)))
         source, target = self.normalize(v.source), self.normalize(v.target)
         mark("data")
         autocast = (torch.autocast(crops.device.type, dtype=self.amp_dtype) if self.amp_dtype
@@ -291,6 +299,7 @@ class Trainer:
         """Full tensors on the main process. Collective under FSDP (every rank calls it;
         the other ranks get empty model and optimiser entries)."""
         common = {"generator": self.generator.get_state(),
+                  "mask_generator": self.mask_generator.get_state(),
                   "nonfinite": self.nonfinite.state_dict()}
         if self.fsdp:
             model, optimizer = full_state(self.model, self.optimizer)
@@ -323,6 +332,8 @@ class Trainer:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"].cpu())
+            if "mask_generator" in state:
+                self.mask_generator.set_state(state["mask_generator"].cpu())
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"{where}: optimiser or random state does not fit this run "
                                   f"({type(e).__name__}: {e})") from None
@@ -415,6 +426,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             trainer.load_state_dict(state, str(path))
             mine = _own_rank_state(state, dist, path)
             trainer.generator.set_state(mine["generator"].cpu())
+            if "mask_generator" in mine:
+                trainer.mask_generator.set_state(mine["mask_generator"].cpu())
             source.load_state_dict(mine["source"])
             restore_rng_state(mine["rng"])
             start_step = int(state["step"])
@@ -519,11 +532,20 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         logger.close()
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device`` without blocking the host: from pinned memory, the copy
+    is queued on the stream like a kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _gather_rank_states(trainer: Trainer, source: BatchSource, dist: DistInfo) -> list[dict]:
     """Every rank's view/mask generator, data position and global RNGs. The first two
     are the same on every rank (draws are made for the global batch); the global RNGs
     (seeded per rank: drop-path) differ, and each rank resumes its own."""
-    local = {"generator": trainer.generator.get_state(), "source": source.state_dict(),
+    local = {"generator": trainer.generator.get_state(),
+             "mask_generator": trainer.mask_generator.get_state(), "source": source.state_dict(),
              "rng": capture_rng_state()}
     if dist.world_size == 1:
         return [local]
