@@ -321,7 +321,14 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
     import matplotlib.pyplot as plt
 
     cells = [c for c in study.cells(scale) if c.name in by_cell]
-    written = []
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        written.append(out / f"{name}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
     if {"conditioning", "depth", "strength"} <= set(study.axes):
         wm = [c for c in cells if c.levels["conditioning"] == "feature"]
         strengths = [s for s in study.axes["strength"] if any(c.levels["strength"] == s
@@ -342,10 +349,7 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
             ax.set_ylabel("MRR")
             ax.set_title("World-model quality vs depth and strength")
             ax.legend()
-            fig.tight_layout()
-            written.append(out / "mrr_depth_strength.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
+            save(fig, "mrr_depth_strength")
         cond = [c for c in cells if c.levels["conditioning"] != "feature" or
                 c.name == study.role_cell("equivariant")]
         if cond:
@@ -359,10 +363,7 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
                 ax.legend()
             ax.set_ylabel("MRR")
             ax.set_title("World-model quality vs conditioning")
-            fig.tight_layout()
-            written.append(out / "mrr_conditioning.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
+            save(fig, "mrr_conditioning")
     pts = [(c, stat(_values(by_cell[c.name], "linear")),
             stat(_values(by_cell[c.name], "finetune_predictor")),
             stat(_values(by_cell[c.name], "mrr"))) for c in cells]
@@ -384,10 +385,7 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("linear probe accuracy (%)")
         ax.set_ylabel("predictor finetuning accuracy (%)")
-        fig.tight_layout()
-        written.append(out / "linear_vs_predictor_ft.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "linear_vs_predictor_ft")
     return written
 
 
