@@ -163,3 +163,28 @@ def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "cls" / "readme.txt").write_text("no images here")
     with pytest.raises(DataError, match="no images in"):
         open_image_folder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_fast_path_decodes_what_pillow_decodes(tmp_path, mode):
+    from iwm.data.datasets import _decode_jpeg
+
+    image = Image.fromarray(RGB).convert(mode)
+    path = _save(tmp_path / f"{mode}.jpg", image, quality=90)
+    with Image.open(path) as im:
+        reference = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    fast = _decode_jpeg(path)
+    if fast is None:  # a format the fast decoder declines: Pillow's path serves it
+        assert mode == "CMYK"
+        return
+    assert (fast.int() - reference.int()).abs().max() <= 1
+    assert torch.equal(load_image(path), fast)
+
+
+def test_jpeg_fast_path_declines_broken_and_other_files(tmp_path):
+    from iwm.data.datasets import _decode_jpeg
+
+    files = _broken(tmp_path)
+    for kind in ("truncated_jpeg", "empty_jpeg", "text_as_png"):
+        assert _decode_jpeg(files[kind]) is None, kind
+    assert _decode_jpeg(_save(tmp_path / "a.png", Image.fromarray(RGB))) is None
