@@ -108,3 +108,15 @@ def test_missing_or_invalid_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("axes: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_study(tmp_path / "bad.yaml")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from iwm.cli.main import main
+
+    grid = str(Path(__file__).parents[2] / "benchmarks" / "paper" / "grid.yaml")
+    assert main(["study", "run", grid, "--scale", "tpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "defines cpu, gpu, gpu-color" in err and err.count("\n") == 1
+    assert main(["study", "table", grid, "--scale", "cpu", "--out", str(tmp_path)]) == 2
+    assert "holds no finished cell yet" in capsys.readouterr().err
+    assert not (tmp_path / "cells").exists()  # nothing was started
