@@ -28,6 +28,20 @@ for protocol in predictor random-predictor; do
       $iwm finetune "$long" --protocol $protocol "${ft[@]}"
 done
 
+# A': the equivariant cell at the same 3 epochs, for finding 3 at that budget.
+equi=$out/feature-deep-strong-e3-s0
+if [ ! -f "$equi/results/probe_linear.json" ]; then
+  [ -d "$equi/checkpoints" ] || $iwm pretrain iwm-equi-tiny "${cpu[@]}" train.epochs=3 \
+      model.conditioning=feature model.predictor_depth=6 views.strength=strong train.seed=0 \
+      --run-dir "$equi"
+  $iwm probe "$equi" probe.train_limit=8000 probe.test_limit=4000
+fi
+[ -f "$equi/results/mrr.json" ] || $iwm eval mrr "$equi" --images 128 --bank 64 --seed 0
+for protocol in predictor random-predictor; do
+  [ -f "$equi/results/finetune_$protocol.json" ] || \
+      $iwm finetune "$equi" --protocol $protocol "${ft[@]}"
+done
+
 for cell in feature-shallow-jitter feature-deep-strong; do
   copy=$out/$cell-s0-lr1
   [ -d "$copy" ] || { mkdir -p "$copy"; cp -r "$study/runs/$cell-s0/config.yaml" \
