@@ -15,32 +15,25 @@ cpu=(model.predictor_width=64 model.predictor_heads=2 train.batch_size=128
 ft=(finetune.epochs=2 finetune.train_limit=4000 finetune.test_limit=2000
     finetune.batch_size=64 finetune.lr=3.0e-3 finetune.seed=0)
 
-long=$out/feature-shallow-jitter-e3-s0
-if [ ! -f "$long/results/probe_linear.json" ]; then
-  [ -d "$long/checkpoints" ] || $iwm pretrain iwm-equi-tiny "${cpu[@]}" train.epochs=3 \
-      model.conditioning=feature model.predictor_depth=2 views.strength=jitter train.seed=0 \
-      --run-dir "$long"
-  $iwm probe "$long" probe.train_limit=8000 probe.test_limit=4000
-fi
-[ -f "$long/results/mrr.json" ] || $iwm eval mrr "$long" --images 128 --bank 64 --seed 0
-for protocol in predictor random-predictor; do
-  [ -f "$long/results/finetune_$protocol.json" ] || \
-      $iwm finetune "$long" --protocol $protocol "${ft[@]}"
-done
-
+# long RUN_NAME DEPTH STRENGTH: a feature-conditioned cell pretrained for 3 epochs (seed 0),
+# then the grid's evaluations.
+long() {
+  local run=$out/$1
+  if [ ! -f "$run/results/probe_linear.json" ]; then
+    [ -d "$run/checkpoints" ] || $iwm pretrain iwm-equi-tiny "${cpu[@]}" train.epochs=3 \
+        model.conditioning=feature model.predictor_depth="$2" views.strength="$3" \
+        train.seed=0 --run-dir "$run"
+    $iwm probe "$run" probe.train_limit=8000 probe.test_limit=4000
+  fi
+  [ -f "$run/results/mrr.json" ] || $iwm eval mrr "$run" --images 128 --bank 64 --seed 0
+  for protocol in predictor random-predictor; do
+    [ -f "$run/results/finetune_$protocol.json" ] || \
+        $iwm finetune "$run" --protocol $protocol "${ft[@]}"
+  done
+}
+long feature-shallow-jitter-e3-s0 2 jitter
 # A': the equivariant cell at the same 3 epochs, for finding 3 at that budget.
-equi=$out/feature-deep-strong-e3-s0
-if [ ! -f "$equi/results/probe_linear.json" ]; then
-  [ -d "$equi/checkpoints" ] || $iwm pretrain iwm-equi-tiny "${cpu[@]}" train.epochs=3 \
-      model.conditioning=feature model.predictor_depth=6 views.strength=strong train.seed=0 \
-      --run-dir "$equi"
-  $iwm probe "$equi" probe.train_limit=8000 probe.test_limit=4000
-fi
-[ -f "$equi/results/mrr.json" ] || $iwm eval mrr "$equi" --images 128 --bank 64 --seed 0
-for protocol in predictor random-predictor; do
-  [ -f "$equi/results/finetune_$protocol.json" ] || \
-      $iwm finetune "$equi" --protocol $protocol "${ft[@]}"
-done
+long feature-deep-strong-e3-s0 6 strong
 
 for cell in feature-shallow-jitter feature-deep-strong; do
   copy=$out/$cell-s0-lr1
