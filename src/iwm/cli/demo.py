@@ -17,7 +17,7 @@ import torch
 
 from iwm.config import load_config
 from iwm.data.datasets import get_dataset
-from iwm.evaluation.mrr import run_mrr
+from iwm.evaluation.mrr import chance_mrr, run_mrr
 from iwm.evaluation.probe import probe_encoder
 from iwm.evaluation.report import build_report
 from iwm.models.iwm import build_model
@@ -59,7 +59,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"[3/5] world model: MRR on {n_images} test images, bank of {bank} transformations")
     mrr = run_mrr(run_dir, n_images=n_images, bank_size=bank, device=str(dev),
                   seed=cfg.train.seed)
-    chance = sum(1 / r for r in range(1, bank + 1)) / bank
+    chance = chance_mrr(bank)
     print(f"      MRR {mrr['mrr']:.3f} (chance {chance:.3f}, {mrr['seconds']:.0f} s)")
 
     print("[4/5] linear probe (frozen target encoder vs. the same ViT at random init)")

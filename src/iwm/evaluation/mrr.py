@@ -125,6 +125,11 @@ class MRRResult:
 # ---------------------------------------------------------------- ranking
 
 
+def chance_mrr(bank_size: int) -> float:
+    """The MRR of a predictor that ignores the action: H_K / K (see "Chance level")."""
+    return sum(1 / r for r in range(1, bank_size + 1)) / bank_size
+
+
 def check_distance(distance: str) -> None:
     if distance not in DISTANCES:
         raise ValueError(f"distance={distance!r}: must be one of {', '.join(DISTANCES)}")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from iwm.errors import IWMError
+from iwm.evaluation.mrr import chance_mrr
 from iwm.evaluation.retrieval import RetrievalExample, jitter_description, score_label
 from iwm.training.metrics import read_metrics
 
@@ -209,7 +210,7 @@ def plot_mrr(result: dict[str, Any], path: Path) -> None:
             ax.text(i, 0.12, "n/a", ha="center", color="gray", fontsize=9)
     bank = result.get("bank")
     if isinstance(bank, int) and bank >= 1:
-        chance = sum(1 / r for r in range(1, bank + 1)) / bank
+        chance = chance_mrr(bank)
         ax.axhline(chance, color="#c00000", linestyle="--", linewidth=1,
                    label=f"chance (action ignored): {chance:.3f}")
         ax.legend(loc="upper right", fontsize=9)

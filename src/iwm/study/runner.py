@@ -71,16 +71,16 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
     """Pretrain one cell at one seed and evaluate it; returns (and writes) its JSON."""
     from iwm.config import load_config
     from iwm.evaluation.finetune import run_finetune
-    from iwm.evaluation.mrr import run_mrr
+    from iwm.evaluation.mrr import chance_mrr, run_mrr
     from iwm.evaluation.probe import run_probe
-    from iwm.training.loop import pretrain
+    from iwm.training.loop import CONFIG_FILE, pretrain
 
     start = time.perf_counter()
     ev = scale.evaluations
     run_dir = out / "runs" / f"{cell.name}-s{seed}"
     cfg = load_config(cell.preset, [*cell.overrides, f"train.seed={seed}",
                                     "train.progress=false", f"train.device={device}"])
-    pretrain(cfg, run_dir, resume=(run_dir / "config.yaml").is_file())
+    pretrain(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file())
     results = run_dir / "results"
     mrr = _cached(results / "mrr.json", lambda: run_mrr(
         run_dir, n_images=ev.mrr_images, bank_size=ev.mrr_bank, device=device, seed=seed,
@@ -97,7 +97,8 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
         "overrides": list(cell.overrides), "fingerprint": cell.fingerprint(),
         "run_dir": str(run_dir),
         "mrr": mrr["mrr"], "mrr_bank": mrr["bank"],
-        "mrr_chance": sum(1 / r for r in range(1, mrr["bank"] + 1)) / mrr["bank"],
+        "mrr_chance": chance_mrr(mrr["bank"]),
+        "steps": probe["step"],  # the evaluated checkpoint's, as the probe recorded it
         "linear": probe["accuracy"],
         "finetune_predictor": finetuned["predictor"]["accuracy"],
         "finetune_random_predictor": finetuned["random-predictor"]["accuracy"],
@@ -115,9 +116,6 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
             "separate_tasks": {k: v["accuracy"] for k, v in multi["separate"]["tasks"].items()},
             "separate_trainable_params": multi["separate"]["trainable_params"],
             "separate_train_flops": multi["separate"]["train_flops"]}
-    from iwm.api import load
-
-    out_json["steps"] = load(run_dir).step
     out_json["seconds"] = time.perf_counter() - start
     _write_json(task_json(out, Task(cell, seed)), out_json)
     return out_json
