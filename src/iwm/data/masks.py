@@ -93,11 +93,16 @@ class Masks:
     target_valid: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Masks:
-        return Masks(
-            context=self.context.to(device, non_blocking=non_blocking),
-            targets=self.targets.to(device, non_blocking=non_blocking),
-            target_valid=self.target_valid.to(device, non_blocking=non_blocking),
-        )
+        """On ``device``. ``non_blocking`` from the CPU to a GPU goes through pinned memory:
+        from pageable memory the copy would still hold up the host."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+
+        def move(t: Tensor) -> Tensor:
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
+                device, non_blocking=non_blocking)
+
+        return Masks(context=move(self.context), targets=move(self.targets),
+                     target_valid=move(self.target_valid))
 
 
 class MultiBlockMaskGenerator:

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from iwm.config import Config, load_config, save_config
 from iwm.data.datasets import get_dataset
-from iwm.data.masks import Masks, MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskGenerator
 from iwm.data.normalize import Normalizer
 from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import BatchSource, make_source
@@ -251,9 +251,7 @@ class Trainer:
         # Every rank and micro-batch divides by the same global count; DDP then averages
         # over ranks, hence the division.
         denominator = _to_device(masks.target_valid.sum().float() / world, crops.device)
-        masks = take_rows(masks, self.shard.rows(local))
-        masks = Masks(*(_to_device(t, crops.device) for t in
-                        (masks.context, masks.targets, masks.target_valid)))
+        masks = take_rows(masks, self.shard.rows(local)).to(crops.device, non_blocking=True)
         source, target = self.normalize(v.source), self.normalize(v.target)
         mark("data")
         autocast = (torch.autocast(crops.device.type, dtype=self.amp_dtype) if self.amp_dtype
