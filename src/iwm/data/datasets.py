@@ -218,10 +218,12 @@ def _decode_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
         return None
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            # The magic first: other formats are read once, by Pillow, not twice.
+            data = f.read(len(_JPEG_MAGIC))
+            if data != _JPEG_MAGIC:
+                return None
+            data += f.read()
     except OSError:
-        return None
-    if not data.startswith(_JPEG_MAGIC):
         return None
     try:
         with warnings.catch_warnings():
