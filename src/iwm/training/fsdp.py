@@ -73,7 +73,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
                    optim_state_dict=optimizer_state, options=_options(full_state_dict=True))
 
 
-def local_tensor(x: torch.Tensor) -> torch.Tensor:
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (e.g. the global grad norm); anything else unchanged."""
     full = getattr(x, "full_tensor", None)
     return full() if full is not None else x

@@ -70,8 +70,8 @@ from iwm.training.distributed import (
 from iwm.training.fsdp import (
     OPTIMIZER_FORMAT,
     full_state,
+    full_tensor,
     load_full_state,
-    local_tensor,
     shard_model,
 )
 from iwm.training.metrics import MetricsLogger
@@ -278,7 +278,7 @@ class Trainer:
         out = StepOutput(loss=loss, pred_std=out.pred_std, target_std=out.target_std)
         # The norm is needed anyway to detect non-finite gradients; without clipping,
         # max_norm=inf only measures it (the scale factor clamps to exactly 1).
-        grad_norm = local_tensor(nn.utils.clip_grad_norm_(
+        grad_norm = full_tensor(nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.optim.grad_clip or float("inf")))
         ok = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
         # Under DDP the gradients agree across ranks but the losses do not: all ranks must
