@@ -87,13 +87,20 @@ def _pause_in_save(where: str, wfd: int, nth: int) -> Callable[[], None]:
 
             ck.os.replace = replace
         else:
-            real_prune = loop.prune_checkpoints
+            # Only the pruning that follows a save: resuming prunes too, before any save.
+            real_save, real_prune = loop.save_checkpoint, loop.prune_checkpoints
+            saved = [False]
+
+            def save(*args):
+                real_save(*args)
+                saved[0] = True
 
             def prune(*args):
-                pause()
+                if saved[0]:
+                    pause()
                 return real_prune(*args)
 
-            loop.prune_checkpoints = prune
+            loop.save_checkpoint, loop.prune_checkpoints = save, prune
 
     return install
 

@@ -82,6 +82,41 @@ def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
             {k: v for k, v in y.items() if k != "images_per_s"}
 
 
+class _StopAtSave(Exception):
+    pass
+
+
+def _checkpoints_when_resumed(cfg, run, monkeypatch) -> list[int]:
+    """The steps of the run's checkpoints after ``--resume`` loaded, before it saved."""
+    from iwm.training import loop
+
+    def stop(path, state):
+        raise _StopAtSave
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_checkpoint", stop)
+        with pytest.raises(_StopAtSave):
+            pretrain(cfg, run, resume=True)
+    return [s for s, _ in list_checkpoints(run)]
+
+
+def test_resume_prunes_what_a_kill_left_but_keeps_a_fallback(tmp_path, monkeypatch):
+    every = ["train.epochs=1", "train.checkpoint_every=1"]
+    run = pretrain(load_config("iwm-inv-tiny", SMALL + every + ["train.keep_checkpoints=5"]),
+                   tmp_path / "run")
+    (run / "checkpoints" / "step_000004.pt").unlink()
+    cfg = load_config("iwm-inv-tiny", SMALL + every + ["train.keep_checkpoints=2"])
+    # Steps 1-3 with keep=2: a kill between the save of 3 and its pruning. Resuming must
+    # prune, or a second such kill would leave four (the CI failure this guards).
+    assert _checkpoints_when_resumed(cfg, run, monkeypatch) == [2, 3]
+    # A damaged newest: the run resumes from 2, and 2 must survive until 3 is saved again.
+    newest = run / "checkpoints" / "step_000003.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    shutil.copy(run / "checkpoints" / "step_000002.pt", run / "checkpoints" / "step_000001.pt")
+    with pytest.warns(UserWarning, match="previous one"):
+        assert _checkpoints_when_resumed(cfg, run, monkeypatch) == [1, 2, 3]
+
+
 def test_training_changes_the_encoder_and_moves_the_ema(tmp_path):
     cfg = load_config("iwm-inv-tiny", SMALL + ["train.epochs=0.5", "optim.ema=[0.5,0.5]"])
     run = pretrain(cfg, tmp_path / "run")

@@ -56,6 +56,7 @@ from iwm.models.iwm import IWM, StepOutput, build_model
 from iwm.training.checkpoint import (
     capture_rng_state,
     checkpoint_path,
+    latest_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
     restore_rng_state,
@@ -421,6 +422,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                           stacklevel=2)
         else:
             path, state = loaded
+            if dist.is_main and path == latest_checkpoint(run_dir):
+                # A kill between a save and its pruning leaves one checkpoint too many;
+                # without this, a second such kill after resuming would leave two. An
+                # older fallback (newest damaged) is kept: it may be the only good one.
+                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             trainer.load_state_dict(state, str(path))
             mine = _own_rank_state(state, dist, path)
             trainer.generator.set_state(mine["generator"].cpu())
