@@ -5,29 +5,18 @@ No timing assertions: CI machines are shared and their speed says nothing about 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
-
-
-def _load_script() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package: load the file itself.
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts import load_script  # tests/benchmarks/scripts.py
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return _load_script()
+    return load_script("train_throughput")
 
 
 def test_two_steps_on_cpu_write_consistent_json(script: ModuleType, tmp_path: Path) -> None:
@@ -91,3 +80,13 @@ def test_attention_flops_are_counted_on_cpu(script: ModuleType) -> None:
 ])
 def test_peak_lookup(script: ModuleType, name: str, peak: float | None) -> None:
     assert script.lookup_peak_tflops(name) == peak
+
+
+def test_profile_into_a_file_is_refused_before_any_step(script: ModuleType, tmp_path: Path,
+                                                        capsys) -> None:
+    taken = tmp_path / "prof"
+    taken.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--profile", str(taken)])
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
