@@ -200,6 +200,11 @@ class Config:
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("train.data_parallel", self.train.data_parallel, ("ddp", "fsdp"))
         _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
+        # Here and not only when the model is built: a grid or sweep of configs should fail
+        # on the bad cell when it is read, not hours later when that cell starts training.
+        from iwm.models.vit import encoder_spec
+
+        encoder_spec(self.model.encoder)
         for key in ("mask.target_scale", "mask.context_scale", "data.crop_scale"):
             lo, hi = _get(self, key)
             if not 0 < lo <= hi <= 1:
