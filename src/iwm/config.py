@@ -27,6 +27,7 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 CONDITIONINGS = ("none", "sequence", "feature")
 LOSSES = ("l2", "smooth_l1")
 PRECISIONS = ("auto", "fp32", "bf16")
+BLOCK_SIZES = ("per_block", "per_batch")
 
 
 @dataclass
@@ -72,6 +73,9 @@ class MaskConfig:
     """Smallest context, as a fraction of the patches; masks below it are redrawn."""
     wrap: bool = True
     """Place blocks on a torus so every patch is a target equally often (see masks.py)."""
+    block_sizes: str = "per_block"
+    """per_block: every block draws its size; per_batch: one target size and one context
+    size for the whole batch, as the official I-JEPA code (no padding; see masks.py)."""
 
 
 @dataclass
@@ -200,6 +204,7 @@ class Config:
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("train.data_parallel", self.train.data_parallel, ("ddp", "fsdp"))
         _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
+        _check_choice("mask.block_sizes", self.mask.block_sizes, BLOCK_SIZES)
         # Here and not only when the model is built: a grid or sweep of configs should fail
         # on the bad cell when it is read, not hours later when that cell starts training.
         from iwm.models.vit import encoder_spec

@@ -139,6 +139,47 @@ def test_block_sizes_vary_within_a_batch_and_within_a_sample():
     assert distinct.float().mean() > 0.8
 
 
+@pytest.mark.parametrize("wrap", [True, False])
+def test_per_batch_sizes_are_shared_by_the_batch_and_drawn_afresh_per_batch(wrap):
+    cfg = MaskConfig(block_sizes="per_batch", wrap=wrap, min_context=0.3)
+    gen = MultiBlockMaskGenerator((14, 14), cfg)
+    draws, real_draw = [], gen._draw
+
+    def counting_draw(n, *args):
+        draws.append(n)
+        return real_draw(n, *args)
+
+    gen._draw = counting_draw
+    rng, shapes = _rng(7), set()
+    for _ in range(40):
+        context, targets = gen.sample_boolean(64, rng)
+        h, w, size, rect = _geometry(targets, (14, 14))
+        # min_context=0.3 rejects some samples; their redraws keep the batch's sizes.
+        assert rect.all() and (h == h[0, 0]).all() and (w == w[0, 0]).all()
+        assert (context.sum(1) >= gen.min_context_patches).all()
+        shapes.add((int(h[0, 0]), int(w[0, 0])))
+        masks = gen.to_masks(context, targets, rng)
+        assert masks.target_valid.all()  # equal blocks: no padding
+    assert len(draws) > 40  # some batches had rows redrawn
+    assert len(shapes) >= 5  # a new size each batch, from the per-block distribution
+    lo, hi = cfg.target_scale
+    assert all(lo * 196 - 14 <= a * b <= hi * 196 + 14 for a, b in shapes)
+
+
+def test_per_batch_draws_the_same_sizes_as_per_block_would():
+    # The one size of a batch comes from the per-block distribution: over many batches
+    # the sizes' mean and spread match per-block sampling's.
+    sizes = {}
+    for mode in ("per_block", "per_batch"):
+        gen = MultiBlockMaskGenerator((14, 14), MaskConfig(block_sizes=mode))
+        rng = _rng(8)
+        sizes[mode] = torch.cat([gen.sample_boolean(4, rng)[1].sum(-1).flatten()
+                                 for _ in range(800)]).double()
+    mean, std = sizes["per_block"].mean().item(), sizes["per_block"].std().item()
+    assert sizes["per_batch"].mean().item() == pytest.approx(mean, rel=0.03)
+    assert sizes["per_batch"].std().item() == pytest.approx(std, rel=0.15)
+
+
 def test_scale_uniform_aspect_log_uniform_and_independent():
     # A fine grid makes rounding negligible, so the realised sizes show the drawn laws.
     grid = (64, 64)
@@ -221,6 +262,7 @@ def test_config_that_can_never_fit_the_context_fails_at_construction():
         {"target_aspect": (0.0, 1.5)},
         {"target_aspect": (2.0, 1.0)},
         {"min_context": 1.0},
+        {"block_sizes": "per_sample"},
     ],
 )
 def test_bad_ranges_raise_config_error(kw):

@@ -5,8 +5,9 @@ For each image, ``cfg.num_targets`` target blocks and one context block are draw
 Patches are numbered row-major (``index = row * W + col``), the order a ViT flattens them.
 
 Block sizes
-    Every target block of every sample draws its own size; the official code draws one size
-    per batch, so a batch never mixes small and large blocks. The scale ``s`` (fraction of
+    By default (``per_block``) every target block of every sample draws its own size; the
+    official code draws one size per batch, so a batch never mixes small and large blocks.
+    The scale ``s`` (fraction of
     the ``N = H * W`` patches) is uniform in ``cfg.target_scale``; the aspect ratio
     ``r = h / w`` is log-uniform in ``cfg.target_aspect``: aspect ratios compose by
     multiplication, so log-uniform treats a block and its transpose alike (``r`` and ``1/r``
@@ -15,6 +16,13 @@ Block sizes
     random numbers; the official code reuses one, which ties big blocks to tall ones.
     ``h = round(sqrt(s N r))`` and ``w = round(sqrt(s N / r))`` (round half to even),
     clamped to ``[1, H]`` and ``[1, W]``.
+
+    With ``cfg.block_sizes == "per_batch"`` one target size (h, w) and one context size are
+    drawn per batch, from the same distributions, and shared by every block of the batch
+    (redraws after rejection keep them): the official code's choice. Its target blocks
+    then need no padding (see "Index form"; per block, a 14 x 14 grid pads to about 42
+    slots for 34 valid ones), but a batch's contexts are cut to its smallest one, which
+    per batch is larger: 4% fewer FLOPs per image for vit_tiny at batch 32, not 20%.
 
     The context block draws ``s ~ U(cfg.context_scale)`` and takes the grid's own shape:
     ``h = round(sqrt(s) H)``, ``w = round(sqrt(s) W)``. On a square grid (square images,
@@ -138,7 +146,11 @@ class MultiBlockMaskGenerator:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
         device = torch.device(device)
-        context, targets = self._draw(batch_size, generator, device)
+        # per_batch: the sizes are drawn once and kept by every redraw below, so the whole
+        # batch shares them; only the failing rows' positions are drawn again.
+        sizes = (self._batch_sizes(generator, device) if self.cfg.block_sizes == "per_batch"
+                 else None)
+        context, targets = self._draw(batch_size, generator, device, sizes)
         failing = context.sum(1) < self.min_context_patches
         # Kept as a tensor so the usual path syncs with an accelerator once per round only.
         draws, rejected = batch_size, failing.sum()
@@ -146,7 +158,7 @@ class MultiBlockMaskGenerator:
             if not failing.any():
                 return context, targets
             rows = failing.nonzero().squeeze(1)
-            new_context, new_targets = self._draw(rows.numel(), generator, device)
+            new_context, new_targets = self._draw(rows.numel(), generator, device, sizes)
             context[rows] = new_context
             targets[rows] = new_targets
             still = new_context.sum(1) < self.min_context_patches
@@ -242,18 +254,35 @@ class MultiBlockMaskGenerator:
         in_cols = (cols - left[..., None]) % width < w[..., None]
         return (in_rows[..., :, None] & in_cols[..., None, :]).flatten(-2)
 
-    def _draw(self, n: int, generator: torch.Generator,
-              device: torch.device) -> tuple[Tensor, Tensor]:
+    def _batch_sizes(self, generator: torch.Generator, device: torch.device
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One target block size, (1, 1) heights and widths, and one context block size,
+        (1,), from the same distributions as the per-block draws."""
+        u = self._rand((1, 1, 2), generator, device)
+        h, w = self._target_size(u[..., 0], u[..., 1])
+        lo, hi = self.cfg.context_scale
+        hc, wc = self._context_size(lo + (hi - lo) * self._rand((1,), generator, device))
+        return h, w, hc, wc
+
+    def _draw(self, n: int, generator: torch.Generator, device: torch.device,
+              sizes: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor]:
+        """``n`` samples; ``sizes`` (from :meth:`_batch_sizes`) fixes the block sizes for
+        all of them, else each block draws its own."""
         height, width = self.grid
         # One independent number per (sample, block, quantity): scale, aspect, top, left.
         u = self._rand((n, self.cfg.num_targets, 4), generator, device)
-        h, w = self._target_size(u[..., 0], u[..., 1])
+        uc = self._rand((n, 3), generator, device)
+        if sizes is None:
+            h, w = self._target_size(u[..., 0], u[..., 1])
+            lo, hi = self.cfg.context_scale
+            hc, wc = self._context_size(lo + (hi - lo) * uc[:, 0])
+        else:
+            h, w = (t.expand(n, self.cfg.num_targets) for t in sizes[:2])
+            hc, wc = (t.expand(n) for t in sizes[2:])
         targets = self._blocks(
             self._corner(u[..., 2], h, height), self._corner(u[..., 3], w, width), h, w
         )
-        uc = self._rand((n, 3), generator, device)
-        lo, hi = self.cfg.context_scale
-        hc, wc = self._context_size(lo + (hi - lo) * uc[:, 0])
         block = self._blocks(
             self._corner(uc[:, 1], hc, height), self._corner(uc[:, 2], wc, width), hc, wc
         )
@@ -274,3 +303,6 @@ def _check_mask_config(cfg: MaskConfig) -> None:
         raise ConfigError(f"mask.target_aspect={[lo, hi]}: needs 0 < min <= max")
     if not 0 <= cfg.min_context < 1:
         raise ConfigError(f"mask.min_context={cfg.min_context}: needs 0 <= value < 1")
+    if cfg.block_sizes not in ("per_block", "per_batch"):
+        raise ConfigError(f"mask.block_sizes={cfg.block_sizes!r}: choose per_block or "
+                          "per_batch")
