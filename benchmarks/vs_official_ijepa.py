@@ -14,8 +14,10 @@ Matched on both sides:
 - the predictor: depth, width, and the encoder's head count (as the official
   ``init_model`` sets it);
 - the masks: 4 target blocks of scale 0.15-0.2 and aspect 0.75-1.5, one context block of
-  scale 0.85-1.0 minus the targets, at least 10 context patches, blocks inside the image;
-  every target block is predicted from its own copy of the context on both sides;
+  scale 0.85-1.0 minus the targets, at least 10 context patches, blocks inside the image,
+  one target size and one context size per batch (iwm's ``mask.block_sizes=per_batch``;
+  time iwm's default with ``--iwm-variant mask.block_sizes=per_block``); every target
+  block is predicted from its own copy of the context on both sides;
 - the loss (smooth L1 against layer-normed target-encoder outputs), AdamW with weight
   decay on weights only, cosine lr and weight-decay schedules, the EMA target encoder;
 - precision: fp32, or with ``--bf16`` bf16 autocast (the official code's
@@ -34,7 +36,8 @@ decoding or cropping is in the numbers:
   the step, and it also checks for non-finite values and measures the gradient norm.
 The sides alternate for ``--rounds`` rounds (A B A B ...) so that a machine's drift hits
 both; the figures are the medians over rounds. FLOPs per image are counted for both with
-``torch.utils.flop_counter`` (they should agree within a few percent: the same work).
+``torch.utils.flop_counter``, averaged over 8 mask draws (they should agree within a few
+percent: the same work).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ CLONE_HINT = "git clone https://github.com/facebookresearch/ijepa PATH"
 
 # The official I-JEPA ImageNet recipe (configs/in1k_vith14_ep300.yaml), shared by both sides.
 PRED_SCALE, ENC_SCALE, ASPECT, N_PRED, MIN_KEEP = (0.15, 0.2), (0.85, 1.0), (0.75, 1.5), 4, 10
+FLOP_DRAWS = 8
 LR, START_LR, FINAL_LR, WD, FINAL_WD, EMA = 1e-3, 2e-4, 1e-6, 0.04, 0.4, (0.996, 1.0)
 
 
@@ -229,6 +233,7 @@ def iwm_config(args: argparse.Namespace, device: torch.device, total_steps: int)
         f"mask.num_targets={N_PRED}", f"mask.target_scale={list(PRED_SCALE)}",
         f"mask.target_aspect={list(ASPECT)}", f"mask.context_scale={list(ENC_SCALE)}",
         f"mask.min_context={MIN_KEEP / n_patches}", "mask.wrap=false",
+        "mask.block_sizes=per_batch",
         f"optim.lr={LR}", f"optim.start_lr={START_LR}", f"optim.final_lr={FINAL_LR}",
         f"optim.weight_decay={WD}", f"optim.final_weight_decay={FINAL_WD}",
         f"optim.ema={list(EMA)}", "optim.grad_clip=null", "optim.warmup_epochs=0.1",
@@ -267,8 +272,11 @@ def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]
     for trainer in trainers.values():
         trainer.model.train()
     formulas = tt._extra_flop_formulas()
-    flops = {"official": official.flops_per_image(imgs, formulas),
-             "iwm": tt.count_flops(trainers["iwm"], crops) / args.batch_size}
+    # Mask sizes, and so FLOPs, vary from batch to batch on both sides: a mean over draws.
+    flops = {"official": statistics.mean(official.flops_per_image(imgs, formulas)
+                                         for _ in range(FLOP_DRAWS)),
+             "iwm": statistics.mean(tt.count_flops(trainers["iwm"], crops)
+                                    for _ in range(FLOP_DRAWS)) / args.batch_size}
     params = {"official": sum(p.numel() for m in (official.encoder, official.predictor)
                               for p in m.parameters()),
               "iwm": sum(p.numel() for n, p in trainers["iwm"].model.named_parameters()
