@@ -14,7 +14,8 @@ Matched on both sides:
 - the predictor: depth, width, and the encoder's head count (as the official
   ``init_model`` sets it);
 - the masks: 4 target blocks of scale 0.15-0.2 and aspect 0.75-1.5, one context block of
-  scale 0.85-1.0 minus the targets, at least 10 context patches, blocks inside the image,
+  scale 0.85-1.0 minus the targets (iwm's scale capped so that, like the official one,
+  the block never covers the whole grid), at least 10 context patches, blocks inside the image,
   one target size and one context size per batch (iwm's ``mask.block_sizes=per_batch``;
   time iwm's default with ``--iwm-variant mask.block_sizes=per_block``); every target
   block is predicted from its own copy of the context on both sides;
@@ -223,7 +224,12 @@ def _linear(ends: tuple[float, float], steps: int) -> Iterator[float]:
 
 def iwm_config(args: argparse.Namespace, device: torch.device, total_steps: int) -> Config:
     """The ijepa preset with the official code's model, masks, loss and optimiser."""
-    n_patches = (args.image_size // args.patch_size) ** 2
+    side = args.image_size // args.patch_size
+    n_patches = side * side
+    # The official context block is never the whole grid (its size is clamped below the
+    # side, e.g. always 13 x 13 on 14 x 14); iwm's reaches it for scales near 1. Capping
+    # the scale just under a side - 0.5 rounding gives the same blocks.
+    ctx_hi = min(ENC_SCALE[1], 0.999 * ((side - 0.5) / side) ** 2)
     return load_config("ijepa-tiny", [
         f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
         f"model.encoder={args.model}", f"model.patch_size={args.patch_size}",
@@ -231,7 +237,7 @@ def iwm_config(args: argparse.Namespace, device: torch.device, total_steps: int)
         f"model.predictor_heads={ENCODERS[args.model].num_heads}",
         "model.loss=smooth_l1", "model.drop_path=0.0",
         f"mask.num_targets={N_PRED}", f"mask.target_scale={list(PRED_SCALE)}",
-        f"mask.target_aspect={list(ASPECT)}", f"mask.context_scale={list(ENC_SCALE)}",
+        f"mask.target_aspect={list(ASPECT)}", f"mask.context_scale={[ENC_SCALE[0], ctx_hi]}",
         f"mask.min_context={MIN_KEEP / n_patches}", "mask.wrap=false",
         "mask.block_sizes=per_batch",
         f"optim.lr={LR}", f"optim.start_lr={START_LR}", f"optim.final_lr={FINAL_LR}",
