@@ -222,7 +222,7 @@ def _linear(ends: tuple[float, float], steps: int) -> Iterator[float]:
             yield ends[0] + i * (ends[1] - ends[0]) / steps
 
 
-def iwm_config(args: argparse.Namespace, device: torch.device, total_steps: int) -> Config:
+def iwm_config(args: argparse.Namespace, device: torch.device) -> Config:
     """The ijepa preset with the official code's model, masks, loss and optimiser."""
     side = args.image_size // args.patch_size
     n_patches = side * side
@@ -248,8 +248,10 @@ def iwm_config(args: argparse.Namespace, device: torch.device, total_steps: int)
     ])
 
 
-def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]:
-    tt = _sibling("train_throughput")
+def run(args: argparse.Namespace, mods: dict[str, ModuleType], tt: ModuleType
+        ) -> dict[str, Any]:
+    """Time both sides; ``tt`` is benchmarks/train_throughput.py, whose FLOP counting and
+    device sync this shares."""
     device = resolve_device(args.device)
     if args.bf16 and device.type != "cuda":
         raise SystemExit("--bf16: the official code's autocast is CUDA-only; on "
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]
                          "bf16 with --iwm-variant train.precision=bf16)")
     torch.manual_seed(args.seed)
     total = args.rounds * (args.warmup + args.steps) + 2
-    base = iwm_config(args, device, total)
+    base = iwm_config(args, device)
     # Images in [0, 255] as the loader would hand over crops; the official side gets them
     # normalised (its transform does that in the workers), iwm normalises in the step.
     gen = torch.Generator().manual_seed(args.seed)
@@ -268,13 +270,11 @@ def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]
     official = OfficialSide(mods, args, device, total)
     official.encoder.train()
     official.predictor.train()
-    trainers = {"iwm": Trainer.create(base, channels=3, mean=(0.45,) * 3, std=(0.225,) * 3,
-                                      device=device, steps_per_epoch=total)}
-    for variant in args.iwm_variant:
-        cfg = load_config(base.to_dict(), variant.split())
-        trainers[f"iwm {variant}"] = Trainer.create(
-            cfg, channels=3, mean=(0.45,) * 3, std=(0.225,) * 3, device=device,
-            steps_per_epoch=total)
+    configs = {"iwm": base, **{f"iwm {v}": load_config(base.to_dict(), v.split())
+                               for v in args.iwm_variant}}
+    trainers = {name: Trainer.create(cfg, channels=3, mean=(0.45,) * 3, std=(0.225,) * 3,
+                                     device=device, steps_per_epoch=total)
+                for name, cfg in configs.items()}
     for trainer in trainers.values():
         trainer.model.train()
     formulas = tt._extra_flop_formulas()
@@ -426,13 +426,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mods = import_official(args.ijepa_repo)
     # Its step calls float() on a loss that still requires grad; torch warns every step.
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+    tt = _sibling("train_throughput")
     try:
-        results = run(args, mods)
+        results = run(args, mods, tt)
     except ConfigError as e:  # sizes iwm cannot build, e.g. a width the heads do not divide
         raise SystemExit(f"error: {e}") from e
     print(format_table(results))
     if args.json is not None:
-        _sibling("train_throughput").write_json(args.json, results)
+        tt.write_json(args.json, results)
     return results
 
 

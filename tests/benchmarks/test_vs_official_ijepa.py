@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -98,7 +99,7 @@ def script() -> ModuleType:
 
 
 @pytest.fixture
-def stand_in(tmp_path: Path) -> Path:
+def stand_in(tmp_path: Path) -> Iterator[Path]:
     repo = tmp_path / "ijepa"
     for rel, text in STAND_IN.items():
         path = repo / "src" / rel
@@ -133,7 +134,7 @@ def test_both_sides_are_timed_and_written(script, stand_in, tmp_path, capsys):
 
 def test_iwm_side_takes_the_official_recipe(script):
     args = script.parse_args(["--ijepa-repo", "x", "--model", "vit_small"])
-    cfg = script.iwm_config(args, torch.device("cpu"), total_steps=10)
+    cfg = script.iwm_config(args, torch.device("cpu"))
     m, k, o = cfg.model, cfg.mask, cfg.optim
     assert (m.encoder, m.predictor_heads, m.loss, m.patch_size) == ("vit_small", 6,
                                                                    "smooth_l1", 8)
