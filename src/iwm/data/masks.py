@@ -7,9 +7,9 @@ Patches are numbered row-major (``index = row * W + col``), the order a ViT flat
 Block sizes
     By default (``per_block``) every target block of every sample draws its own size; the
     official code draws one size per batch, so a batch never mixes small and large blocks.
-    The scale ``s`` (fraction of
-    the ``N = H * W`` patches) is uniform in ``cfg.target_scale``; the aspect ratio
-    ``r = h / w`` is log-uniform in ``cfg.target_aspect``: aspect ratios compose by
+    The scale ``s`` (fraction of the ``N = H * W`` patches) is uniform in
+    ``cfg.target_scale``; the aspect ratio ``r = h / w`` is log-uniform in
+    ``cfg.target_aspect``: aspect ratios compose by
     multiplication, so log-uniform treats a block and its transpose alike (``r`` and ``1/r``
     are equally likely when the range is symmetric, e.g. 0.5..2), where a uniform draw
     would favour the wide end of the range. Scale and aspect come from two independent
@@ -22,7 +22,7 @@ Block sizes
     (redraws after rejection keep them): the official code's choice. Its target blocks
     then need no padding (see "Index form"; per block, a 14 x 14 grid pads to about 42
     slots for 34 valid ones), but a batch's contexts are cut to its smallest one, which
-    per batch is larger: 4% fewer FLOPs per image for vit_tiny at batch 32, not 20%.
+    per batch is larger: net 4% fewer FLOPs per image for vit_tiny at batch 32.
 
     The context block draws ``s ~ U(cfg.context_scale)`` and takes the grid's own shape:
     ``h = round(sqrt(s) H)``, ``w = round(sqrt(s) W)``. On a square grid (square images,
@@ -75,7 +75,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iwm.config import MaskConfig
+from iwm.config import BLOCK_SIZES, MaskConfig
 from iwm.errors import ConfigError
 
 __all__ = ["Masks", "MultiBlockMaskGenerator"]
@@ -303,6 +303,6 @@ def _check_mask_config(cfg: MaskConfig) -> None:
         raise ConfigError(f"mask.target_aspect={[lo, hi]}: needs 0 < min <= max")
     if not 0 <= cfg.min_context < 1:
         raise ConfigError(f"mask.min_context={cfg.min_context}: needs 0 <= value < 1")
-    if cfg.block_sizes not in ("per_block", "per_batch"):
-        raise ConfigError(f"mask.block_sizes={cfg.block_sizes!r}: choose per_block or "
-                          "per_batch")
+    if cfg.block_sizes not in BLOCK_SIZES:
+        raise ConfigError(f"mask.block_sizes={cfg.block_sizes!r}: choose "
+                          f"{' or '.join(BLOCK_SIZES)}")
