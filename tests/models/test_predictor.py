@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from iwm.models.attention import KERNELS, set_attention
 from iwm.models.predictor import Predictor
 
 GRID = (4, 4)
@@ -45,8 +46,10 @@ def test_conditioning_uses_the_action(conditioning):
     torch.testing.assert_close(p(context, ctx_idx, tgt_idx, None), a)
 
 
-def test_padding_tokens_do_not_change_real_predictions():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_padding_tokens_do_not_change_real_predictions(kernel):
     p = _predictor("feature")
+    assert set_attention(p, kernel) == 2
     context, ctx_idx, tgt_idx = _inputs(batch=1)
     action = torch.randn(1, 5)
     plain = p(context, ctx_idx, tgt_idx, action)

@@ -51,6 +51,7 @@ from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import BatchSource, make_source
 from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import CheckpointError, ConfigError, Preempted, StorageError, TrainingError
+from iwm.models.attention import resolve_attention, set_attention
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, StepOutput, build_model
 from iwm.training.checkpoint import (
@@ -186,6 +187,7 @@ class Trainer:
                dist: DistInfo | None = None) -> Trainer:
         dist = dist or DistInfo()
         model = build_model(cfg, channels).to(device)
+        set_attention(model, resolve_attention(cfg.train.attention, device))
         fsdp = dist.world_size > 1 and cfg.train.data_parallel == "fsdp"
         if fsdp:
             shard_model(model)  # before the optimiser, which must see the sharded tensors

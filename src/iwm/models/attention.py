@@ -1,0 +1,36 @@
+"""Which kernel timm's self-attention runs: one fused SDPA call, or matmul + softmax.
+
+The choice changes speed only (both compute softmax(q k^T / sqrt(d)) v with the same
+padding mask). On CUDA, scaled_dot_product_attention reaches the flash and memory-
+efficient kernels. On CPU its flash kernel loses to two MKL batched matmuls for the short
+sequences of a ViT: on the 2-core AVX-512 machine of docs/RESULTS.md, 2.7x slower
+forward + backward in bf16 and level in fp32 (benchmarks/vs_official_ijepa.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+KERNELS = ("sdpa", "matmul")
+
+
+def resolve_attention(setting: str, device: torch.device) -> str:
+    """``train.attention`` on ``device``: auto is sdpa on CUDA, matmul elsewhere."""
+    if setting == "auto":
+        return "sdpa" if device.type == "cuda" else "matmul"
+    if setting not in KERNELS:
+        raise ValueError(f"attention kernel {setting!r}: choose auto, {' or '.join(KERNELS)}")
+    return setting
+
+
+def set_attention(module: nn.Module, kernel: str) -> int:
+    """Make every timm self-attention layer in ``module`` use ``kernel``; returns how many
+    layers it set (0 means the module has none, a sign of a wrong module)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: choose {' or '.join(KERNELS)}")
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.fused_attn = kernel == "sdpa"
+    return len(layers)
