@@ -14,8 +14,8 @@ step below runs the loop's statements in the loop's order; only the timing marks
 phases are added.
 
 Reported: images/s, mean step time, the per-phase split, peak memory, FLOPs per image
-(one forward + backward, counted with ``torch.utils.flop_counter``) and, on GPU, MFU
-against the device's dense bf16 peak.
+(one forward + backward, counted with ``torch.utils.flop_counter``) and MFU: on a known
+GPU in bf16 against its dense peak, elsewhere against ``--peak-tflops`` when given.
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         # The table holds bf16 peaks; an fp32 run has a different (much lower) ceiling.
         peak_tflops = lookup_peak_tflops(device_name)
     achieved_tflops = flops_per_image * images_per_s / 1e12
-    mfu = achieved_tflops / peak_tflops if peak_tflops and device.type != "cpu" else None
+    # A CPU has no table entry; a peak given for it (such as a measured matmul rate) counts.
+    mfu = achieved_tflops / peak_tflops if peak_tflops else None
     return {
         "config": cfg.to_dict(),
         "device": str(device),
@@ -282,7 +283,7 @@ def write_profile(folder: Path, device: torch.device, run_step: Callable[[int], 
 
 
 def format_table(r: dict[str, Any]) -> str:
-    mfu = f"{100 * r['mfu']:.1f} % of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] is not None \
+    mfu = f"{100 * r['mfu']:.1f} % of {r['peak_tflops']:.3g} TFLOP/s" if r["mfu"] is not None \
         else "n/a"
     rows = [
         ("device", f"{r['device_name']} ({r['device']}), {r['precision']}"
@@ -324,7 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="image channels (default: 1 for MNIST-family data, else 3)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU (default: looked up for bf16 on known GPUs)")
+                   help="device peak for MFU (default: looked up for bf16 on known GPUs; "
+                        "on a CPU give one, e.g. its measured bf16 matmul rate)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="also write the results here as JSON")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",

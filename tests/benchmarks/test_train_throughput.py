@@ -34,8 +34,17 @@ def test_two_steps_on_cpu_write_consistent_json(script: ModuleType, tmp_path: Pa
     assert set(result["split"]) == set(script.PHASES)
     assert all(f >= 0 for f in result["split"].values())
     assert math.isclose(sum(result["split"].values()), 1.0, abs_tol=1e-6)
-    assert result["mfu"] is None  # no meaningful peak for a CPU
+    assert result["mfu"] is None  # no peak is known for a CPU unless one is given
     assert returned["images_per_s"] == result["images_per_s"]
+
+
+def test_mfu_against_a_given_peak(script: ModuleType) -> None:
+    result = script.main(["--config", "iwm-equi-tiny", "train.batch_size=4", "--steps", "1",
+                          "--warmup", "0", "--device", "cpu", "--peak-tflops", "0.5"])
+    achieved = result["flops_per_image"] * result["images_per_s"] / 1e12
+    assert result["peak_tflops"] == 0.5
+    assert math.isclose(result["mfu"], achieved / 0.5, rel_tol=1e-9)
+    assert "% of 0.5 TFLOP/s" in script.format_table(result)
 
 
 def test_profile_and_step_options(script: ModuleType, tmp_path: Path) -> None:
