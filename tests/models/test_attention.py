@@ -41,8 +41,9 @@ def test_kernels_give_the_same_loss_and_gradients(precision, tol):
         assert (a.float() - b.float()).norm() <= tol * a.float().norm() + 1e-8
 
 
-def test_auto_is_sdpa_on_cuda_and_matmul_elsewhere():
+def test_auto_is_matmul_on_cpu_and_sdpa_on_accelerators():
     assert resolve_attention("auto", torch.device("cuda", 0)) == "sdpa"
+    assert resolve_attention("auto", torch.device("mps")) == "sdpa"
     assert resolve_attention("auto", torch.device("cpu")) == "matmul"
     assert resolve_attention("sdpa", torch.device("cpu")) == "sdpa"
     with pytest.raises(ValueError, match="'flash'"):
