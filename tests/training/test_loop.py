@@ -77,9 +77,10 @@ def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
     # The metrics file has each step once, also after the resume, with the same values.
     rows_full, rows_part = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in rows_part] == list(range(1, 7))
+    timings = {"images_per_s", "input_wait"}
     for x, y in zip(rows_full, rows_part, strict=True):
-        assert {k: v for k, v in x.items() if k != "images_per_s"} == \
-            {k: v for k, v in y.items() if k != "images_per_s"}
+        assert {k: v for k, v in x.items() if k not in timings} == \
+            {k: v for k, v in y.items() if k not in timings}
 
 
 class _StopAtSave(Exception):
@@ -134,3 +135,23 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     cfg = load_config("iwm-inv-tiny", SMALL)
     with pytest.raises(ConfigError, match="no checkpoint"):
         pretrain(cfg, tmp_path / "empty", resume=True)
+
+
+def test_input_wait_is_the_share_of_time_spent_getting_batches(tmp_path, monkeypatch):
+    import time
+
+    from iwm.data.sources import TensorBatchSource
+
+    cfg = load_config("ijepa-tiny", SMALL + ["train.epochs=0.5"])
+    fast = read_metrics(pretrain(cfg, tmp_path / "fast"))
+    original = TensorBatchSource.next
+
+    def slow_next(self):
+        time.sleep(0.5)  # a loader that cannot keep up
+        return original(self)
+
+    monkeypatch.setattr(TensorBatchSource, "next", slow_next)
+    slow = read_metrics(pretrain(cfg, tmp_path / "slow"))
+    assert [r["step"] for r in slow] == [1, 2]
+    assert all(0.2 < r["input_wait"] <= 1 for r in slow)
+    assert max(r["input_wait"] for r in fast) < min(r["input_wait"] for r in slow)

@@ -185,6 +185,10 @@ def _curves_section(run_dir: Path, out_dir: Path, rows: list[dict[str, float]]) 
     speeds = _series(rows, "images_per_s")[1]
     if speeds:
         facts.append(f"median throughput {statistics.median(speeds):.0f} images/s")
+    waits = _series(rows, "input_wait")[1]
+    if waits:
+        facts.append(f"waiting for input {100 * statistics.median(waits):.1f}% of the time "
+                     "(median)")
     return (f"<p>{_esc('; '.join(facts))}. The collapse monitor is the std across the batch "
             "of the predicted and target latents: both falling towards 0 means the encoder "
             "is collapsing.</p>"

@@ -463,10 +463,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         logger = MetricsLogger(run_dir, enabled=dist.is_main,
                                resume_step=start_step if resume else None)
     trainer.model.train()
-    tick, images_since = time.perf_counter(), 0
+    tick, images_since, input_wait = time.perf_counter(), 0, 0.0
     try:
         for step in range(start_step, total_steps):
+            # Host time spent getting the batch: on a GPU, which the host runs ahead of,
+            # an upper bound on what the input pipeline costs (it may overlap queued work).
+            asked = time.perf_counter()
             crops, _ = source.next()
+            input_wait += time.perf_counter() - asked
             out, grad_norm = trainer.step(step, crops)
             images_since += crops.shape[0] * dist.world_size
             bar.update(1)
@@ -500,6 +504,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                     "ema": trainer.schedules.ema_momentum(step),
                     "pred_std": pred_std, "target_std": target_std, "grad_norm": gnorm,
                     "images_per_s": images_since / max(now - tick, 1e-9),
+                    "input_wait": input_wait / max(now - tick, 1e-9),
                     "epoch": done / steps_per_epoch,
                     "skipped_steps": skipped,
                 }
@@ -509,7 +514,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                     logger.log(done, values)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
                                 img_s=f"{values['images_per_s']:.0f}")
-                tick, images_since = now, 0
+                tick, images_since, input_wait = now, 0, 0.0
             # Before saving: a checkpoint never holds a run that should have stopped.
             _check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
             if save_now or stopping:
