@@ -91,6 +91,19 @@ def test_frozen_parts_get_no_gradient_and_stay_unchanged(protocol, trained, pret
     assert out.result["steps"] == 2 and out.result["train_flops"] > 0
 
 
+def test_finetuning_runs_the_configured_attention_kernel_on_copies(trained, pretrained):
+    from timm.models.vision_transformer import Attention
+
+    def kernels(module):
+        return {m.fused_attn for m in module.modules() if isinstance(m, Attention)}
+
+    # train.attention=auto on this CPU: matmul for the trained copies, as in pretraining;
+    # the loaded run keeps timm's default.
+    for protocol in PROTOCOLS:
+        assert kernels(trained[protocol].backbone) == {False}
+    assert kernels(pretrained.encoder) == {True}
+
+
 def test_trainable_parameter_counts_are_ordered(pretrained):
     head = AttentiveClassifier(pretrained.encoder.embed_dim, 10)
     n = {p: count_trainable(build_backbone(pretrained, p), head) for p in PROTOCOLS}

@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "head (protocols of PAPER.md: leveraging the "
                                         "world model)")
     p.add_argument("run", help="run directory (results go to RUN/results/)")
-    p.add_argument("overrides", nargs="*", help="finetune.* overrides, e.g. finetune.epochs=2")
+    p.add_argument("overrides", nargs="*",
+                   help="config overrides, e.g. finetune.epochs=2 train.precision=bf16")
     p.add_argument("--protocol", required=True,
                    choices=("encoder", "random-predictor", "predictor", "end-to-end"))
     p.add_argument("--tasks", help="comma-separated data sets (default: the run's); several "

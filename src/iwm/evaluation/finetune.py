@@ -81,6 +81,7 @@ from iwm.evaluation.segmentation import (
     mean_iou,
     patch_labels,
 )
+from iwm.models.attention import resolve_attention, set_attention
 from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead
 from iwm.models.iwm import build_model
 from iwm.models.predictor import Predictor
@@ -313,6 +314,8 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
     start = time.perf_counter()
     multitask = len(tasks) > 1
     backbone = build_backbone(pretrained, protocol, num_tasks=len(tasks) if multitask else 0)
+    # Finetuning trains like pretraining: same precision (amp below), same attention kernel.
+    set_attention(backbone, resolve_attention(cfg.train.attention, device))
     dim = pretrained.encoder.embed_dim
     heads = nn.ModuleList(
         AttentiveClassifier(dim, t.num_classes) if kind == "classification"
