@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import importlib.util
 import logging
 import math
 import statistics
@@ -60,6 +59,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# A sibling script: benchmarks/ is on sys.path when this one runs (tests put it there too).
+import train_throughput as tt
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,22 +71,12 @@ from iwm.models.vit import ENCODERS
 from iwm.training.distributed import resolve_device
 from iwm.training.loop import Trainer
 
-HERE = Path(__file__).resolve().parent
 CLONE_HINT = "git clone https://github.com/facebookresearch/ijepa PATH"
 
 # The official I-JEPA ImageNet recipe (configs/in1k_vith14_ep300.yaml), shared by both sides.
 PRED_SCALE, ENC_SCALE, ASPECT, N_PRED, MIN_KEEP = (0.15, 0.2), (0.85, 1.0), (0.75, 1.5), 4, 10
 FLOP_DRAWS = 8
 LR, START_LR, FINAL_LR, WD, FINAL_WD, EMA = 1e-3, 2e-4, 1e-6, 0.04, 0.4, (0.996, 1.0)
-
-
-def _sibling(name: str) -> ModuleType:
-    """A script of this folder (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def import_official(repo: Path) -> dict[str, ModuleType]:
@@ -248,10 +240,8 @@ def iwm_config(args: argparse.Namespace, device: torch.device) -> Config:
     ])
 
 
-def run(args: argparse.Namespace, mods: dict[str, ModuleType], tt: ModuleType
-        ) -> dict[str, Any]:
-    """Time both sides; ``tt`` is benchmarks/train_throughput.py, whose FLOP counting and
-    device sync this shares."""
+def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]:
+    """Time both sides, with train_throughput's FLOP counting and device sync."""
     device = resolve_device(args.device)
     if args.bf16 and device.type != "cuda":
         raise SystemExit("--bf16: the official code's autocast is CUDA-only; on "
@@ -426,9 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mods = import_official(args.ijepa_repo)
     # Its step calls float() on a loss that still requires grad; torch warns every step.
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
-    tt = _sibling("train_throughput")
     try:
-        results = run(args, mods, tt)
+        results = run(args, mods)
     except ConfigError as e:  # sizes iwm cannot build, e.g. a width the heads do not divide
         raise SystemExit(f"error: {e}") from e
     print(format_table(results))
