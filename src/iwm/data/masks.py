@@ -78,7 +78,7 @@ from torch import Tensor
 from iwm.config import BLOCK_SIZES, MaskConfig
 from iwm.errors import ConfigError
 
-__all__ = ["Masks", "MultiBlockMaskGenerator"]
+__all__ = ["Masks", "MultiBlockMaskGenerator", "to_device"]
 
 #: Redraw rounds before a config is declared unable to meet ``min_context``. Each round
 #: redraws only the still-failing samples, so a config accepted with probability p per
@@ -101,16 +101,18 @@ class Masks:
     target_valid: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Masks:
-        """On ``device``. ``non_blocking`` from the CPU to a GPU goes through pinned memory:
-        from pageable memory the copy would still hold up the host."""
-        pin = non_blocking and torch.device(device).type == "cuda"
+        """On ``device``, each tensor moved by :func:`to_device`."""
+        return Masks(context=to_device(self.context, device, non_blocking),
+                     targets=to_device(self.targets, device, non_blocking),
+                     target_valid=to_device(self.target_valid, device, non_blocking))
 
-        def move(t: Tensor) -> Tensor:
-            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
-                device, non_blocking=non_blocking)
 
-        return Masks(context=move(self.context), targets=move(self.targets),
-                     target_valid=move(self.target_valid))
+def to_device(t: Tensor, device: torch.device | str, non_blocking: bool = False) -> Tensor:
+    """``t`` on ``device``. ``non_blocking`` from the CPU to a GPU goes through pinned
+    memory, so the copy is queued on the stream like a kernel: from pageable memory it
+    would still hold up the host (masks are drawn on the CPU while the GPU runs)."""
+    pin = non_blocking and t.device.type == "cpu" and torch.device(device).type == "cuda"
+    return (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)
 
 
 class MultiBlockMaskGenerator:

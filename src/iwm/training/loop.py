@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from iwm.config import Config, load_config, save_config
 from iwm.data.datasets import get_dataset
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskGenerator, to_device
 from iwm.data.normalize import Normalizer
 from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import BatchSource, make_source
@@ -253,7 +253,8 @@ class Trainer:
         masks = self.masks(local * world, self.mask_generator, "cpu")
         # Every rank and micro-batch divides by the same global count; DDP then averages
         # over ranks, hence the division.
-        denominator = _to_device(masks.target_valid.sum().float() / world, crops.device)
+        denominator = to_device(masks.target_valid.sum().float() / world, crops.device,
+                                non_blocking=True)
         masks = take_rows(masks, self.shard.rows(local)).to(crops.device, non_blocking=True)
         source, target = self.normalize(v.source), self.normalize(v.target)
         mark("data")
@@ -541,14 +542,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     source.close()
     with _writing("metrics to", logger.path):
         logger.close()
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """A CPU tensor on ``device`` without blocking the host: from pinned memory, the copy
-    is queued on the stream like a kernel."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _gather_rank_states(trainer: Trainer, source: BatchSource, dist: DistInfo) -> list[dict]:
