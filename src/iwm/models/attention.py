@@ -13,7 +13,9 @@ import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-KERNELS = ("sdpa", "matmul")
+from iwm.config import ATTENTIONS
+
+KERNELS = tuple(k for k in ATTENTIONS if k != "auto")
 
 
 def resolve_attention(setting: str, device: torch.device) -> str:
