@@ -16,12 +16,16 @@ phases are added.
 Reported: images/s, mean step time, the per-phase split, peak memory, FLOPs per image
 (one forward + backward, counted with ``torch.utils.flop_counter``) and MFU: on a known
 GPU in bf16 against its dense peak, elsewhere against ``--peak-tflops`` when given.
+On a GPU, images/s and step time come from steps run as training runs them (nothing waits
+for the device between steps; CUDA events time them), and the split from as many more
+steps with a device sync at every phase boundary, whose mean is reported beside.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import resource
@@ -132,6 +136,32 @@ class PhaseTimer:
         self._last = now
 
 
+class StepClock:
+    """Seconds per step without draining the device between steps, so the host queues step
+    i + 1 while the device runs step i, as in training: CUDA events recorded at step
+    boundaries and read after the last step; the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._events: list[Any] = []
+        self._host: list[float] = []
+
+    def tick(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append(event)
+        else:
+            synchronize(self.device)
+            self._host.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self._events)]
+        return [b - a for a, b in itertools.pairwise(self._host)]
+
+
 class SyntheticCrops:
     """The in-memory source's work per batch (crop + flip of uint8 images on the device),
     on random images: one pool of ``batch_size`` images, cropped afresh every step."""
@@ -184,10 +214,12 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
-              peak_tflops: float | None = None, profile: Path | None = None
-              ) -> dict[str, Any]:
+              peak_tflops: float | None = None, profile: Path | None = None,
+              split_apart: bool | None = None) -> dict[str, Any]:
     """Run ``warmup`` untimed and ``steps`` timed training steps of ``cfg``; the results.
 
+    ``split_apart``: time the phase split in ``steps`` more steps, so that the timed ones
+    run unsynchronised (default: on devices that run ahead of the host, CUDA and MPS).
     With ``profile``, 3 more steps run under ``torch.profiler`` afterwards (so the
     profiler's overhead is not in the timings): a Chrome/Perfetto trace and the operators
     sorted by self time are written there."""
@@ -199,17 +231,23 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
     # Statistics only shift the inputs; any plausible values cost the same. Schedules span
     # exactly these steps: their values change, their cost does not.
     cfg = load_config(cfg.to_dict(), ["train.epochs=1"])
+    # A device that runs ahead of the host is timed twice: as training runs (no sync in
+    # the step) for images/s, then with a sync at every phase boundary for the split.
+    if split_apart is None:
+        split_apart = device.type in ("cuda", "mps")
     trainer = Trainer.create(cfg, channels=channels, mean=(0.5,) * channels,
                              std=(0.25,) * channels, device=device,
-                             steps_per_epoch=warmup + steps)
+                             steps_per_epoch=warmup + steps * (1 + split_apart) + 3)
     source = SyntheticCrops(cfg, channels, device)
     trainer.model.train()
     flops_per_image = count_flops(trainer, source.next()) / batch
 
-    def train_step(step: int) -> dict[str, float]:
+    def train_step(step: int) -> None:
+        trainer.step(step, source.next())
+
+    def marked_step(step: int) -> dict[str, float]:
         timer = PhaseTimer(device)
-        crops = source.next()
-        trainer.step(step, crops, mark=timer.mark)
+        trainer.step(step, source.next(), mark=timer.mark)
         return timer.times
 
     for step in range(warmup):
@@ -218,14 +256,27 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         # Peak of the steady state: warm-up and FLOP counting allocate no more, but the
         # counter's bookkeeping and one-off autotuning should not be in the number.
         torch.cuda.reset_peak_memory_stats(device)
-    per_step = [train_step(warmup + i) for i in range(steps)]
+    clock = StepClock(device)
+    clock.tick()
+    if split_apart:
+        for i in range(steps):
+            train_step(warmup + i)
+            clock.tick()
+        per_step = [marked_step(warmup + steps + i) for i in range(steps)]
+    else:  # syncing is free here: one pass gives both
+        per_step = []
+        for i in range(steps):
+            per_step.append(marked_step(warmup + i))
+            clock.tick()
+    step_s = clock.seconds()
+    done = warmup + steps * (1 + split_apart)
 
     if profile is not None:
-        write_profile(profile, device, lambda i: train_step(warmup + steps + i))
+        write_profile(profile, device, lambda i: train_step(done + i))
 
-    step_s = [sum(t.values()) for t in per_step]
     total_s = sum(step_s)
     phase_s = {p: sum(t[p] for t in per_step) for p in PHASES}
+    synced_s = sum(phase_s.values())
     images_per_s = batch * steps / total_s
     peak_bytes, peak_kind = _peak_memory(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -248,11 +299,13 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         "crops": source.kind,
         "steps": steps,
         "warmup": warmup,
+        "split_apart": split_apart,
         "images_per_s": images_per_s,
         "step_time_ms": 1e3 * total_s / steps,
         "step_time_ms_median": 1e3 * statistics.median(step_s),
+        "step_time_ms_synced": 1e3 * synced_s / steps,
         "phase_ms": {p: 1e3 * s / steps for p, s in phase_s.items()},
-        "split": {p: s / total_s for p, s in phase_s.items()},
+        "split": {p: s / synced_s for p, s in phase_s.items()},
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": peak_kind,
         "flops_per_image": flops_per_image,
@@ -295,6 +348,9 @@ def format_table(r: dict[str, Any]) -> str:
         ("step time", f"{r['step_time_ms']:.2f} ms mean, {r['step_time_ms_median']:.2f} ms "
                       "median"),
     ]
+    if not math.isclose(r["step_time_ms_synced"], r["step_time_ms"], rel_tol=1e-3):
+        rows.append(("split", f"of {r['step_time_ms_synced']:.2f} ms per step, a device sync "
+                              "at every phase boundary"))
     rows += [(f"  {p}", f"{r['phase_ms'][p]:8.2f} ms  {100 * r['split'][p]:5.1f} %")
              for p in PHASES]
     rows += [

@@ -35,6 +35,9 @@ decoding or cropping is in the numbers:
   not, e.g. on a CPU whose cores the step already uses).
 - iwm: :meth:`iwm.training.loop.Trainer.step`, as training runs it: masks are drawn in
   the step, and it also checks for non-finite values and measures the gradient norm.
+- Each side's ``--steps`` steps are timed as one block, the device drained before and
+  after, so the host runs ahead of the GPU wherever the code lets it: the official step
+  reads its loss on the host every step (``float(loss)``), iwm's reads nothing back.
 The sides alternate for ``--rounds`` rounds (A B A B ...) so that a machine's drift hits
 both; the figures are the medians over rounds. FLOPs per image are counted for both with
 ``torch.utils.flop_counter``, averaged over 8 mask draws (they should agree within a few
@@ -107,18 +110,14 @@ def import_official(repo: Path) -> dict[str, ModuleType]:
     return mods
 
 
-class PhaseClock:
-    """Wall time of whole calls, with a device sync before reading the clock."""
-
-    def __init__(self, device: torch.device, sync: Callable[[torch.device], None]) -> None:
-        self.device, self.sync = device, sync
-
-    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, float]:
-        self.sync(self.device)
-        t0 = time.perf_counter()
-        out = fn()
-        self.sync(self.device)
-        return out, time.perf_counter() - t0
+def timed(device: torch.device, fn: Callable[[], Any]) -> float:
+    """Wall seconds of ``fn``, with the device's queue drained before and after: a block of
+    steps timed as a whole leaves the host free to run ahead inside it, as in training."""
+    tt.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    tt.synchronize(device)
+    return time.perf_counter() - t0
 
 
 class OfficialSide:
@@ -278,47 +277,46 @@ def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]
               "iwm": sum(p.numel() for n, p in trainers["iwm"].model.named_parameters()
                          if not n.startswith("target_encoder."))}
 
-    clock = PhaseClock(device, tt.synchronize)
+    # Per round and side: seconds per step over `steps` steps timed as one block, as each
+    # loop runs them. The official step reads its loss on the host (float(loss)); iwm's
+    # does not, so the host queues iwm's next step while the GPU still runs this one.
+    # The official masks come from its collator, which train.py runs in DataLoader
+    # workers: drawn before the block and timed apart.
     times: dict[str, list[float]] = {"official": [], "collator": []}
 
-    def official_step() -> None:
-        masks, t_masks = clock(lambda: official.masks(imgs))
-        _, t_step = clock(lambda: official.step(imgs, masks))
-        times["collator"].append(t_masks)
-        times["official"].append(t_step)
+    def official_block(n: int) -> tuple[float, ...]:
+        t0 = time.perf_counter()
+        masks = [official.masks(imgs) for _ in range(n)]
+        collator = (time.perf_counter() - t0) / n
+        return timed(device, lambda: [official.step(imgs, m) for m in masks]) / n, collator
 
-    def iwm_step(name: str) -> Callable[[], None]:
+    def iwm_block(name: str) -> Callable[[int], tuple[float, ...]]:
         trainer, done = trainers[name], [0]
-        times[name] = []
 
-        def step() -> None:
-            # .item() as the official float(loss): both hand the loss to the host.
-            _, t = clock(lambda: trainer.step(done[0], crops)[0].loss.item())
-            done[0] += 1
-            times[name].append(t)
+        def block(n: int) -> tuple[float, ...]:
+            def steps() -> None:
+                for _ in range(n):
+                    trainer.step(done[0], crops)
+                    done[0] += 1
+            return (timed(device, steps) / n,)
 
-        return step
+        return block
 
-    sides = [("official", official_step)] + [(k, iwm_step(k)) for k in trainers]
+    sides = [("official", official_block)] + [(k, iwm_block(k)) for k in trainers]
     peak: dict[str, int] = {}
     for r in range(args.rounds):
-        for name, step in sides if r % 2 == 0 else sides[::-1]:
-            for _ in range(args.warmup):
-                step()
-            for key in ("official", "collator") if name == "official" else (name,):
-                del times[key][len(times[key]) - args.warmup:]
+        for name, block in sides if r % 2 == 0 else sides[::-1]:
+            if args.warmup:
+                block(args.warmup)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(args.steps):
-                step()
+            per_step = block(args.steps)
+            for key, seconds in zip((name, "collator"), per_step, strict=False):
+                times.setdefault(key, []).append(seconds)
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
 
-    def per_round(xs: list[float]) -> list[float]:
-        return [sum(xs[i * args.steps:(i + 1) * args.steps]) / args.steps
-                for i in range(args.rounds)]
-
-    step_s = {k: statistics.median(per_round(v)) for k, v in times.items()}
+    step_s = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: args.batch_size / v for k, v in step_s.items() if k != "collator"}
     ips["official_with_collator"] = args.batch_size / (step_s["official"]
                                                        + step_s["collator"])
@@ -336,8 +334,7 @@ def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]
         "params": params,
         "flops_per_image": flops,
         "step_time_ms": {k: 1e3 * v for k, v in step_s.items()},
-        "step_time_ms_per_round": {k: [1e3 * x for x in per_round(v)]
-                                   for k, v in times.items()},
+        "step_time_ms_per_round": {k: [1e3 * x for x in v] for k, v in times.items()},
         "images_per_s": ips,
         "speedup": {k: v / ips["official"] for k, v in ips.items() if k.startswith("iwm")},
         "speedup_with_collator": {k: v / ips["official_with_collator"]

@@ -99,3 +99,28 @@ def test_profile_into_a_file_is_refused_before_any_step(script: ModuleType, tmp_
         script.parse_args(["--profile", str(taken)])
     assert "is a file; give a folder" in capsys.readouterr().err
     assert taken.read_text() == "not a folder"
+
+
+def test_split_apart_times_unsynchronised_steps_and_splits_more(script: ModuleType,
+                                                                monkeypatch) -> None:
+    # The GPU path, forced on the CPU: images/s from `steps` steps as training runs them,
+    # the split from `steps` more with a sync at every phase boundary.
+    from iwm.config import load_config
+    from iwm.training.loop import Trainer
+
+    seen: list[int] = []
+    real_step = Trainer.step
+
+    def counting_step(self, step, crops, **kwargs):
+        seen.append(step)
+        return real_step(self, step, crops, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", counting_step)
+    cfg = load_config("iwm-equi-tiny", ["train.batch_size=4", "train.device=cpu"])
+    r = script.benchmark(cfg, steps=3, warmup=1, channels=1, split_apart=True)
+    assert seen == list(range(1 + 2 * 3))  # warm-up, timed, split: the schedule's order
+    assert r["split_apart"] is True
+    assert r["step_time_ms"] > 0 and r["step_time_ms_synced"] > 0
+    assert math.isclose(sum(r["split"].values()), 1.0, abs_tol=1e-6)
+    assert math.isclose(sum(r["phase_ms"].values()), r["step_time_ms_synced"], rel_tol=1e-6)
+    assert r["images_per_s"] == pytest.approx(4 / (r["step_time_ms"] / 1e3), rel=1e-9)
