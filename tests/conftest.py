@@ -33,6 +33,17 @@ def write_fake_mnist(folder: Path, gz: bool = True, n_train: int = FAKE_TRAIN,
     return out
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `-m cuda` selects the tests that need a GPU (benchmarks/gpu_suite.py runs them);
+    # without one they are skipped, never failed.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def mnist_writer():
     """:func:`write_fake_mnist`, for tests that need the files in several places."""

@@ -351,7 +351,7 @@ def test_batch_size_must_be_positive():
         _gen()(0, _rng())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cpu_generator_feeds_cuda_masks_identically():
     gen = _gen()
     on_cpu = gen(16, _rng(18))

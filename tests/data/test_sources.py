@@ -210,7 +210,7 @@ def test_eval_batches_folder(coloured_folder):
         assert [i % 3 for i in _colour_ids(x)] == y.tolist()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_sources_on_cuda(coloured_folder):
     data = _indexed_set(64)
     src = TensorBatchSource(data, 16, 8, **AUGMENT, device="cuda", seed=0)

@@ -140,7 +140,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, fake_mnist_dir):
     assert resumed["optimizer"].keys() == two["optimizer"].keys()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_a_training_step_never_waits_for_the_gpu():
     """Masks are drawn on the CPU and copied asynchronously; nothing in the step reads a
     device value on the host (the loop does that only at log and checkpoint steps)."""
