@@ -2,12 +2,14 @@
 against, and on a CPU (no spec-sheet peak) the number to pass as
 ``train_throughput.py --peak-tflops``.
 
-    python benchmarks/matmul_rate.py --device cpu --dtype bf16 --size 2048
+    python benchmarks/matmul_rate.py --device cpu --dtype bf16 --size 2048 [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--size", type=int, default=4096, help="square matrix side")
     p.add_argument("--repeats", type=int, default=5, help="timed multiplies (best counts)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="also write the result here as JSON")
     args = p.parse_args(argv)
     if args.size < 1 or args.repeats < 1:
         p.error("--size and --repeats must be at least 1")
@@ -51,7 +55,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{device} {args.dtype} {args.size}^3 matmul: {tflops:.3f} TFLOP/s "
           f"(best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} "
           "CPU threads)")
-    return {"device": str(device), "dtype": args.dtype, "size": args.size, "tflops": tflops}
+    result = {"device": str(device), "dtype": args.dtype, "size": args.size, "tflops": tflops}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

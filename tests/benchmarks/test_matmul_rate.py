@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -26,10 +28,12 @@ def test_rate_is_two_flops_per_multiply_add_over_the_best_time(
     assert result["tflops"] == pytest.approx(2 * 64**3 / 2 / 1e12)
 
 
-def test_real_rate_on_cpu_is_positive(script: ModuleType) -> None:
+def test_real_rate_on_cpu_is_positive_and_written(script: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "rate" / "matmul.json"
     result = script.main(["--device", "cpu", "--dtype", "bf16", "--size", "128",
-                          "--repeats", "2"])
+                          "--repeats", "2", "--json", str(out)])
     assert result["tflops"] > 0 and result["dtype"] == "bf16"
+    assert json.loads(out.read_text()) == result
 
 
 def test_bad_arguments_are_usage_errors(script: ModuleType,
