@@ -87,9 +87,9 @@ class Sizes:
         return cls(device="cpu", config="iwm-inv-tiny", batch=8, image_size=28,
                    encoders=("vit_micro",), compile=(False,), steps=2, warmup=1,
                    matmul_size=256,
-                   official=("--model", "vit_tiny", "--image-size", "112", "--patch-size",
-                             "8", "--pred-depth", "1", "--pred-width", "48",
-                             "--batch-size", "2"),
+                   official=("--model", "vit_tiny", "--image-size", "40", "--patch-size",
+                             "4", "--pred-depth", "1", "--pred-width", "48",
+                             "--batch-size", "4"),
                    jpegs=32, jpeg_size=(80, 60), input_epochs=1, workers=1, ddp_procs=2)
 
 

@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from ijepa_stand_in import forget_stand_in, write_stand_in
 from scripts import load_script  # tests/benchmarks/scripts.py
 
 
@@ -17,13 +18,17 @@ def suite() -> ModuleType:
     return load_script("gpu_suite")
 
 
-def test_smoke_runs_every_piece_and_reports_its_figures(suite: ModuleType, stand_in: Path,
+def test_smoke_runs_every_piece_and_reports_its_figures(suite: ModuleType,
                                                         tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     # `tests` (a nested pytest) is left out for time; it is one command, `pytest -m cuda`.
     pieces = ["env", "matmul", "throughput", "official", "input", "ddp"]
-    results = suite.main(["--smoke", "--out", str(out), "--work", str(work),
-                          "--ijepa-repo", str(stand_in), "--only", ",".join(pieces)])
+    try:
+        results = suite.main(["--smoke", "--out", str(out), "--work", str(work), "--only",
+                              ",".join(pieces), "--ijepa-repo",
+                              str(write_stand_in(tmp_path / "ijepa"))])
+    finally:
+        forget_stand_in()
     assert list(results) == pieces
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(pieces, "ok")
     assert json.loads((out / "suite.json").read_text()) == json.loads(json.dumps(results))

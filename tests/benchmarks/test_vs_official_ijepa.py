@@ -8,16 +8,25 @@ real comparison's figures are in docs/RESULTS.md. No timing assertions.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from ijepa_stand_in import forget_stand_in, write_stand_in
 from scripts import load_script  # tests/benchmarks/scripts.py
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
     return load_script("vs_official_ijepa")
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Iterator[Path]:
+    yield write_stand_in(tmp_path / "ijepa")
+    forget_stand_in()
 
 
 SMALL = ["--model", "vit_tiny", "--image-size", "40", "--patch-size", "4", "--batch-size",

@@ -128,9 +128,8 @@ def test_random_draw_count_is_fixed():
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
+@pytest.mark.cuda
 def test_cpu_generator_can_drive_other_device_tensors():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     images = _images().cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     out = random_resized_crop(images, 16, (0.3, 1.0), (0.75, 4 / 3), True, g)
