@@ -141,3 +141,5 @@ def test_rejects_wrong_shapes() -> None:
         P.adjust_brightness(torch.rand(2, 4, 8, 8), 1.0)
     with pytest.raises(ValueError, match="odd"):
         P.gaussian_blur(x, torch.ones(B), 4)
+    with pytest.raises(ValueError, match="larger than 4 pixels"):
+        P.gaussian_blur(x[..., :4, :4], torch.ones(B), 9)

@@ -255,3 +255,13 @@ def test_skipping_undrawn_ops_changes_nothing(strength):
                                        v.destructive)
     torch.testing.assert_close(v.target, target, rtol=0, atol=0)
     torch.testing.assert_close(v.source, source, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("strength", sorted(STRENGTHS))
+def test_views_never_read_a_device_value_on_the_host(strength: str, channels: int) -> None:
+    # On a GPU such a read (.item(), bool(tensor), a copy back) makes the training step
+    # wait for the device. Meta tensors hold no values, so every such read raises here.
+    sampler = ViewSampler(resolve_view_params(ViewsConfig(strength=strength)), channels, 32)
+    views = sampler(torch.empty(8, channels, 32, 32, device="meta"), _gen())
+    assert views.source.is_meta and views.target.is_meta and views.action.is_meta

@@ -8,9 +8,11 @@ independently drawn parameters costs the same as a batch sharing one set.
 The semantics are torchvision's (``torchvision.transforms.v2.functional``), which the
 tests check image by image: the world model is asked to undo/apply exactly these
 transformations, and matching a well-known reference keeps the paper's "ColorJitter
-semantics" literal. Where kornia's batched op agrees with torchvision (hue, Gaussian blur)
-it is used; the blends are written here because kornia's grayscale weights (0.299) differ
-from torchvision's (0.2989).
+semantics" literal. Where kornia's batched op agrees with torchvision (hue) it is used;
+the blends are written here because kornia's grayscale weights (0.299) differ from
+torchvision's (0.2989), and the Gaussian blur because kornia's reads its sigmas back on
+the host (``gaussian_blur2d`` checks ``sigma > 0`` with a ``.item()``), which would make
+every training step wait for the GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 
 import kornia
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale (note 0.2989, not 0.299).
@@ -102,14 +105,26 @@ def gaussian_blur(x: Tensor, sigma: Tensor | float, kernel_size: int) -> Tensor:
     _check_image(x)
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    b, c, h, w = x.shape
+    half = kernel_size // 2
+    if half >= min(h, w):
+        raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} pixels "
+                         f"for reflect padding, got {h} x {w}")
     s = _per_sample(sigma, x).view(-1)
     keep = s <= 0
     # A placeholder sigma keeps the kernel finite for the samples that are left unchanged.
     s_safe = torch.where(keep, torch.ones_like(s), s)
-    blurred = kornia.filters.gaussian_blur2d(
-        x, (kernel_size, kernel_size), torch.stack((s_safe, s_safe), dim=1), border_type="reflect"
-    )
-    return torch.where(keep.view(-1, 1, 1, 1), x, blurred)
+    # torchvision's kernel: a normalised Gaussian sampled at -half..half, separable. One
+    # depthwise convolution per direction over the batch's B*C planes, each with its own
+    # sample's kernel, so that nothing is read back on the host.
+    t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / s_safe[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    planes = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, b * c, h + 2 * half,
+                                                                         w + 2 * half)
+    planes = F.conv2d(planes, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)
+    blurred = F.conv2d(planes, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return torch.where(keep.view(-1, 1, 1, 1), x, blurred.view(b, c, h, w))
 
 
 def solarize(x: Tensor, apply: Tensor | bool, threshold: float = 0.5) -> Tensor:
