@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from iwm.config import load_config
@@ -39,6 +40,33 @@ def test_ema_update_is_a_lerp_towards_the_online_encoder():
     model.update_target(0.9)
     for b, o, t in zip(before, online, model.target_encoder.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+
+
+@pytest.mark.parametrize("apply", [True, False])
+def test_ema_update_of_sharded_parameters(apply: bool):
+    # FSDP's parameters are DTensors, which take a different route (see update_target):
+    # the same update, and none after a skipped step. World size 1, replicated.
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_module, init_device_mesh
+
+    model, *_ = _setup()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    online = [p.clone() for p in model.encoder.parameters()]
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        distribute_module(model.encoder, mesh)
+        distribute_module(model.target_encoder, mesh)
+        assert isinstance(next(model.target_encoder.parameters()), DTensor)
+        model.update_target(0.9, torch.tensor(apply))
+        after = [p.full_tensor() for p in model.target_encoder.parameters()]
+    finally:
+        dist.destroy_process_group()
+    for b, o, t in zip(before, online, after, strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o if apply else b)
 
 
 def test_loss_ignores_padding_tokens():
