@@ -156,3 +156,14 @@ def test_a_training_step_never_waits_for_the_gpu():
         trainer.step(1, crops)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_fsdp_on_a_torch_without_fully_shard_says_which_torch(monkeypatch):
+    from iwm.errors import ConfigError
+    from iwm.models.iwm import build_model
+    from iwm.training.fsdp import shard_model
+
+    model = build_model(load_config("iwm-equi-tiny", TINY), in_chans=1)
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)  # import fails
+    with pytest.raises(ConfigError, match=r"needs torch >= 2\.6.*train\.data_parallel=ddp"):
+        shard_model(model)

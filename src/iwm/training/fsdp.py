@@ -6,8 +6,8 @@ are averaged over ranks), so the same global batch gives the same update.
 
 Units: every transformer block of the online encoder, the target encoder and the
 predictor, then each of the three networks, then the model. The target encoder is
-sharded exactly like the online one, so the EMA (``torch._foreach_lerp_``) runs on local
-shards with no communication.
+sharded exactly like the online one, so the EMA (``IWM.update_target``) runs on local
+shards with no communication. Needs torch >= 2.6.
 
 Checkpoints hold FULL tensors (gathered to rank 0, on the CPU), so a run trained with
 FSDP is loaded, evaluated and exported like any other; its optimiser state is keyed by
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from iwm.errors import ConfigError
 from iwm.models.iwm import IWM
 
 OPTIMIZER_FORMAT = "fqn"
@@ -30,7 +31,13 @@ OPTIMIZER_FORMAT = "fqn"
 def shard_model(model: IWM) -> None:
     """Apply ``fully_shard`` in place: blocks, then networks, then the root."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    try:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError as e:  # public from torch 2.6
+        raise ConfigError(f"train.data_parallel=fsdp needs torch >= 2.6 (its fully_shard); "
+                          f"this is torch {torch.__version__}: upgrade torch, or train with "
+                          "train.data_parallel=ddp") from e
 
     # Each rank keeps ITS OWN chunk of every tensor, and ranks initialise with different
     # seeds: start everyone from rank 0's weights, as DDP does when it wraps a model.
