@@ -155,3 +155,54 @@ def test_input_wait_is_the_share_of_time_spent_getting_batches(tmp_path, monkeyp
     assert [r["step"] for r in slow] == [1, 2]
     assert all(0.2 < r["input_wait"] <= 1 for r in slow)
     assert max(r["input_wait"] for r in fast) < min(r["input_wait"] for r in slow)
+
+
+def _trainer(*overrides: str) -> Trainer:
+    torch.manual_seed(0)
+    cfg = load_config("iwm-equi-tiny", ["train.batch_size=8", "model.predictor_depth=2",
+                                         "train.device=cpu", *overrides])
+    trainer = Trainer.create(cfg, channels=1, mean=(0.5,), std=(0.25,),
+                             device=torch.device("cpu"), steps_per_epoch=4)
+    trainer.model.train()
+    return trainer
+
+
+def test_a_failing_compile_falls_back_to_the_uncompiled_model(monkeypatch):
+    import torch._dynamo.exc
+
+    class CompileFailed(torch._dynamo.exc.TorchDynamoException):
+        pass
+
+    class Uncompilable(torch.nn.Module):
+        # What torch.compile returns: the model as _orig_mod, compiled at the first call.
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, *args):
+            raise CompileFailed("no C compiler for Triton\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", Uncompilable)
+    crops = torch.rand(8, 1, 28, 28)
+    plain, fallback = _trainer(), _trainer("train.compile=true")
+    assert isinstance(fallback.train_model, Uncompilable)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(CompileFailed: no C "
+                                            r"compiler for Triton\); training continues"):
+        fallback.step(0, crops)
+    assert fallback.train_model is fallback.model  # the rest of the run is uncompiled
+    plain.step(0, crops)
+    for a, b in zip(plain.model.parameters(), fallback.model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the same update as never compiling
+
+
+def test_an_error_of_the_uncompiled_model_is_not_swallowed(monkeypatch):
+    import torch._dynamo.exc
+
+    trainer = _trainer()
+
+    def broken(*args):
+        raise torch._dynamo.exc.TorchDynamoException("a real error")
+
+    monkeypatch.setattr(trainer, "train_model", broken)
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="a real error"):
+        trainer.step(0, torch.rand(8, 1, 28, 28))

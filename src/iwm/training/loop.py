@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,10 +208,14 @@ class Trainer:
             train_model = ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.train.compile:
+            # Compilation itself happens at the first forward (and at recompiles), where
+            # :meth:`_forward` falls back to the uncompiled model if it fails; here only
+            # an interpreter torch.compile does not support can fail.
             try:
                 train_model = torch.compile(train_model)
             except Exception as e:  # noqa: BLE001 - compiling is an optimisation, never fatal
-                print(f"torch.compile failed ({e}); continuing uncompiled")
+                warnings.warn(f"torch.compile unavailable ({e}); training uncompiled",
+                              RuntimeWarning, stacklevel=2)
         return cls(
             cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
             views=ViewSampler(resolve_view_params(cfg.views), channels, cfg.data.image_size),
@@ -273,8 +278,8 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with autocast:
-                    out = self.train_model(source[rows], target[rows], v.action[rows],
-                                           take_rows(masks, rows), denominator)
+                    out = self._forward(source[rows], target[rows], v.action[rows],
+                                        take_rows(masks, rows), denominator)
                 mark("forward")
                 out.loss.backward()
                 mark("backward")
@@ -296,6 +301,24 @@ class Trainer:
         self.nonfinite.update(ok)
         mark("ema")
         return out, grad_norm
+
+    def _forward(self, *args: Any) -> StepOutput:
+        try:
+            return self.train_model(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            eager = getattr(self.train_model, "_orig_mod", None)
+            if eager is None:  # not compiled: a real error
+                raise
+            # Compiling is an optimisation, never fatal (no C compiler for Triton, an op
+            # Inductor lacks, ...); the failed forward left no gradients behind, so the
+            # micro-batch reruns uncompiled and so does the rest of the run. A genuine
+            # error in the model raises again, uncompiled.
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {reason}); training "
+                          "continues uncompiled (train.compile=false avoids the attempt)",
+                          RuntimeWarning, stacklevel=2)
+            self.train_model = eager
+            return self.train_model(*args)
 
     def state_dict(self) -> dict:
         """Full tensors on the main process. Collective under FSDP (every rank calls it;
