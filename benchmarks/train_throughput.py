@@ -149,7 +149,7 @@ class StepClock:
     def tick(self) -> None:
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # cuda:N, not the current
             self._events.append(event)
         else:
             synchronize(self.device)

@@ -249,12 +249,13 @@ def run(args: argparse.Namespace, mods: dict[str, ModuleType]) -> dict[str, Any]
     torch.manual_seed(args.seed)
     total = args.rounds * (args.warmup + args.steps) + 2
     base = iwm_config(args, device)
-    # Images in [0, 255] as the loader would hand over crops; the official side gets them
-    # normalised (its transform does that in the workers), iwm normalises in the step.
+    # Crops in [0, 1], as iwm's batch sources hand them to the step, which normalises them;
+    # the official side gets them normalised (its transform does that in the workers).
     gen = torch.Generator().manual_seed(args.seed)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
-    crops = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
-    imgs = ((crops.float() / 255 - 0.45) / 0.225).contiguous()
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
+    crops = pixels.float() / 255
+    imgs = ((crops - 0.45) / 0.225).contiguous()
 
     official = OfficialSide(mods, args, device, total)
     official.encoder.train()

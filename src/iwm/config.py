@@ -115,7 +115,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    """auto = bf16 autocast on CUDA, fp32 elsewhere."""
+    """auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere and newer), fp32
+    elsewhere; bf16 = bf16 autocast on any device (on CPUs with AVX-512 BF16 or AMX it is
+    faster too)."""
     compile: bool = False
     attention: str = "auto"
     """Self-attention kernel: ``sdpa`` (scaled_dot_product_attention: flash / memory-

@@ -206,3 +206,20 @@ def test_an_error_of_the_uncompiled_model_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(trainer, "train_model", broken)
     with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="a real error"):
         trainer.step(0, torch.rand(8, 1, 28, 28))
+
+
+@pytest.mark.parametrize(("device", "capability", "precision", "expected"), [
+    ("cuda", (9, 0), "auto", torch.bfloat16),   # H100
+    ("cuda", (8, 0), "auto", torch.bfloat16),   # A100
+    ("cuda", (7, 0), "auto", None),             # V100: bf16 only emulated
+    ("cpu", None, "auto", None),
+    ("cpu", None, "bf16", torch.bfloat16),
+    ("cuda", (7, 0), "fp32", None),
+])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, device, capability,
+                                                          precision, expected):
+    from iwm.training.loop import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    cfg = load_config("iwm-equi-tiny", [f"train.precision={precision}"])
+    assert autocast_dtype(cfg, torch.device(device)) == expected

@@ -103,7 +103,10 @@ def param_groups(model: IWM) -> list[dict]:
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     precision = cfg.train.precision
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        # bf16 where the GPU has it natively (Ampere and newer); older GPUs would emulate
+        # it, slower than fp32.
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else None
     return torch.bfloat16 if precision == "bf16" else None
 
 
