@@ -167,6 +167,13 @@ def piece_env(s: Suite) -> dict[str, Any]:
         info.update(gpu=props.name, gpus=torch.cuda.device_count(),
                     gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     capability=".".join(map(str, torch.cuda.get_device_capability(0))))
+    # Whether the training code imports here: a missing package (kornia, say) shows now,
+    # not as every later piece failing.
+    try:
+        s.python("-c", "import iwm.training.loop", timeout=120)
+        info["iwm_imports"] = "ok"
+    except PieceFailed as e:
+        info["iwm_imports"] = str(e)
     if shutil.which("nvidia-smi"):
         info["nvidia_smi"] = s.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,"
                                     "power.limit", "--format=csv,noheader"], 60).strip()
@@ -339,6 +346,8 @@ def describe(name: str, figures: dict[str, Any]) -> list[str]:
     if name in ("input", "ddp"):
         who = (f"{f['processes']} process(es)" if name == "ddp"
                else f"{f['workers']} workers, {f['images']} JPEGs")
+        if name == "ddp" and f["processes"] == 1:
+            who += " (one GPU: the launch only, no process group)"
         return [f"{who}: {f['images_per_s_median']:.1f} img/s, input_wait median "
                 f"{_pct(f['input_wait_median'])} (max {_pct(f['input_wait_max'])}, first "
                 f"interval {_pct(f['input_wait_first'])}) over {f['steps']} steps"]

@@ -34,7 +34,7 @@ def test_smoke_runs_every_piece_and_reports_its_figures(suite: ModuleType,
     assert json.loads((out / "suite.json").read_text()) == json.loads(json.dumps(results))
 
     fig = {name: r["figures"] for name, r in results.items()}
-    assert fig["env"]["torch"] == torch.__version__
+    assert fig["env"]["torch"] == torch.__version__ and fig["env"]["iwm_imports"] == "ok"
     assert fig["matmul"]["tflops"] > 0 and fig["matmul"]["dtype"] == "bf16"
     run = fig["throughput"]["runs"]["vit_micro"]
     assert run["images_per_s"] > 0 and run["flops_per_image"] > 0
