@@ -223,3 +223,22 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, device, c
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
     cfg = load_config("iwm-equi-tiny", [f"train.precision={precision}"])
     assert autocast_dtype(cfg, torch.device(device)) == expected
+
+
+def test_compiled_steps_train_as_the_uncompiled_ones():
+    # The real torch.compile (Dynamo + Inductor) of the tiny model: it must compile
+    # without falling back, and train to what eager mode trains to. Mask sizes change
+    # from step to step, so the second step exercises the recompile with dynamic shapes.
+    import warnings
+
+    crops = torch.rand(8, 1, 28, 28)
+    eager, compiled = _trainer(), _trainer("train.compile=true")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile")
+        for step in range(2):
+            out_e, _ = eager.step(step, crops)
+            out_c, _ = compiled.step(step, crops)
+            torch.testing.assert_close(out_c.loss, out_e.loss, rtol=1e-4, atol=1e-5)
+    assert compiled.train_model is not compiled.model  # still the compiled module
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
