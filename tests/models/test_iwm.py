@@ -30,13 +30,20 @@ def test_loss_is_finite_and_only_online_parts_get_gradients():
     assert out.pred_std > 0 and out.target_std > 0
 
 
-def test_ema_update_is_a_lerp_towards_the_online_encoder():
+def _ema_apart():
+    """A model whose online encoder has moved away from its EMA target; the model and
+    copies of the target's and the online encoder's parameters."""
     model, *_ = _setup()
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
     before = [p.clone() for p in model.target_encoder.parameters()]
     online = [p.clone() for p in model.encoder.parameters()]
+    return model, before, online
+
+
+def test_ema_update_is_a_lerp_towards_the_online_encoder():
+    model, before, online = _ema_apart()
     model.update_target(0.9)
     for b, o, t in zip(before, online, model.target_encoder.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
@@ -49,12 +56,7 @@ def test_ema_update_of_sharded_parameters(apply: bool):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_module, init_device_mesh
 
-    model, *_ = _setup()
-    with torch.no_grad():
-        for p in model.encoder.parameters():
-            p.add_(1.0)
-    before = [p.clone() for p in model.target_encoder.parameters()]
-    online = [p.clone() for p in model.encoder.parameters()]
+    model, before, online = _ema_apart()
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         mesh = init_device_mesh("cpu", (1,))

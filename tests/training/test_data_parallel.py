@@ -17,23 +17,15 @@ from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import make_source
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
 from iwm.training.loop import Trainer
+from tiny_run import tiny_trainer
 
 TINY = ["train.batch_size=16", "model.predictor_depth=2", "train.progress=false",
         "train.device=cpu"]
 
 
-def _trainer(*overrides: str) -> Trainer:
-    torch.manual_seed(0)
-    cfg = load_config("iwm-equi-tiny", [*TINY, *overrides])
-    trainer = Trainer.create(cfg, channels=1, mean=(0.5,), std=(0.25,),
-                             device=torch.device("cpu"), steps_per_epoch=4)
-    trainer.model.train()
-    return trainer
-
-
 def test_gradient_accumulation_makes_the_whole_batch_update():
     crops = torch.rand(3, 16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    whole, micro = _trainer(), _trainer("train.grad_accum_steps=4")
+    whole, micro = tiny_trainer(), tiny_trainer("train.grad_accum_steps=4")
     for step in range(3):
         a, _ = whole.step(step, crops[step])
         b, _ = micro.step(step, crops[step])
@@ -43,7 +35,7 @@ def test_gradient_accumulation_makes_the_whole_batch_update():
         torch.testing.assert_close(sb[key], sa[key], rtol=1e-4, atol=1e-5, msg=key)
     # And it trained: the weights moved from their initialisation.
     assert not torch.equal(sa["encoder.patch_embed.proj.weight"],
-                           _trainer().model.state_dict()["encoder.patch_embed.proj.weight"])
+                           tiny_trainer().model.state_dict()["encoder.patch_embed.proj.weight"])
 
 
 def test_masks_are_drawn_for_the_global_batch():
@@ -101,7 +93,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist_dir):
     (step_b, b), = list_checkpoints(tmp_path / "two")
     assert step_a == step_b == 4
     one, two = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
-    init = _trainer().model.state_dict()
+    init = tiny_trainer().model.state_dict()
     moved = 0
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)

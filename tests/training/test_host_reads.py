@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iwm.config import load_config
-from iwm.training.loop import Trainer
+from tiny_run import tiny_trainer
 
 # Ops whose result depends on a tensor's values in a way the host must see.
 READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "nonzero_static", "masked_select",
@@ -75,12 +74,7 @@ def test_the_probe_sees_reads() -> None:
 def test_a_training_step_reads_nothing_back(channels: int, extra: list[str]) -> None:
     # The equivariant preset draws every view op (jitter incl. hue on RGB, grayscale,
     # blur, solarize), so all of them are in the step.
-    cfg = load_config("iwm-equi-tiny", ["train.batch_size=8", "model.predictor_depth=2",
-                                         "train.device=cpu", *extra])
-    trainer = Trainer.create(cfg, channels=channels, mean=(0.5,) * channels,
-                             std=(0.25,) * channels, device=torch.device("cpu"),
-                             steps_per_epoch=4)
-    trainer.model.train()
+    trainer = tiny_trainer("train.batch_size=8", *extra, channels=channels)
     crops = torch.rand(8, channels, 28, 28)
     trainer.step(0, crops)  # first step: lazy state (optimizer moments) is made
     with HostReads() as probe:

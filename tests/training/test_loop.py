@@ -12,6 +12,7 @@ from iwm.config import load_config
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
 from iwm.training.loop import Trainer, pretrain
 from iwm.training.metrics import read_metrics
+from tiny_run import tiny_trainer
 
 SMALL = ["train.batch_size=16", "train.log_every=1", "train.progress=false",
          "model.predictor_depth=2"]
@@ -157,16 +158,6 @@ def test_input_wait_is_the_share_of_time_spent_getting_batches(tmp_path, monkeyp
     assert max(r["input_wait"] for r in fast) < min(r["input_wait"] for r in slow)
 
 
-def _trainer(*overrides: str) -> Trainer:
-    torch.manual_seed(0)
-    cfg = load_config("iwm-equi-tiny", ["train.batch_size=8", "model.predictor_depth=2",
-                                         "train.device=cpu", *overrides])
-    trainer = Trainer.create(cfg, channels=1, mean=(0.5,), std=(0.25,),
-                             device=torch.device("cpu"), steps_per_epoch=4)
-    trainer.model.train()
-    return trainer
-
-
 def test_a_failing_compile_falls_back_to_the_uncompiled_model(monkeypatch):
     import torch._dynamo.exc
 
@@ -184,7 +175,8 @@ def test_a_failing_compile_falls_back_to_the_uncompiled_model(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", Uncompilable)
     crops = torch.rand(8, 1, 28, 28)
-    plain, fallback = _trainer(), _trainer("train.compile=true")
+    plain = tiny_trainer("train.batch_size=8")
+    fallback = tiny_trainer("train.batch_size=8", "train.compile=true")
     assert isinstance(fallback.train_model, Uncompilable)
     with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(CompileFailed: no C "
                                             r"compiler for Triton\); training continues"):
@@ -198,7 +190,7 @@ def test_a_failing_compile_falls_back_to_the_uncompiled_model(monkeypatch):
 def test_an_error_of_the_uncompiled_model_is_not_swallowed(monkeypatch):
     import torch._dynamo.exc
 
-    trainer = _trainer()
+    trainer = tiny_trainer("train.batch_size=8")
 
     def broken(*args):
         raise torch._dynamo.exc.TorchDynamoException("a real error")
@@ -232,7 +224,8 @@ def test_compiled_steps_train_as_the_uncompiled_ones():
     import warnings
 
     crops = torch.rand(8, 1, 28, 28)
-    eager, compiled = _trainer(), _trainer("train.compile=true")
+    eager = tiny_trainer("train.batch_size=8")
+    compiled = tiny_trainer("train.batch_size=8", "train.compile=true")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile")
         for step in range(2):

@@ -87,14 +87,15 @@ class IWM(nn.Module):
         ema = list(self.target_encoder.parameters())
         if apply is None:
             torch._foreach_lerp_(ema, online, 1.0 - momentum)
-        elif isinstance(ema[0], DTensor):
+            return
+        weight = apply.to(ema[0].dtype) * (1.0 - momentum)
+        if isinstance(ema[0], DTensor):
             # FSDP's sharded parameters: DTensor has no sharding rule for a lerp with
             # tensor weights before torch 2.14, so the same update in three steps.
             diff = torch._foreach_sub(online, ema)
-            torch._foreach_mul_(diff, apply.to(ema[0].dtype) * (1.0 - momentum))
+            torch._foreach_mul_(diff, weight)
             torch._foreach_add_(ema, diff)
         else:
-            weight = apply.to(ema[0].dtype) * (1.0 - momentum)
             torch._foreach_lerp_(ema, online, [weight] * len(ema))
 
 
