@@ -17,8 +17,11 @@ Matched on both sides:
   scale 0.85-1.0 minus the targets (iwm's scale capped so that, like the official one,
   the block never covers the whole grid), at least 10 context patches, blocks inside the image,
   one target size and one context size per batch (iwm's ``mask.block_sizes=per_batch``;
-  time iwm's default with ``--iwm-variant mask.block_sizes=per_block``); every target
-  block is predicted from its own copy of the context on both sides;
+  time iwm's default with ``--iwm-variant mask.block_sizes=per_block``); every context
+  thinned to the batch's smallest (``mask.context_tokens=thin``) and every target block
+  predicted from its own copy of the context (``mask.predictor_pass=per_block``) on both
+  sides (iwm's defaults, whole contexts and one pass over the union of the blocks:
+  ``--iwm-variant "mask.context_tokens=pad mask.predictor_pass=union"``);
 - the loss (smooth L1 against layer-normed target-encoder outputs), AdamW with weight
   decay on weights only, cosine lr and weight-decay schedules, the EMA target encoder;
 - precision: fp32, or with ``--bf16`` bf16 autocast (the official code's
@@ -230,7 +233,8 @@ def iwm_config(args: argparse.Namespace, device: torch.device) -> Config:
         f"mask.num_targets={N_PRED}", f"mask.target_scale={list(PRED_SCALE)}",
         f"mask.target_aspect={list(ASPECT)}", f"mask.context_scale={[ENC_SCALE[0], ctx_hi]}",
         f"mask.min_context={MIN_KEEP / n_patches}", "mask.wrap=false",
-        "mask.block_sizes=per_batch",
+        "mask.block_sizes=per_batch", "mask.context_tokens=thin",
+        "mask.predictor_pass=per_block",
         f"optim.lr={LR}", f"optim.start_lr={START_LR}", f"optim.final_lr={FINAL_LR}",
         f"optim.weight_decay={WD}", f"optim.final_weight_decay={FINAL_WD}",
         f"optim.ema={list(EMA)}", "optim.grad_clip=null", "optim.warmup_epochs=0.1",

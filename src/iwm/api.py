@@ -66,12 +66,9 @@ class Action:
         def full(value: float | bool, dtype: torch.dtype = torch.float32) -> Tensor:
             return torch.full((batch_size,), value, dtype=dtype, device=device)
 
-        jitter = (self.brightness, self.contrast, self.saturation, self.hue)
-        # "Jitter applied" only when it changes something, so that Action() is exactly the
-        # all-zeros null action the predictor is finetuned with.
         target = JitterParams(brightness=full(self.brightness), contrast=full(self.contrast),
                               saturation=full(self.saturation), hue=full(self.hue),
-                              applied=full(jitter != (1.0, 1.0, 1.0, 0.0), torch.bool))
+                              applied=full(True, torch.bool))
         source = DestructiveParams(grayscale=full(self.grayscale, torch.bool),
                                    blur=full(self.blur_sigma > 0, torch.bool),
                                    blur_sigma=full(self.blur_sigma),
@@ -166,8 +163,7 @@ class Pretrained:
         """
         if masks is None:
             return self.predictor.predict_all(latents, action)
-        return self.predictor.predict_blocks(gather_tokens(latents, masks.context),
-                                             masks.context, masks.targets, masks.target_valid,
+        return self.predictor.predict_blocks(gather_tokens(latents, masks.context), masks,
                                              action)
 
     @torch.no_grad()

@@ -24,11 +24,13 @@ from iwm.errors import ConfigError
 
 STRENGTHS = ("none", "jitter", "destructive", "strong")
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-CONDITIONINGS = ("none", "sequence", "feature")
+CONDITIONINGS = ("none", "sequence", "feature", "adaln")
 LOSSES = ("l2", "smooth_l1")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTIONS = ("auto", "sdpa", "matmul")
 BLOCK_SIZES = ("per_block", "per_batch")
+CONTEXT_TOKENS = ("pad", "thin")
+PREDICTOR_PASSES = ("union", "per_block")
 
 
 @dataclass
@@ -77,6 +79,14 @@ class MaskConfig:
     block_sizes: str = "per_block"
     """per_block: every block draws its size; per_batch: one target size and one context
     size for the whole batch, as the official I-JEPA code (no padding; see masks.py)."""
+    context_tokens: str = "pad"
+    """pad: every image keeps its whole context, padded to the batch's largest (padding
+    is masked out of attention); thin: every context is cut to the batch's smallest by a
+    random subset, as the official I-JEPA code (at batch 128 on a 7x7 grid that drops
+    about half of an image's context)."""
+    predictor_pass: str = "union"
+    """union: one predictor pass predicts the union of an image's target blocks; per_block:
+    one pass per block, the context repeated for each (the official I-JEPA code)."""
 
 
 @dataclass
@@ -106,6 +116,8 @@ class OptimConfig:
     ema: tuple[float, float] = (0.996, 1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None
+    predictor_lr_scale: float = 1.0
+    """The predictor trains at this multiple of the scheduled lr (the encoder at 1x)."""
 
 
 @dataclass
@@ -213,6 +225,8 @@ class Config:
         _check_choice("train.data_parallel", self.train.data_parallel, ("ddp", "fsdp"))
         _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
         _check_choice("mask.block_sizes", self.mask.block_sizes, BLOCK_SIZES)
+        _check_choice("mask.context_tokens", self.mask.context_tokens, CONTEXT_TOKENS)
+        _check_choice("mask.predictor_pass", self.mask.predictor_pass, PREDICTOR_PASSES)
         # Here and not only when the model is built: a grid or sweep of configs should fail
         # on the bad cell when it is read, not hours later when that cell starts training.
         from iwm.models.vit import encoder_spec
@@ -267,6 +281,9 @@ class Config:
         o = self.optim
         if o.lr <= 0:
             raise ConfigError(f"optim.lr={o.lr}: must be positive")
+        if not o.predictor_lr_scale > 0:
+            raise ConfigError(f"optim.predictor_lr_scale={o.predictor_lr_scale}: must be "
+                              "positive")
         for key in ("optim.start_lr", "optim.final_lr", "optim.warmup_epochs",
                     "optim.weight_decay", "optim.final_weight_decay"):
             if _get(self, key) < 0:

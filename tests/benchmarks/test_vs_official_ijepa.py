@@ -59,6 +59,8 @@ def test_iwm_side_takes_the_official_recipe(script):
                                                                    "smooth_l1", 8)
     assert (k.num_targets, k.target_scale, k.wrap, k.block_sizes) == (
         4, (0.15, 0.2), False, "per_batch")
+    # The official code thins contexts to the batch's smallest and predicts block by block.
+    assert (k.context_tokens, k.predictor_pass) == ("thin", "per_block")
     # The official context block is always 13 x 13 on the 14 x 14 grid: so is iwm's.
     assert k.context_scale[0] == 0.85 and 13.49 < k.context_scale[1] ** 0.5 * 14 < 13.5
     assert k.min_context * (112 // 8) ** 2 == pytest.approx(10)  # the official min_keep

@@ -141,7 +141,8 @@ def test_block_sizes_vary_within_a_batch_and_within_a_sample():
 
 @pytest.mark.parametrize("wrap", [True, False])
 def test_per_batch_sizes_are_shared_by_the_batch_and_drawn_afresh_per_batch(wrap):
-    cfg = MaskConfig(block_sizes="per_batch", wrap=wrap, min_context=0.3)
+    cfg = MaskConfig(block_sizes="per_batch", wrap=wrap, min_context=0.3,
+                     predictor_pass="per_block")
     gen = MultiBlockMaskGenerator((14, 14), cfg)
     draws, real_draw = [], gen._draw
 
@@ -263,6 +264,8 @@ def test_config_that_can_never_fit_the_context_fails_at_construction():
         {"target_aspect": (2.0, 1.0)},
         {"min_context": 1.0},
         {"block_sizes": "per_sample"},
+        {"context_tokens": "crop"},
+        {"predictor_pass": "all"},
     ],
 )
 def test_bad_ranges_raise_config_error(kw):
@@ -276,18 +279,22 @@ def test_bad_ranges_raise_config_error(kw):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_index_form_matches_boolean_masks(grid):
     n = grid[0] * grid[1]
-    gen = _gen(grid)
+    gen = _gen(grid, predictor_pass="per_block")
     context, targets = gen.sample_boolean(256, _rng(11))
     masks = gen.to_masks(context, targets, _rng(12))
     batch, num_targets = targets.shape[:2]
 
+    # Each image keeps its whole context, padded to the batch's largest.
     counts = context.sum(1)
-    assert masks.context.dtype == torch.long
-    assert masks.context.shape == (batch, int(counts.min()))
-    assert (masks.context >= 0).all() and (masks.context < n).all()
-    # Sorted strictly ascending: unique per sample.
-    assert (masks.context.diff(dim=1) > 0).all()
-    assert context.gather(1, masks.context).all()
+    assert masks.context.dtype == torch.long and masks.context_valid.dtype == torch.bool
+    assert masks.context.shape == masks.context_valid.shape == (batch, int(counts.max()))
+    assert torch.equal(masks.context_valid.sum(1), counts)
+    assert context.gather(1, masks.context).all()  # padding too is the image's own context
+    kept = torch.zeros_like(context, dtype=torch.long)
+    kept.scatter_add_(1, masks.context, masks.context_valid.long())
+    assert torch.equal(kept, context.long())
+    assert torch.equal(masks.context_valid, masks.context_valid.cummin(-1).values)
+    assert counts.min() < counts.max()  # the test covers padding
 
     sizes = targets.sum(-1)
     kt = int(sizes.max())
@@ -305,6 +312,29 @@ def test_index_form_matches_boolean_masks(grid):
     assert torch.equal(masks.target_valid, masks.target_valid.cummin(-1).values)
 
 
+def test_thinned_context_keeps_the_batch_minimum():
+    gen = _gen(context_tokens="thin")
+    context, targets = gen.sample_boolean(256, _rng(11))
+    masks = gen.to_masks(context, targets, _rng(12))
+    assert masks.context.shape == (256, int(context.sum(1).min()))
+    assert masks.context_valid.all()
+    assert (masks.context.diff(dim=1) > 0).all()  # unique per sample
+    assert context.gather(1, masks.context).all()
+
+
+def test_union_pass_predicts_each_target_patch_once():
+    gen = _gen()  # predictor_pass="union" by default
+    context, targets = gen.sample_boolean(128, _rng(11))
+    masks = gen.to_masks(context, targets, _rng(12))
+    union = targets.any(1)
+    assert masks.targets.shape[1] == 1
+    rebuilt = torch.zeros_like(union, dtype=torch.long)
+    rebuilt.scatter_add_(1, masks.targets[:, 0], masks.target_valid[:, 0].long())
+    assert torch.equal(rebuilt, union.long())
+    # Never a context patch: the context is the context block minus every target.
+    assert not (context & union).any()
+
+
 def test_call_is_sample_boolean_then_to_masks():
     gen = _gen()
     masks = gen(32, _rng(13))
@@ -316,7 +346,7 @@ def test_call_is_sample_boolean_then_to_masks():
 
 
 def test_context_subset_is_random_not_a_crop():
-    gen = _gen(min_context=0.0)
+    gen = _gen(min_context=0.0, context_tokens="thin")
     context, targets = gen.sample_boolean(2000, _rng(14))
     masks = gen.to_masks(context, targets, _rng(15))
     kept = torch.zeros_like(context).scatter_(1, masks.context, True)
@@ -331,7 +361,7 @@ def test_context_subset_is_random_not_a_crop():
 def test_same_seed_same_masks_and_different_seed_different_masks():
     gen = _gen()
     a, b, c = gen(64, _rng(16)), gen(64, _rng(16)), gen(64, _rng(17))
-    for name in ("context", "targets", "target_valid"):
+    for name in ("context", "context_valid", "targets", "target_valid"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert not torch.equal(a.targets, c.targets) or not torch.equal(a.context, c.context)
 
@@ -340,8 +370,8 @@ def test_masks_to_moves_every_tensor():
     masks = _gen()(4, _rng())
     moved = masks.to("meta")
     assert isinstance(moved, Masks)
-    assert all(t.device.type == "meta" for t in (moved.context, moved.targets,
-                                                  moved.target_valid))
+    assert all(t.device.type == "meta" for t in (moved.context, moved.context_valid,
+                                                  moved.targets, moved.target_valid))
     same = masks.to("cpu")
     assert torch.equal(same.context, masks.context)
 

@@ -155,7 +155,7 @@ def _decode_target(action: Tensor) -> JitterParams:
     """Target jitter from an action whose source jitter is the identity (see actions.py)."""
     return JitterParams(brightness=action[:, 0].exp(), contrast=action[:, 1].exp(),
                         saturation=action[:, 2].exp(), hue=action[:, 3] / 2,
-                        applied=action[:, 4] > 0.5)
+                        applied=torch.ones(action.shape[0], dtype=torch.bool))
 
 
 class OraclePredictor(nn.Module):
@@ -172,7 +172,8 @@ class OraclePredictor(nn.Module):
         # predictor would make .eval() recurse forever.
         self.encode = lambda x: model.target_tokens(normalize(x))
 
-    def forward(self, context, context_idx, target_idx, action, target_valid=None):
+    def forward(self, context, context_idx, target_idx, *, action, context_valid=None,
+                target_valid=None):
         action = action.roll(self.shift, 0)
         rendered = self.views.apply_jitter(self.images, _decode_target(action))
         return gather_tokens(self.encode(rendered), target_idx)
@@ -198,29 +199,31 @@ def test_each_setting_asks_for_the_right_action():
     oracle = OraclePredictor(model, images, views)
     actions = []
 
-    def record(context, context_idx, target_idx, action, target_valid=None):
+    def record(context, context_idx, target_idx, *, action, context_valid=None,
+               target_valid=None):
         actions.append(action.clone())
-        return oracle(context, context_idx, target_idx, action, target_valid)
+        return oracle(context, context_idx, target_idx, action=action,
+                      context_valid=context_valid, target_valid=target_valid)
 
     model.predictor.forward = record
     evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
     assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + len(FACTORS)
     main = actions[0]
-    assert bool((main[:, 4] == 1).all()) and bool((main[:, 5:] == 0).all())
+    assert bool((main[:, 4:] == 0).all())
     assert bool((main[:, :4] != 0).all())
     for i, op in enumerate(DESTRUCTIVE_OPS, start=1):
-        torch.testing.assert_close(actions[i][:, :6], main[:, :6])
-        flags = actions[i][:, [6, 7, 9]]
+        torch.testing.assert_close(actions[i][:, :4], main[:, :4])
+        flags = actions[i][:, [4, 5, 7]]
         expected = torch.zeros(3)
         expected[("grayscale", "blur", "solarize").index(op)] = 1
         assert bool((flags == expected).all()), op
-        assert bool((actions[i][:, 8] > 0).all()) == (op == "blur")
+        assert bool((actions[i][:, 6] > 0).all()) == (op == "blur")
     for i, factor in enumerate(FACTORS, start=1 + len(DESTRUCTIVE_OPS)):
         col = FACTORS.index(factor)
         varied = actions[i][:, :4] != 0
         assert bool(varied[:, col].all()), factor
         assert not bool(varied[:, [c for c in range(4) if c != col]].any()), factor
-        assert bool((actions[i][:, 4] == 1).all()) and bool((actions[i][:, 5:] == 0).all())
+        assert bool((actions[i][:, 4:] == 0).all())
 
 
 def test_shuffled_action_scores_low():

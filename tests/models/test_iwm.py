@@ -81,6 +81,41 @@ def test_loss_ignores_padding_tokens():
     torch.testing.assert_close(model(images, images, action, masks).loss, base)
 
 
+@pytest.mark.parametrize("context_tokens", ["pad", "thin"])
+def test_each_image_is_trained_on_its_whole_context(context_tokens):
+    # The batch's loss is the target-weighted mean of each image's loss on its own, with
+    # every context patch it drew: padding a shorter context must not change the image's
+    # problem. Thinning to the batch's smallest context (the official code) fails this.
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = load_config("iwm-inv-tiny", ["model.predictor_depth=2"])
+    cfg.mask = dataclasses.replace(cfg.mask, context_tokens=context_tokens)
+    model = build_model(cfg, in_chans=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    sampler = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    boolean, targets = sampler.sample_boolean(8, gen)
+    masks = sampler.to_masks(boolean, targets, gen)
+    images = torch.randn(8, 1, 28, 28, generator=gen)
+    action = torch.randn(8, ACTION_DIM, generator=gen)
+    assert boolean.sum(1).min() < boolean.sum(1).max()  # contexts of several sizes
+    batch = model(images, images, action, masks).loss
+    losses, counts = [], []
+    for i in range(8):
+        own = boolean[i].nonzero().T  # every context patch the image drew
+        whole = type(masks)(context=own, context_valid=torch.ones_like(own, dtype=torch.bool),
+                            targets=masks.targets[i:i + 1],
+                            target_valid=masks.target_valid[i:i + 1])
+        losses.append(model(images[i:i + 1], images[i:i + 1], action[i:i + 1], whole).loss)
+        counts.append(masks.target_valid[i].sum())
+    counts = torch.stack(counts).float()
+    expected = (torch.stack(losses) * counts).sum() / counts.sum()
+    if context_tokens == "pad":
+        torch.testing.assert_close(batch, expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert (batch - expected).abs() > 1e-4
+
+
 def test_overfits_one_fixed_batch():
     model, images, action, masks = _setup()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

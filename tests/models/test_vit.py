@@ -31,6 +31,25 @@ def test_masked_forward_only_sees_kept_patches():
     assert not torch.allclose(enc.forward_tokens(x), enc.forward_tokens(y))
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_padded_context_gives_each_image_its_own_tokens(kernel):
+    # Two images with contexts of 7 and 4 patches in one padded batch: each image's valid
+    # tokens equal its own unpadded forward; the padding repeats the image's own patches.
+    from iwm.models.attention import set_attention
+
+    enc = _encoder()
+    set_attention(enc, kernel)
+    x = torch.randn(2, 1, 28, 28)
+    keep = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [10, 11, 12, 13, 10, 11, 12]])
+    valid = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    padded = enc.forward_tokens(x, keep, valid)
+    torch.testing.assert_close(padded[0], enc.forward_tokens(x[:1], keep[:1])[0])
+    alone = enc.forward_tokens(x[1:], keep[1:, :4])[0]
+    torch.testing.assert_close(padded[1, :4], alone, atol=1e-5, rtol=1e-5)
+    # Unmasked, the repeated patches would be attended to twice and change the result.
+    assert (enc.forward_tokens(x, keep)[1, :4] - alone).abs().max() > 1e-4
+
+
 def test_state_dict_loads_into_timm_with_identical_features():
     enc = _encoder()
     spec = ENCODERS["vit_micro"]

@@ -13,12 +13,10 @@ idx   field                value
 1     ``contrast``         log(c_t) - log(c_s)
 2     ``saturation``       log(s_t) - log(s_s)
 3     ``hue``              2 * wrap(h_t - h_s)   (shifts in turns, wrapped into [-0.5, 0.5))
-4     ``target_jitter``    1 if the target's jitter was applied, else 0
-5     ``source_jitter``    1 if the source's jitter was applied, else 0
-6     ``grayscale``        1 if the source was converted to grayscale, else 0
-7     ``blur``             1 if the source was blurred, else 0
-8     ``blur_sigma``       sigma / 2.0 if blurred, else 0 (2.0 = top of the default range)
-9     ``solarize``         1 if the source was solarized, else 0
+4     ``grayscale``        1 if the source was converted to grayscale, else 0
+5     ``blur``             1 if the source was blurred, else 0
+6     ``blur_sigma``       sigma / 2.0 if blurred, else 0 (2.0 = top of the default range)
+7     ``solarize``         1 if the source was solarized, else 0
 ====  ===================  ==============================================================
 
 Why this layout:
@@ -35,8 +33,10 @@ Why this layout:
 - Jitter ops are always applied in the fixed order brightness, contrast, saturation, hue
   (unlike torchvision's ColorJitter, which permutes them), and the destructive ones in the
   fixed order grayscale, blur, solarize (threshold 0.5), so no order needs encoding.
-- The "applied" flags disambiguate "jitter drawn as identity" from "jitter skipped" and
-  let the predictor know whether the factors refer to a real change.
+- No "jitter applied" flags: a skipped jitter has identity parameters, so the differences
+  already say what changes. Flags would only tell the predictor how the views were
+  drawn, and a preset that always jitters (``strong``, p = 1) would then train on one
+  constant value while every evaluation and :class:`iwm.Action` asks with the other.
 - Destructive transforms hit only the source, so they are flags (and a blur strength),
   not differences.
 """
@@ -53,8 +53,6 @@ ACTION_FIELDS: tuple[str, ...] = (
     "contrast",
     "saturation",
     "hue",
-    "target_jitter",
-    "source_jitter",
     "grayscale",
     "blur",
     "blur_sigma",
@@ -163,8 +161,6 @@ def build_action(
         "contrast": _log_factor(target.contrast) - _log_factor(source.contrast),
         "saturation": _log_factor(target.saturation) - _log_factor(source.saturation),
         "hue": 2.0 * _wrap_turns(target.hue.float() - source.hue.float()),
-        "target_jitter": target.applied.float(),
-        "source_jitter": source.applied.float(),
         "grayscale": destructive.grayscale.float(),
         "blur": blur,
         "blur_sigma": blur * destructive.blur_sigma.float() / BLUR_SIGMA_SCALE,

@@ -55,13 +55,18 @@ Rejection
     torus preserves, so with ``wrap=True`` rejection leaves the coverage uniform.
 
 Index form (:class:`Masks`)
-    Encoders take index tensors with the same length for every sample. The context keeps
-    ``Kc`` = the smallest context in the batch, as a uniformly random subset of each
-    sample's context (sorted ascending), so a large context is thinned rather than cropped
-    towards the top of the image. Targets keep each sample's full blocks, padded to the
+    Encoders take index tensors with the same length for every sample. With
+    ``context_tokens="pad"`` (the default) every sample keeps its whole context, padded to
+    the largest context in the batch; ``context_valid`` marks the real entries and padding
+    is masked out of attention. With ``"thin"`` every context is cut to ``Kc`` = the
+    smallest context in the batch, a uniformly random subset of each sample's context
+    (the official code's choice; at batch 128 on a 7 x 7 grid it keeps about 10 of an
+    image's 22 context patches). Targets keep each sample's full blocks, padded to the
     largest block in the batch; ``target_valid`` marks the real entries, so a loss averaged
-    over valid entries sees exactly the drawn blocks. Padding repeats indices of its own
-    block, so gathering with it is always in range and never reads another block.
+    over valid entries sees exactly the drawn blocks. With ``predictor_pass="union"`` the
+    blocks are merged into one "block", the union of an image's targets (``T = 1``), so
+    the predictor answers all of them in one pass. Padding repeats indices of the
+    sample's own context or block, so gathering with it is always in range.
 
 All random numbers come from the ``torch.Generator`` passed in, drawn on that generator's
 device (then moved to ``device``), so a seed fixes the masks.
@@ -70,12 +75,12 @@ device (then moved to ``device``), so a seed fixes the masks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from iwm.config import BLOCK_SIZES, MaskConfig
+from iwm.config import BLOCK_SIZES, CONTEXT_TOKENS, PREDICTOR_PASSES, MaskConfig
 from iwm.errors import ConfigError
 
 __all__ = ["Masks", "MultiBlockMaskGenerator", "to_device"]
@@ -90,21 +95,23 @@ MAX_REDRAWS = 100
 class Masks:
     """A batch of multi-block masks as patch indices (row-major into the ``H x W`` grid).
 
-    ``context``: (B, Kc) long, sorted ascending and unique per sample; same Kc for all.
+    ``context``: (B, Kc) long, the valid entries ascending and unique per sample.
+    ``context_valid``: (B, Kc) bool, False on padding (which repeats a valid index of the
+    same sample's context).
     ``targets``: (B, T, Kt) long, each block's indices ascending, Kt = largest block.
     ``target_valid``: (B, T, Kt) bool, False on padding (which repeats a valid index of the
     same block).
     """
 
     context: Tensor
+    context_valid: Tensor
     targets: Tensor
     target_valid: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Masks:
         """On ``device``, each tensor moved by :func:`to_device`."""
-        return Masks(context=to_device(self.context, device, non_blocking),
-                     targets=to_device(self.targets, device, non_blocking),
-                     target_valid=to_device(self.target_valid, device, non_blocking))
+        return Masks(**{f.name: to_device(getattr(self, f.name), device, non_blocking)
+                        for f in fields(self)})
 
 
 def to_device(t: Tensor, device: torch.device | str, non_blocking: bool = False) -> Tensor:
@@ -183,27 +190,25 @@ class MultiBlockMaskGenerator:
     def to_masks(self, context: Tensor, targets: Tensor, generator: torch.Generator) -> Masks:
         """Convert boolean masks (as from :meth:`sample_boolean`) to index form.
 
-        The generator picks which context patches to keep when a sample has more than Kc.
+        The generator picks which context patches to keep when contexts are thinned.
         """
-        device = context.device
-        batch, n = context.shape
-        counts = context.sum(1)
-        keep = int(counts.min())
-        # Context patches score in [1, 2), the rest in [0, 1): the top Kc scores are a
-        # uniformly random Kc-subset of the context.
-        noise = torch.rand(batch, n, generator=generator, device=generator.device).to(device)
-        score = context.to(noise.dtype) + noise
-        ctx_idx = score.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
-
-        sizes = targets.sum(-1)  # (B, T), every block has at least one patch
-        width = int(sizes.max())
-        # A stable sort on "not in block" lists each block's patches first, in ascending order.
-        order = torch.sort((~targets).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
-        slot = torch.arange(width, device=device)
-        valid = slot < sizes[..., None]
-        # Padding slots cycle through the block's own patches, so every index is in range.
-        tgt_idx = order.gather(-1, slot % sizes[..., None])
-        return Masks(context=ctx_idx, targets=tgt_idx, target_valid=valid)
+        if self.cfg.context_tokens == "thin":
+            counts = context.sum(1)
+            keep = int(counts.min())
+            # Context patches score in [1, 2), the rest in [0, 1): the top Kc scores are a
+            # uniformly random Kc-subset of the context.
+            noise = torch.rand(context.shape, generator=generator,
+                               device=generator.device).to(context.device)
+            score = context.to(noise.dtype) + noise
+            ctx_idx = score.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+            ctx_valid = torch.ones_like(ctx_idx, dtype=torch.bool)
+        else:
+            ctx_idx, ctx_valid = _padded_indices(context)
+        if self.cfg.predictor_pass == "union":
+            targets = targets.any(1, keepdim=True)
+        tgt_idx, valid = _padded_indices(targets)
+        return Masks(context=ctx_idx, context_valid=ctx_valid, targets=tgt_idx,
+                     target_valid=valid)
 
     def __call__(
         self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
@@ -291,6 +296,19 @@ class MultiBlockMaskGenerator:
         return block & ~targets.any(1), targets
 
 
+def _padded_indices(members: Tensor) -> tuple[Tensor, Tensor]:
+    """Boolean (..., N) sets -> ascending indices (..., K) and validity (..., K), K = the
+    largest set; padding cycles through the set's own indices, so it is always in range.
+    Every set must be non-empty."""
+    sizes = members.sum(-1)
+    width = int(sizes.max())
+    # A stable sort on "not a member" lists each set's members first, in ascending order.
+    order = torch.sort((~members).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    slot = torch.arange(width, device=members.device)
+    valid = slot < sizes[..., None]
+    return order.gather(-1, slot % sizes[..., None]), valid
+
+
 def _check_mask_config(cfg: MaskConfig) -> None:
     # Config.validate checks most of this too, but a generator can be built from a bare
     # MaskConfig, and a bad range here would otherwise surface as NaN sizes or a hang.
@@ -305,6 +323,8 @@ def _check_mask_config(cfg: MaskConfig) -> None:
         raise ConfigError(f"mask.target_aspect={[lo, hi]}: needs 0 < min <= max")
     if not 0 <= cfg.min_context < 1:
         raise ConfigError(f"mask.min_context={cfg.min_context}: needs 0 <= value < 1")
-    if cfg.block_sizes not in BLOCK_SIZES:
-        raise ConfigError(f"mask.block_sizes={cfg.block_sizes!r}: choose "
-                          f"{' or '.join(BLOCK_SIZES)}")
+    for key, choices in (("block_sizes", BLOCK_SIZES), ("context_tokens", CONTEXT_TOKENS),
+                         ("predictor_pass", PREDICTOR_PASSES)):
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"mask.{key}={getattr(cfg, key)!r}: choose "
+                              f"{' or '.join(choices)}")

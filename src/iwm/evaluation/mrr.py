@@ -11,11 +11,12 @@ Source and positions
     The source is the evaluation image itself (a deterministic centre view, float in
     [0, 1]): no jitter, no destructive op, so the action's source side is the identity
     (``build_action(target_k, identity, identity)``). Standard multi-block masks are drawn
-    with the run's mask config from the seeded generator, once per batch; the context
-    encoder sees the masks' context patches, and the predictor predicts the positions of
-    the FIRST target block only (one predictor call per image, exactly the shape of
-    problem it was trained on; padding of the block is excluded from every distance). The
-    same masks serve every bank of a batch, so all settings below compare like with like.
+    with the run's mask config (one pass per block, whatever the run trained with) from
+    the seeded generator, once per batch; the context encoder sees each image's own
+    context patches (``run_mrr(context="batch-min")`` thins them to the batch's smallest,
+    the protocol before 2026-11-29), and the predictor predicts the positions of the FIRST
+    target block only (padding excluded from every distance). The same masks serve every
+    bank of a batch, so all settings below compare like with like.
 
 Bank
     ``bank_size`` (K, default 256) target colour-jitter parameters per image, drawn from
@@ -81,8 +82,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iwm.config import MaskConfig
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
-from iwm.data.masks import Masks
+from iwm.data.masks import Masks, MultiBlockMaskGenerator
 from iwm.data.shard import take_rows
 from iwm.data.views import STRENGTHS, ViewParams, ViewSampler
 from iwm.models.iwm import IWM
@@ -92,16 +94,21 @@ __all__ = [
     "DESTRUCTIVE_OPS",
     "DISTANCES",
     "FACTORS",
+    "MRR_CONTEXTS",
     "MRRResult",
     "bank_view_params",
     "evaluate_mrr",
     "mean_reciprocal_rank",
     "pairwise_scores",
+    "protocol_masks",
     "ranks_from_scores",
     "run_mrr",
 ]
 
 DISTANCES = ("cosine", "l2")
+#: ``own``: each image keeps its whole context; ``batch-min``: every context is thinned to
+#: the smallest of its batch, the training masks' old form (kept to compare protocols).
+MRR_CONTEXTS = ("own", "batch-min")
 FACTORS = ("brightness", "contrast", "saturation", "hue")
 DESTRUCTIVE_OPS = ("grayscale", "blur", "solarize")
 _RGB_ONLY = frozenset({"saturation", "hue", "grayscale"})
@@ -253,6 +260,7 @@ class BankEvaluator:
         self.chunk = chunk_size
         self.norm = normalize
         self.context_idx = masks.context
+        self.context_valid = masks.context_valid
         self.target_idx = masks.targets[:, 0]
         self.valid = masks.target_valid[:, 0]
         b, device = images.shape[0], images.device
@@ -263,9 +271,10 @@ class BankEvaluator:
                 destructive: DestructiveParams) -> Tensor:
         """Predictor output (B, Kt, D) at the first block, from ``source``'s context."""
         action = build_action(target, self.identity_source, destructive)
-        context = self.model.encoder.forward_tokens(self.norm(source), self.context_idx)
-        return self.model.predictor(context, self.context_idx, self.target_idx, action,
-                                    self.valid)
+        context = self.model.encoder.forward_tokens(self.norm(source), self.context_idx,
+                                                    self.context_valid)
+        return self.model.predictor(context, self.context_idx, self.target_idx, action=action,
+                                    context_valid=self.context_valid, target_valid=self.valid)
 
     def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
         return take_rows(bank, self.rows * self.k + true_index)
@@ -399,18 +408,29 @@ def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_gen
     return _summarise(ranks, notes, bank_size, distance)
 
 
+def protocol_masks(grid: tuple[int, int], cfg: MaskConfig, context: str = "own"
+                   ) -> MultiBlockMaskGenerator:
+    """The protocol's masks: the run's multi-block masks with one pass per block, whatever
+    the run trained with, so that every run is asked the same question; ``context`` is one
+    of :data:`MRR_CONTEXTS`."""
+    if context not in MRR_CONTEXTS:
+        raise ValueError(f"context={context!r}: must be one of {', '.join(MRR_CONTEXTS)}")
+    return MultiBlockMaskGenerator(grid, dataclasses.replace(
+        cfg, predictor_pass="per_block", context_tokens="thin" if context == "batch-min"
+        else "pad"))
+
+
 def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: str = "cosine",
             device: str = "auto", seed: int = 0, batch_size: int = 64, chunk_size: int = 512,
-            per_transform: bool = True) -> dict:
+            per_transform: bool = True, context: str = "own") -> dict:
     """MRR of a trained run on its data set's first ``n_images`` test images (centre views).
 
     Writes and returns ``RUN/results/mrr.json`` (the returned dict also has ``path``).
     ``batch_size`` images share one draw of masks; their banks are encoded ``chunk_size``
-    views at a time.
+    views at a time, with :func:`protocol_masks`.
     """
     from iwm.api import load
     from iwm.data.datasets import get_dataset
-    from iwm.data.masks import MultiBlockMaskGenerator
     from iwm.data.sources import iter_eval_batches
     from iwm.data.views import resolve_view_params
     from iwm.training.distributed import resolve_device
@@ -424,7 +444,7 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     model.eval()  # load() returns it in eval mode; a run dir is never resumed from here
     dataset = get_dataset(cfg.data.name, "test", cfg.data.root)
     views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
-    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    masks = protocol_masks(model.encoder.grid, cfg.mask, context)
     # On the CPU so the masks, banks and true indices do not depend on the device.
     generator = torch.Generator().manual_seed(seed)
 
@@ -452,6 +472,7 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     out = {
         **dataclasses.asdict(result),
         "seed": seed,
+        "context": context,
         "step": pretrained.step,
         "bank_views": dataclasses.asdict(bank_view_params(views.params)),
         "seconds": time.perf_counter() - start,

@@ -17,7 +17,23 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from iwm.config import CONDITIONINGS
+from iwm.data.masks import Masks
 from iwm.models.tokens import gather_tokens, sincos_pos_embed
+
+
+def _modulated_block(block: Block):
+    """``block``'s forward with its two branches modulated by the action (adaptive layer
+    norm, as DiT's adaLN): ``x + (1 + gate) * branch(norm(x) * (1 + scale) + shift)``."""
+
+    def forward(x: Tensor, attn_mask: Tensor | None, mod: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+        h = block.norm1(x) * (1 + scale1) + shift1
+        x = x + block.drop_path1(block.ls1(block.attn(h, attn_mask=attn_mask))) * (1 + gate1)
+        h = block.norm2(x) * (1 + scale2) + shift2
+        return x + block.drop_path2(block.ls2(block.mlp(h))) * (1 + gate2)
+
+    return forward
 
 
 class Predictor(nn.Module):
@@ -25,7 +41,7 @@ class Predictor(nn.Module):
                  num_heads: int, action_dim: int, conditioning: str = "feature",
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        if conditioning not in ("none", "sequence", "feature"):
+        if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}")
         self.conditioning = conditioning
         self.action_dim = action_dim
@@ -40,6 +56,10 @@ class Predictor(nn.Module):
                 nn.Linear(width, width), nn.GELU(),
                 nn.Linear(width, width),
             )
+        elif conditioning == "adaln":
+            # Per block: shift, scale and gate of the attention and of the MLP branch.
+            self.action_mod = nn.Sequential(nn.Linear(action_dim, width), nn.SiLU(),
+                                            nn.Linear(width, depth * 6 * width))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=r,
@@ -50,6 +70,10 @@ class Predictor(nn.Module):
         self.proj = nn.Linear(width, embed_dim)
         self.grad_checkpointing = False
         self._init_weights()
+        if conditioning == "adaln":
+            # Zero: every block starts as the plain block, whatever the action.
+            nn.init.zeros_(self.action_mod[-1].weight)
+            nn.init.zeros_(self.action_mod[-1].bias)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -62,24 +86,28 @@ class Predictor(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor,
-                action: Tensor | None = None, target_valid: Tensor | None = None) -> Tensor:
+    def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor, *,
+                action: Tensor | None = None, context_valid: Tensor | None = None,
+                target_valid: Tensor | None = None) -> Tensor:
         """Predict encoder tokens at ``target_idx``.
 
         context: (B, Kc, D) encoder tokens at positions ``context_idx`` (B, Kc);
         target_idx: (B, Kt) positions to predict; action: (B, action_dim) or None (= null
-        action); target_valid: (B, Kt) bool, False for padding tokens, which other tokens
-        must not attend to. Returns (B, Kt, D).
+        action); context_valid (B, Kc) / target_valid (B, Kt): bool, False for padding,
+        which no token attends to. Returns (B, Kt, D).
         """
         batch, n_ctx = context.shape[:2]
+        n_tgt = target_idx.shape[1]
         pos = self.pos_embed.unsqueeze(0).expand(batch, -1, -1)
         x = self.embed(context) + gather_tokens(pos, context_idx)
         queries = self.mask_token + gather_tokens(pos, target_idx)
         if self.conditioning != "none" and action is None:
             action = context.new_zeros(batch, self.action_dim)
         if self.conditioning == "feature":
-            a = action.to(queries.dtype).unsqueeze(1).expand(-1, queries.shape[1], -1)
-            queries = self.action_mlp(torch.cat([queries, a], dim=-1))
+            a = action.to(queries.dtype).unsqueeze(1).expand(-1, n_tgt, -1)
+            # Residual: at initialisation the MLP's output is ~0.002 RMS, so replacing the
+            # query by it would erase the position the query carries until relearnt.
+            queries = queries + self.action_mlp(torch.cat([queries, a], dim=-1))
         parts = [x, queries]
         if self.conditioning == "sequence":
             parts.append(self.action_embed(action.to(x.dtype)).unsqueeze(1))
@@ -87,34 +115,42 @@ class Predictor(nn.Module):
 
         attn_mask = None
         # Always masked when given: checking for padding first would sync with the device.
-        if target_valid is not None:
+        if context_valid is not None or target_valid is not None:
             keep = torch.ones(batch, x.shape[1], dtype=torch.bool, device=x.device)
-            keep[:, n_ctx:n_ctx + target_valid.shape[1]] = target_valid
+            if context_valid is not None:
+                keep[:, :n_ctx] = context_valid
+            if target_valid is not None:
+                keep[:, n_ctx:n_ctx + n_tgt] = target_valid
             attn_mask = keep[:, None, None, :]  # broadcast over heads and queries
-        for block in self.blocks:
+        mods = (self.action_mod(action.to(x.dtype)).view(batch, len(self.blocks), 6, 1, -1)
+                if self.conditioning == "adaln" else None)
+        for i, block in enumerate(self.blocks):
+            args = (x, attn_mask) if mods is None else (x, attn_mask, mods[:, i])
+            fn = block if mods is None else _modulated_block(block)
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
             else:
-                x = block(x, attn_mask=attn_mask)
-        x = self.norm(x[:, n_ctx:n_ctx + target_idx.shape[1]])
+                x = fn(*args)
+        x = self.norm(x[:, n_ctx:n_ctx + n_tgt])
         return self.proj(x)
 
-    def predict_blocks(self, context: Tensor, context_idx: Tensor, targets: Tensor,
-                       target_valid: Tensor, action: Tensor | None = None) -> Tensor:
-        """Predict every target block of multi-block masks: (B, T, Kt, D).
+    def predict_blocks(self, context: Tensor, masks: Masks,
+                       action: Tensor | None = None) -> Tensor:
+        """Predict every target block of ``masks``: (B, T, Kt, D).
 
-        context: (B, Kc, D) at ``context_idx``; targets / target_valid: (B, T, Kt). All
-        blocks go through one batched call, the context repeated once per block, so blocks
-        never see each other's mask tokens.
+        context: (B, Kc, D) encoder tokens at ``masks.context``. All blocks go through one
+        batched call, the context repeated once per block, so blocks never see each
+        other's mask tokens (with ``predictor_pass="union"`` masks hold one block, T = 1).
         """
-        batch, n_blocks = targets.shape[:2]
-        pred = self(
-            context.repeat_interleave(n_blocks, 0),
-            context_idx.repeat_interleave(n_blocks, 0),
-            targets.flatten(0, 1),
-            None if action is None else action.repeat_interleave(n_blocks, 0),
-            target_valid.flatten(0, 1),
-        )
+        batch, n_blocks = masks.targets.shape[:2]
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            # One copy of the context per block; a union (T = 1) needs none.
+            return t if t is None or n_blocks == 1 else t.repeat_interleave(n_blocks, 0)
+
+        pred = self(rep(context), rep(masks.context), masks.targets.flatten(0, 1),
+                    action=rep(action), context_valid=rep(masks.context_valid),
+                    target_valid=masks.target_valid.flatten(0, 1))
         return pred.unflatten(0, (batch, n_blocks))
 
     def predict_all(self, tokens: Tensor, action: Tensor | None = None) -> Tensor:
@@ -122,4 +158,4 @@ class Predictor(nn.Module):
         target, (B, N, D) -> (B, N, D); ``action`` None = the null action."""
         batch, n = tokens.shape[:2]
         idx = torch.arange(n, device=tokens.device).expand(batch, -1)
-        return self(tokens, idx, idx, action)
+        return self(tokens, idx, idx, action=action)

@@ -91,16 +91,22 @@ class Encoder(VisionTransformer):
             self.pos_embed.copy_(sincos_pos_embed(self.grid, embed_dim).unsqueeze(0))
         self.pos_embed.requires_grad_(False)
 
-    def forward_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Images (B, C, H, W) -> normed tokens (B, N, D), or (B, K, D) for ``keep`` (B, K)."""
+    def forward_tokens(self, x: Tensor, keep: Tensor | None = None,
+                       keep_valid: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> normed tokens (B, N, D), or (B, K, D) for ``keep`` (B, K).
+
+        ``keep_valid`` (B, K) bool marks padding in ``keep`` (False): no token attends to
+        it, so the valid tokens come out as if the padding were not there.
+        """
         x = self.patch_embed(x) + self.pos_embed
         if keep is not None:
             x = gather_tokens(x, keep)
-        if self.grad_checkpointing and self.training:
-            for block in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
+        attn_mask = None if keep_valid is None else keep_valid[:, None, None, :]
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
         return self.norm(x)
 
     def forward(self, x: Tensor) -> Tensor:
