@@ -235,3 +235,35 @@ def test_compiled_steps_train_as_the_uncompiled_ones():
     assert compiled.train_model is not compiled.model  # still the compiled module
     for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_the_predictor_trains_at_its_own_lr_scale():
+    import torch
+
+    from tiny_run import tiny_trainer
+
+    trainer = tiny_trainer("optim.predictor_lr_scale=10")
+    trainer.step(2, torch.rand(16, 1, 28, 28))
+    lr = trainer.schedules.lr(2)
+    predictor = {id(p) for p in trainer.model.predictor.parameters()}
+    seen = set()
+    for group in trainer.optimizer.param_groups:
+        ours = {id(p) for p in group["params"]}
+        seen.add(bool(ours & predictor))
+        assert ours <= predictor or not ours & predictor  # a group is one network's
+        assert group["lr"] == pytest.approx(lr * (10 if ours & predictor else 1))
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, False, True), (False, True, True), (False, False, False)])
+def test_native_bf16_on_cpu_follows_the_instruction_set(monkeypatch, avx512_bf16, amx,
+                                                         expected):
+    from iwm.training.loop import native_bf16
+
+    # The probes are private torch functions: the test fails if a release drops them.
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16),
+                        ("_is_amx_tile_supported", amx)):
+        assert callable(getattr(torch.cpu, name))
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    assert native_bf16(torch.device("cpu")) is expected
