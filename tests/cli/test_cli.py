@@ -1,9 +1,12 @@
 """The iwm command: errors are one line without traceback; commands chain end to end."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
+from conftest import FAKE_TEST
 from iwm.cli.main import main
 
 TINY = ["train.batch_size=16", "train.epochs=0.5", "train.progress=false",
@@ -82,6 +85,26 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
 
     summary = run_demo(tmp_path / "demo", quick=True, device="cpu")
     out = capsys.readouterr().out
-    assert "random-init encoder" in out
-    assert 0 <= summary["probe_linear"]["accuracy"] <= 1
-    assert 0 <= summary["probe_linear_random_encoder"]["accuracy"] <= 1
+    for line in ("random-init encoder", "linear probe, raw pixels", "per transform",
+                 "world model via the API (bank 64)", "per factor"):
+        assert line in out, line
+    assert re.search(r"per transform\s*: brightness (\d\.\d{3}|n/a), contrast", out)
+    for key in ("probe_linear", "probe_linear_random_encoder", "probe_linear_raw_pixels"):
+        assert 0 <= summary[key]["accuracy"] <= 1, key
+    assert summary["probe_linear_raw_pixels"]["feature_dim"] == 28 * 28  # the pixels
+    api = summary["api_check"]
+    # --quick asks for 64 images; the generated test split has only FAKE_TEST.
+    assert api["bank"] == 64 and api["n_images"] == min(64, FAKE_TEST)
+    assert 0 < api["mrr"] <= 1
+    assert {"brightness", "contrast", "saturation", "hue"} == api["per_factor"].keys()
+    assert set(summary["mrr_per_transform"]) >= {"brightness", "contrast"}
+
+    results = Path(summary["run_dir"]) / "results"
+    saved = json.loads((results / "demo_summary.json").read_text())
+    assert saved["api_check"] == api
+    assert saved["probe_linear_raw_pixels"] == summary["probe_linear_raw_pixels"]
+    raw = json.loads((results / "probe_linear_raw_pixels.json").read_text())
+    assert raw["encoder"] == "raw pixels (baseline)"
+    assert json.loads((results / "api_check.json").read_text())["mrr"] == api["mrr"]
+    report = Path(summary["report"]).read_text()
+    assert "probe_linear_raw_pixels" in report and "api_check" in report

@@ -13,7 +13,7 @@ from iwm.errors import ConfigError
 from iwm.evaluation.attentive_probe import train_attentive_probe
 from iwm.evaluation.knn import knn_predict, train_knn_probe
 from iwm.evaluation.linear_probe import train_linear_probe
-from iwm.evaluation.probe import probe_encoder
+from iwm.evaluation.probe import probe_encoder, probe_pixels
 from iwm.models.vit import create_encoder
 from tiny_run import make_tiny_run
 
@@ -133,6 +133,22 @@ def test_probe_leaves_the_encoder_frozen(kind, probe_cfg):
     assert all(p.grad is None for p in encoder.parameters())
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_raw_pixel_probe_is_the_linear_probe_on_the_images_themselves(fake_mnist_dir,
+                                                                      mnist_writer):
+    data = mnist_writer(fake_mnist_dir)  # the same files again, to get their contents
+    cfg = load_config({}, [f"data.root={fake_mnist_dir}", "data.image_size=28",
+                           "probe.train_limit=32", "probe.max_iter=20",
+                           "probe.weight_decay=0.01"])
+    result = probe_pixels(cfg, torch.device("cpu"))
+    # 28 x 28 images at image size 28: the features are the pixels in [0, 1], in order.
+    expected = train_linear_probe(data["train_images"][:32].flatten(1).float() / 255,
+                                  data["train_labels"][:32],
+                                  data["t10k_images"].flatten(1).float() / 255,
+                                  data["t10k_labels"], weight_decay=0.01, max_iter=20)
+    assert result == expected
+    assert (result.n_train, result.n_test, result.feature_dim) == (32, 16, 784)
 
 
 @pytest.mark.parametrize("kind, override, message", [

@@ -89,6 +89,13 @@ def test_report_with_results(fresh_run):
          "tasks": {"mnist": {"accuracy": 0.6}, "fashion-mnist": {"accuracy": 0.5}}}))
     (results / "probe_broken.json").write_text("{not json")
     (results / "demo_summary.json").write_text(json.dumps({"accuracy": 0.1111}))
+    # The demo's baseline and the API check (iwm eval api-check) are rows of the table too.
+    (results / "probe_linear_raw_pixels.json").write_text(json.dumps(
+        {"accuracy": 0.7131, "n_train": 64, "n_test": 16, "encoder": "raw pixels (baseline)"}))
+    (results / "api_check.json").write_text(json.dumps(
+        {"mrr": 0.8765, "bank": 64, "n_images": 256, "chance": 0.0741,
+         "per_factor": {"brightness": 0.9012, "contrast": 0.6789, "saturation": None},
+         "notes": {"saturation": "no-op on 1-channel images"}, "seed": 0}))
 
     page = _build(fresh_run)
     text = page.read_text()
@@ -97,6 +104,10 @@ def test_report_with_results(fresh_run):
         assert number in text, number
     assert "no-op on 1-channel images" in text
     assert "probe_broken" in text and "unreadable" in text
+    assert re.search(r"<td>probe_linear_raw_pixels</td><td>accuracy</td><td class=num>0.7131"
+                     r"</td>.*?raw pixels \(baseline\)", text)
+    assert re.search(r"<td>api_check</td><td>mrr</td><td class=num>0.8765</td>.*?"
+                     r"per_factor: brightness 0.9012, contrast 0.6789;[^<]*chance=0.0741", text)
     assert "0.1111" not in text  # only probe/finetune/segment results are tabulated
     assert "not computed yet" not in text
     assert set(_check_links(page)) == {"curves.png", "mrr.png", "retrieval.png"}
@@ -154,10 +165,11 @@ class Oracle(nn.Module):
         self.images, self.views = images, views
         self.encode = lambda x: model.target_tokens(x)  # not a submodule: no recursion
 
-    def forward(self, context, context_idx, target_idx, action, target_valid=None):
+    def forward(self, context, context_idx, target_idx, *, action, context_valid=None,
+                target_valid=None):
         target = JitterParams(brightness=action[:, 0].exp(), contrast=action[:, 1].exp(),
                               saturation=action[:, 2].exp(), hue=action[:, 3] / 2,
-                              applied=action[:, 4] > 0.5)
+                              applied=torch.ones(action.shape[0], dtype=torch.bool))
         return gather_tokens(self.encode(self.views.apply_jitter(self.images, target)),
                              target_idx)
 
@@ -194,7 +206,7 @@ def test_grid_uses_the_mrr_protocol_and_draws():
 def test_tied_entries_go_before_the_true_one():
     model, views, masks, images = _setup()
     # A zero prediction is equidistant from every entry: the true one ranks last.
-    model.predictor.forward = lambda c, ci, ti, a, v=None: torch.zeros(
+    model.predictor.forward = lambda c, ci, ti, **kw: torch.zeros(
         ti.shape[0], ti.shape[1], model.encoder.embed_dim)
     examples = retrieval_examples(model, views, images, masks, bank_size=6, top_k=6)
     for ex in examples:

@@ -87,10 +87,25 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
     from iwm.evaluation.mrr import run_mrr
 
     r = run_mrr(Path(args.run), n_images=args.images, bank_size=args.bank,
-                distance=args.distance, device=args.device, seed=args.seed)
+                distance=args.distance, device=args.device, seed=args.seed,
+                context=args.context)
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_transform"].items() if v is not None)
     print(f"MRR {r['mrr']:.4f} (bank {r['bank']}, {r['n_images']} images, {r['distance']}); "
           f"per transform: {parts} -> {r['path']}")
+
+
+def _cmd_eval_api_check(args: argparse.Namespace) -> None:
+    from iwm.evaluation.api_check import run_api_check
+
+    # Checked here too: the library raises ValueError (a caller's bug), the command line
+    # answers a typo with one line.
+    if args.bank < 2 or args.images < 1:
+        raise IWMError(f"--bank {args.bank} (>= 2), --images {args.images} (>= 1)")
+    r = run_api_check(Path(args.run), n_images=args.images, k=args.bank, seed=args.seed,
+                      device=args.device)
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_factor"].items() if v is not None)
+    print(f"world model through the API: MRR {r['mrr']:.4f} (chance {r['chance']:.3f}; bank "
+          f"{r['bank']}, {r['n_images']} images); per factor: {parts} -> {r['path']}")
 
 
 def _cmd_eval_probe(args: argparse.Namespace) -> None:
@@ -216,9 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", type=int, default=256, help="transformations ranked per image")
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
     p.add_argument("--distance", choices=("cosine", "l2"), default="cosine")
+    p.add_argument("--context", choices=("own", "batch-min"), default="own",
+                   help="own: each image's whole context; batch-min: every context thinned "
+                        "to the smallest of its batch of 64 (the protocol before 2026-11-29, "
+                        "for comparisons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=_cmd_eval_mrr)
+    p = evals.add_parser("api-check", help="the world model asked through the Python API "
+                                           "(iwm.Action, encode, apply): MRR of the true "
+                                           "jitter among torchvision-rendered ones")
+    p.add_argument("run", help="run directory (results go to RUN/results/)")
+    p.add_argument("--bank", type=int, default=64, help="jitters ranked per image")
+    p.add_argument("--images", type=int, default=256, help="test images to evaluate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=_cmd_eval_api_check)
     p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "
                                        "attentive or kNN")
     p.add_argument("run", help="run directory")

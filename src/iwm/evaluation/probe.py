@@ -79,6 +79,29 @@ def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
     return train_linear_probe(train_x, train_y, test_x, test_y, p.weight_decay, p.max_iter)
 
 
+@torch.no_grad()
+def _pixels(cfg: Config, split: str, limit: int | None,
+            device: torch.device) -> tuple[Tensor, Tensor]:
+    """Flattened centre views (N, C*S*S) in [0, 1] and labels of a split, on the CPU."""
+    dataset = get_dataset(cfg.data.name, split, cfg.data.root)
+    xs, ys = [], []
+    for images, y in iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size,
+                                       device, limit=limit):
+        xs.append(images.flatten(1).float().cpu())
+        ys.append(y.cpu())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def probe_pixels(cfg: Config, device: torch.device) -> ProbeResult:
+    """The linear probe on raw pixels: the floor any encoder must beat. Same splits,
+    limits and solver settings (``cfg.probe``) as :func:`probe_encoder`'s linear probe; the
+    probe standardises each pixel, so the data set's normalisation would change nothing."""
+    p = cfg.probe
+    return train_linear_probe(*_pixels(cfg, "train", p.train_limit, device),
+                              *_pixels(cfg, "test", p.test_limit, device),
+                              weight_decay=p.weight_decay, max_iter=p.max_iter)
+
+
 def run_linear_probe(run_dir: Path, overrides: list[str] | None = None,
                      device: str = "auto") -> dict:
     """``iwm probe RUN``: :func:`run_probe` with ``kind="linear"``."""

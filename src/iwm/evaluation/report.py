@@ -8,7 +8,8 @@ the folder can be copied or served as is; no network, scripts or external CSS):
   ``target_std``: a collapsing encoder drives both towards 0), learning rate, gradient
   norm;
 - world-model quality from ``results/mrr.json`` (overall and per-transform bar chart);
-- every ``results/{probe,finetune,segment}_*.json`` in one table, whatever keys it has;
+- every ``results/{probe,finetune,segment}_*.json`` (the demo's baselines among them) and
+  ``results/api_check.json`` in one table, whatever keys it has;
 - a retrieval grid: for a few test images, the requested transformation and the bank
   entries nearest to the predictor's output (MRR's protocol, small bank; see
   :mod:`iwm.evaluation.retrieval`). Needs a checkpoint; computed fresh on every report;
@@ -49,10 +50,13 @@ CURVES_PNG = "curves.png"
 MRR_PNG = "mrr.png"
 RETRIEVAL_PNG = "retrieval.png"
 # Results a report tabulates: linear/attentive probes, predictor/encoder finetuning,
-# segmentation. Anything else in results/ (mrr.json has its own section) is left out.
-RESULT_PATTERNS = ("probe_*.json", "finetune_*.json", "segment_*.json")
+# segmentation, the world model asked through the API (one row: MRR, chance, per factor).
+# Anything else in results/ (mrr.json has its own section) is left out.
+RESULT_PATTERNS = ("probe_*.json", "finetune_*.json", "segment_*.json", "api_check.json")
 # Columns shown when present, in this order; any other scalar key goes to "other".
-_METRIC_KEYS = ("accuracy", "miou", "mean_accuracy", "mean_miou", "top1")
+_METRIC_KEYS = ("accuracy", "miou", "mean_accuracy", "mean_miou", "top1", "mrr")
+# Dicts of scalars spelled out in "other" (other dicts and lists are left out).
+_SCORE_DICTS = ("per_factor",)
 _COLUMNS = ("protocol", "kind", "encoder", "dataset", "train_accuracy", "n_train", "n_test",
             "trainable_params", "epochs", "step", "seconds")
 
@@ -311,6 +315,11 @@ def _results_section(run_dir: Path) -> str:
             per_task = ", ".join(f"{name} {_fmt(_metric_of(v)[1])}" for name, v in tasks.items()
                                  if isinstance(v, dict))
             other = f"tasks: {per_task}; {other}" if other else f"tasks: {per_task}"
+        for key in _SCORE_DICTS:
+            scores = data.get(key)
+            if isinstance(scores, dict):  # e.g. the API check's MRR per factor
+                listed = ", ".join(f"{k} {_fmt(v)}" for k, v in scores.items() if v is not None)
+                other = f"{key}: {listed}; {other}" if other else f"{key}: {listed}"
         cells = [f"<td>{_esc(name)}</td>", f"<td>{_esc(metric or '?')}</td>",
                  f"<td class=num>{_esc(_fmt(value))}</td>"]
         cells += [_cell(data[c]) if c in data else "<td></td>" for c in columns]
@@ -426,10 +435,9 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
     """Retrieval examples of a loaded run (:class:`iwm.api.Pretrained`) on the first
     ``n_images`` test images."""
     from iwm.data.datasets import get_dataset
-    from iwm.data.masks import MultiBlockMaskGenerator
     from iwm.data.sources import iter_eval_batches
     from iwm.data.views import ViewSampler, resolve_view_params
-    from iwm.evaluation.mrr import bank_view_params
+    from iwm.evaluation.mrr import bank_view_params, protocol_masks
     from iwm.evaluation.retrieval import retrieval_examples
 
     cfg, model = pretrained.config, pretrained.model
@@ -440,7 +448,7 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
         raise IWMError(f"{cfg.data.name}: the test split has no images")
     images = batch[0]
     views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
-    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    masks = protocol_masks(model.encoder.grid, cfg.mask)
     examples = retrieval_examples(model, views, images, masks, bank_size=bank_size,
                                   top_k=min(top_k, bank_size), distance=distance,
                                   generator=torch.Generator().manual_seed(seed),

@@ -127,9 +127,7 @@ def run_baselines(scale: Scale, seed: int, out: Path, device: str = "auto") -> d
     from iwm.config import load_config
     from iwm.data.datasets import get_dataset
     from iwm.data.normalize import Normalizer
-    from iwm.data.sources import iter_eval_batches
-    from iwm.evaluation.linear_probe import train_linear_probe
-    from iwm.evaluation.probe import probe_encoder
+    from iwm.evaluation.probe import probe_encoder, probe_pixels
     from iwm.models.iwm import build_model
     from iwm.training.distributed import resolve_device
 
@@ -137,19 +135,7 @@ def run_baselines(scale: Scale, seed: int, out: Path, device: str = "auto") -> d
     dev = resolve_device(device)
     cfg = load_config(scale.preset, [*scale.overrides, *scale.evaluations.probe])
     train = get_dataset(cfg.data.name, "train", cfg.data.root)
-
-    def pixels(split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        data = get_dataset(cfg.data.name, split, cfg.data.root)
-        xs, ys = [], []
-        for images, y in iter_eval_batches(data, cfg.probe.batch_size, cfg.data.image_size,
-                                           dev, limit=limit):
-            xs.append(images.flatten(1).float().cpu())
-            ys.append(y.cpu())
-        return torch.cat(xs), torch.cat(ys)
-
-    raw = train_linear_probe(*pixels("train", cfg.probe.train_limit),
-                             *pixels("test", cfg.probe.test_limit),
-                             weight_decay=cfg.probe.weight_decay)
+    raw = probe_pixels(cfg, dev)
     torch.manual_seed(seed)
     model = build_model(cfg, train.channels).to(dev)
     normalize = Normalizer.create(train.mean, train.std, dev)
