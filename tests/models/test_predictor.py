@@ -98,3 +98,23 @@ def test_predictions_depend_on_target_position():
     context, ctx_idx, _ = _inputs(batch=1)
     out = p(context, ctx_idx, torch.tensor([[3, 12]]), action=torch.zeros(1, 5))
     assert (out[0, 0] - out[0, 1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3])
+def test_predict_by_halves_predicts_each_square_from_the_other_colour(tile):
+    p = _predictor("feature")
+    tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
+    action = torch.randn(2, 5)
+    out = p.predict_by_halves(tokens, action, tile)
+    rows, cols = torch.arange(4) // tile, torch.arange(4) // tile
+    black = ((rows[:, None] + cols[None, :]) % 2 == 0).flatten()
+    for queries in (black, ~black):
+        q, c = queries.nonzero().squeeze(1), (~queries).nonzero().squeeze(1)
+        expected = p(tokens[:, c], c.expand(2, -1), q.expand(2, -1), action=action)
+        torch.testing.assert_close(out[:, q], expected)
+
+
+def test_predict_by_halves_with_one_square_is_predict_all():
+    p = _predictor("feature")
+    tokens = torch.randn(2, 16, 32)
+    torch.testing.assert_close(p.predict_by_halves(tokens, None, 4), p.predict_all(tokens))

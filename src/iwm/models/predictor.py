@@ -45,6 +45,7 @@ class Predictor(nn.Module):
             raise ValueError(f"unknown conditioning {conditioning!r}")
         self.conditioning = conditioning
         self.action_dim = action_dim
+        self.grid = grid
         self.embed = nn.Linear(embed_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, width), persistent=False)
@@ -159,3 +160,25 @@ class Predictor(nn.Module):
         batch, n = tokens.shape[:2]
         idx = torch.arange(n, device=tokens.device).expand(batch, -1)
         return self(tokens, idx, idx, action=action)
+
+    def predict_by_halves(self, tokens: Tensor, action: Tensor | None = None,
+                          tile: int = 1) -> Tensor:
+        """Every position predicted as in training, from context it does not overlap:
+        (B, N, D) -> (B, N, D). The grid is split into a checkerboard of ``tile`` x ``tile``
+        squares; each colour is predicted from the tokens of the other, in two passes.
+        ``predict_all`` instead lets every query see its own position's source token,
+        a question training never poses."""
+        height, width = self.grid
+        rows = torch.arange(height, device=tokens.device) // tile
+        cols = torch.arange(width, device=tokens.device) // tile
+        black = ((rows[:, None] + cols[None, :]) % 2 == 0).flatten()
+        if black.all():  # one square covers the grid: no half to predict from
+            return self.predict_all(tokens, action)
+        out = torch.empty_like(tokens)
+        batch = tokens.shape[0]
+        for queries in (black, ~black):
+            q_idx = queries.nonzero().squeeze(1)
+            c_idx = (~queries).nonzero().squeeze(1)
+            out[:, q_idx] = self(tokens[:, c_idx], c_idx.expand(batch, -1),
+                                 q_idx.expand(batch, -1), action=action).to(out.dtype)
+        return out
