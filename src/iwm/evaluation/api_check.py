@@ -41,7 +41,6 @@ when None), in a fixed order, so a seed fixes the result whatever the model's de
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from torch import Tensor
 
 from iwm.api import Action, Pretrained, _pooled_direction
 from iwm.evaluation.mrr import chance_mrr, ranks_from_scores
+from iwm.evaluation.results import write_result
 
 __all__ = ["FACTORS", "RANGES", "ApiCheckResult", "render", "run_api_check",
            "sample_jitters", "world_model_api_check"]
@@ -67,7 +67,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "hue": (-0.1, 0.1),
 }
 _RGB_ONLY = frozenset({"saturation", "hue"})
-RESULT_FILE = "api_check.json"
+RESULT_NAME = "api_check"
 
 
 @dataclass
@@ -219,8 +219,5 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     varied = {f: RANGES[f] for f in FACTORS if result.per_factor[f] is not None}
     out = {**dataclasses.asdict(result), "ranges": varied, "seed": seed,
            "step": pretrained.step, "seconds": time.perf_counter() - start}
-    results_dir = Path(run_dir) / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / RESULT_FILE
-    path.write_text(json.dumps(out, indent=2))
+    path = write_result(run_dir, RESULT_NAME, out)
     return {**out, "path": str(path)}

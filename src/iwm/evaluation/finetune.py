@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +74,7 @@ from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
 from iwm.errors import ConfigError, DataError
+from iwm.evaluation.results import write_result
 from iwm.evaluation.segmentation import (
     SEG_CLASS_NAMES,
     confusion_matrix,
@@ -436,8 +436,5 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
         }
     prefix = "finetune" if kind == "classification" else "segment"
     suffix = "multitask" if len(data) > 1 else protocol
-    results_dir = Path(run_dir) / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{prefix}_{suffix}.json"
-    path.write_text(json.dumps(out, indent=2))
+    path = write_result(run_dir, f"{prefix}_{suffix}", out)
     return {**out, "path": str(path)}

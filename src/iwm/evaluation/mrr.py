@@ -72,7 +72,6 @@ the draws do not depend on the device the model runs on.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +86,7 @@ from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.masks import Masks, MultiBlockMaskGenerator
 from iwm.data.shard import take_rows
 from iwm.data.views import STRENGTHS, ViewParams, ViewSampler
+from iwm.evaluation.results import write_result
 from iwm.models.iwm import IWM
 from iwm.models.tokens import gather_tokens
 
@@ -477,8 +477,5 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
         "bank_views": dataclasses.asdict(bank_view_params(views.params)),
         "seconds": time.perf_counter() - start,
     }
-    results_dir = Path(run_dir) / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / "mrr.json"
-    path.write_text(json.dumps(out, indent=2))
+    path = write_result(run_dir, "mrr", out)
     return {**out, "path": str(path)}

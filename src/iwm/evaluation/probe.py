@@ -9,7 +9,6 @@ device a minibatch at a time. Use ``probe.train_limit`` where that does not fit.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from iwm.errors import ConfigError
 from iwm.evaluation.attentive_probe import train_attentive_probe
 from iwm.evaluation.knn import train_knn_probe
 from iwm.evaluation.linear_probe import ProbeResult, train_linear_probe
+from iwm.evaluation.results import write_result
 from iwm.models.vit import Encoder
 from iwm.training.distributed import resolve_device
 
@@ -123,8 +123,5 @@ def run_probe(run_dir: Path, kind: str = "linear", overrides: list[str] | None =
     out = {**asdict(result), "kind": kind, "encoder": cfg.probe.encoder,
            "step": pretrained.step, "seconds": time.perf_counter() - start,
            "probe_config": asdict(cfg.probe)}  # k, T, epochs, limits...: to reproduce it
-    results_dir = Path(run_dir) / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"probe_{kind}.json"
-    path.write_text(json.dumps(out, indent=2))
+    path = write_result(run_dir, f"probe_{kind}", out)
     return {**out, "path": str(path)}
