@@ -28,17 +28,17 @@ from iwm.training.checkpoint import list_checkpoints  # noqa: E402
 from iwm.training.loop import pretrain  # noqa: E402
 
 
-def score(out: Path, bank: int, images: int) -> list[dict]:
+def score(out: Path, bank: int, images: int, probe: list[str]) -> list[dict]:
     """MRR and linear probe of every checkpoint of the run in ``out``, oldest first."""
     rows = []
     for step, path in list_checkpoints(out):
         start = time.perf_counter()
         mrr = run_mrr(path, n_images=images, bank_size=bank)
-        probe = run_linear_probe(path)
+        linear = run_linear_probe(path, probe)
         rows.append({"step": step, "mrr": mrr["mrr"],
                      "brightness": mrr["per_transform"].get("brightness"),
                      "contrast": mrr["per_transform"].get("contrast"),
-                     "linear": probe["accuracy"], "seconds": time.perf_counter() - start})
+                     "linear": linear["accuracy"], "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the run directory")
     ap.add_argument("--bank", type=int, default=64)
     ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--probe", nargs="*", default=["probe.train_limit=10000",
+                                                   "probe.test_limit=5000"],
+                    help="linear-probe overrides (default: the demo's probe sizes)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG path (default OUT/curves.png)")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args(argv)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         pretrain(cfg, args.out, resume=bool(list_checkpoints(args.out)))
         (args.out / "results").mkdir(parents=True, exist_ok=True)
         (args.out / "results" / "train_done").touch()
-    rows = score(args.out, args.bank, args.images)
+    rows = score(args.out, args.bank, args.images, args.probe)
     (args.out / "curves.json").write_text(json.dumps(rows, indent=2))
     plot(rows, args.bank, f"{args.config} {' '.join(args.overrides)}",
          args.plot or args.out / "curves.png")

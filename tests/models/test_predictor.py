@@ -118,3 +118,22 @@ def test_predict_by_halves_with_one_square_is_predict_all():
     p = _predictor("feature")
     tokens = torch.randn(2, 16, 32)
     torch.testing.assert_close(p.predict_by_halves(tokens, None, 4), p.predict_all(tokens))
+
+
+def test_adaln_starts_as_the_plain_predictor_and_learns_to_use_the_action():
+    p = _predictor("adaln").train()
+    context, ctx_idx, tgt_idx = _inputs()
+    zero, one = torch.zeros(2, 5), torch.ones(2, 5)
+    # Zero-initialised modulation: at first the action changes nothing.
+    torch.testing.assert_close(p(context, ctx_idx, tgt_idx, action=zero),
+                               p(context, ctx_idx, tgt_idx, action=one))
+    opt = torch.optim.Adam(p.parameters(), lr=1e-2)  # Adam, as training: scale-free
+    for _ in range(3):  # ask for different outputs under the two actions
+        loss = (p(context, ctx_idx, tgt_idx, action=one) - 1).pow(2).mean() + \
+            (p(context, ctx_idx, tgt_idx, action=zero) + 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    a = p(context, ctx_idx, tgt_idx, action=zero)
+    b = p(context, ctx_idx, tgt_idx, action=one)
+    assert (a - b).abs().max() > 1e-3

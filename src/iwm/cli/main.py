@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eval_probe)
 
     p = sub.add_parser("finetune", help="finetune a run's encoder and/or predictor with a "
-                                        "head (protocols of PAPER.md: leveraging the "
+                                        "head (protocols of docs/method.md: leveraging the "
                                         "world model)")
     p.add_argument("run", help="run directory (results go to RUN/results/)")
     p.add_argument("overrides", nargs="*",

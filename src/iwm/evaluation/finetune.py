@@ -1,4 +1,4 @@
-"""Leveraging the world model: finetuning protocols (``iwm finetune``, PAPER.md §2).
+"""Leveraging the world model: finetuning protocols (``iwm finetune``, docs/method.md).
 
 Four protocols, compared on the same budget (``finetune.*``: epochs, batch size, data,
 light random-resized crop + flip drawn on the device) and the same head, so that the

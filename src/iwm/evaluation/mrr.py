@@ -1,4 +1,4 @@
-"""World-model quality: Mean Reciprocal Rank (MRR) of the predictor (PAPER.md §2).
+"""World-model quality: Mean Reciprocal Rank (MRR) of the predictor (docs/method.md).
 
 Can the predictor apply a transformation in latent space? Give it a clean image's context
 tokens and an action; rank the target-encoder latent of the image *really* transformed by

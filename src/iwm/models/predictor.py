@@ -3,12 +3,15 @@
 Input: context tokens (projected to the predictor width) plus one mask token per target
 position (shared learned vector + fixed sin-cos position). Output: predictions at the
 target positions, projected back to the encoder width. The action a(x→y) enters in one
-of three ways (PAPER.md §2):
+of four ways (docs/method.md; the first three are the paper's):
 
 - ``none``: ignored (I-JEPA; the predictor cannot apply a transformation);
 - ``sequence``: a linear projection of the action is appended as one extra token;
 - ``feature``: the action is concatenated onto every mask token (after its position
-  embedding) and a 3-layer MLP maps the result back to the predictor width.
+  embedding) and a 3-layer MLP maps the result back to the predictor width, added to
+  the token (residual, so the token keeps its position).
+- ``adaln``: every block's layer norms are shifted, scaled and gated by an MLP of the
+  action (zero-initialised), as DiT's adaptive layer norm.
 """
 
 from __future__ import annotations
