@@ -21,8 +21,9 @@ Block sizes
     drawn per batch, from the same distributions, and shared by every block of the batch
     (redraws after rejection keep them): the official code's choice. Its target blocks
     then need no padding (see "Index form"; per block, a 14 x 14 grid pads to about 42
-    slots for 34 valid ones), but a batch's contexts are cut to its smallest one, which
-    per batch is larger: net 4% fewer FLOPs per image for vit_tiny at batch 32.
+    slots for 34 valid ones); with thinned contexts (``context_tokens="thin"``) a batch's
+    smallest context, which every sample is cut to, is then larger: net 4% fewer FLOPs
+    per image for vit_tiny at batch 32 (measured before whole contexts were the default).
 
     The context block draws ``s ~ U(cfg.context_scale)`` and takes the grid's own shape:
     ``h = round(sqrt(s) H)``, ``w = round(sqrt(s) W)``. On a square grid (square images,
