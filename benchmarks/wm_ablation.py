@@ -11,7 +11,8 @@ to ``OUT/results.jsonl`` (a finished pair is skipped when the command is run aga
         --variant baseline= --variant thin=mask.context_tokens=thin \\
         --variant per-block=mask.predictor_pass=per_block
 
-A variant is ``NAME=OVERRIDE,OVERRIDE,...`` (``NAME=`` for none).
+A variant is ``NAME=OVERRIDE,OVERRIDE,...`` (``NAME=`` for none); a list value keeps its
+commas: ``ema=optim.ema=[0.99,1.0],train.epochs=1``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +35,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, rest = text.partition("=")
     if not sep or not name:
         raise SystemExit(f"--variant {text!r}: expected NAME=OVERRIDE,OVERRIDE,... or NAME=")
-    return name, [o for o in rest.split(",") if o]
+    # Commas inside brackets belong to a list value (optim.ema=[0.99,1.0]).
+    return name, [o for o in re.split(r",(?![^\[]*\])", rest) if o]
 
 
 def _done(path: Path) -> set[tuple[str, int]]:

@@ -33,6 +33,8 @@ def test_ablation_runs_each_variant_and_seed_once(tmp_path: Path) -> None:
     assert "| base | – | 0,1 |" in table and "model.conditioning=feature" in table
     script.main(argv)  # finished pairs are skipped, not appended again
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    assert script.parse_variant("ema=optim.ema=[0.99,1.0],train.epochs=1") == (
+        "ema", ["optim.ema=[0.99,1.0]", "train.epochs=1"])
     with pytest.raises(SystemExit, match="NAME=OVERRIDE"):
         script.parse_variant("no-equals-sign")
 
