@@ -10,6 +10,7 @@ device a minibatch at a time. Use ``probe.train_limit`` where that does not fit.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +32,20 @@ from iwm.training.distributed import resolve_device
 PROBE_KINDS = ("linear", "attentive", "knn")
 
 
-@torch.no_grad()
+def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
+               fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``fn`` of every batch of a split's centre views (no augmentation), concatenated on
+    the CPU, and the labels."""
+    dataset = get_dataset(cfg.data.name, split, cfg.data.root)
+    outs, labels = [], []
+    with torch.no_grad():
+        for images, y in iter_eval_batches(dataset, cfg.probe.batch_size,
+                                           cfg.data.image_size, device, limit=limit):
+            outs.append(fn(images).cpu())
+            labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
 def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split: str,
                      limit: int | None, device: torch.device,
                      pool: bool = True) -> tuple[Tensor, Tensor]:
@@ -39,14 +53,12 @@ def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split
     (N, D) float32, or with ``pool=False`` every token (N, T, D) in float16 (half the memory;
     the consumer upcasts each minibatch)."""
     encoder.eval()
-    dataset = get_dataset(cfg.data.name, split, cfg.data.root)
-    feats, labels = [], []
-    for images, y in iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size,
-                                       device, limit=limit):
+
+    def features(images: Tensor) -> Tensor:
         tokens = encoder.forward_tokens(normalize(images))
-        feats.append(tokens.mean(1).float().cpu() if pool else tokens.half().cpu())
-        labels.append(y.cpu())
-    return torch.cat(feats), torch.cat(labels)
+        return tokens.mean(1).float() if pool else tokens.half()
+
+    return _map_split(cfg, split, limit, device, features)
 
 
 def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
@@ -79,26 +91,16 @@ def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
     return train_linear_probe(train_x, train_y, test_x, test_y, p.weight_decay, p.max_iter)
 
 
-@torch.no_grad()
-def _pixels(cfg: Config, split: str, limit: int | None,
-            device: torch.device) -> tuple[Tensor, Tensor]:
-    """Flattened centre views (N, C*S*S) in [0, 1] and labels of a split, on the CPU."""
-    dataset = get_dataset(cfg.data.name, split, cfg.data.root)
-    xs, ys = [], []
-    for images, y in iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size,
-                                       device, limit=limit):
-        xs.append(images.flatten(1).float().cpu())
-        ys.append(y.cpu())
-    return torch.cat(xs), torch.cat(ys)
-
-
 def probe_pixels(cfg: Config, device: torch.device) -> ProbeResult:
     """The linear probe on raw pixels: the floor any encoder must beat. Same splits,
     limits and solver settings (``cfg.probe``) as :func:`probe_encoder`'s linear probe; the
     probe standardises each pixel, so the data set's normalisation would change nothing."""
     p = cfg.probe
-    return train_linear_probe(*_pixels(cfg, "train", p.train_limit, device),
-                              *_pixels(cfg, "test", p.test_limit, device),
+    def pixels(images: Tensor) -> Tensor:  # flattened centre views in [0, 1]
+        return images.flatten(1).float()
+
+    return train_linear_probe(*_map_split(cfg, "train", p.train_limit, device, pixels),
+                              *_map_split(cfg, "test", p.test_limit, device, pixels),
                               weight_decay=p.weight_decay, max_iter=p.max_iter)
 
 
