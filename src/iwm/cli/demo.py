@@ -8,7 +8,6 @@ and print a summary.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -22,6 +21,7 @@ from iwm.evaluation.api_check import FACTORS, run_api_check
 from iwm.evaluation.mrr import chance_mrr, run_mrr
 from iwm.evaluation.probe import probe_encoder, probe_pixels
 from iwm.evaluation.report import build_report
+from iwm.evaluation.results import write_result
 from iwm.models.iwm import build_model
 from iwm.training.distributed import resolve_device
 from iwm.training.loop import native_bf16, pretrain
@@ -114,15 +114,12 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
         "probe_linear_raw_pixels": asdict(probe_raw),
         "seconds": time.perf_counter() - start,
     }
-    results = run_dir / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "probe_linear.json").write_text(json.dumps(
-        {**asdict(probe_trained), "encoder": "target"}, indent=2))
-    # The baseline, as a result file of its own so the report's table shows it too.
-    (results / "probe_linear_random_init.json").write_text(json.dumps(
-        {**asdict(probe_random), "encoder": "random init (baseline)"}, indent=2))
-    (results / "probe_linear_raw_pixels.json").write_text(json.dumps(
-        {**asdict(probe_raw), "encoder": "raw pixels (baseline)"}, indent=2))
+    write_result(run_dir, "probe_linear", {**asdict(probe_trained), "encoder": "target"})
+    # The baselines, as result files of their own so the report's table shows them too.
+    write_result(run_dir, "probe_linear_random_init",
+                 {**asdict(probe_random), "encoder": "random init (baseline)"})
+    write_result(run_dir, "probe_linear_raw_pixels",
+                 {**asdict(probe_raw), "encoder": "raw pixels (baseline)"})
 
     print("[6/6] report")
     report = build_report(run_dir, device=str(dev))
@@ -131,7 +128,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
                    api_check={k: api[k] for k in ("mrr", "chance", "bank", "n_images",
                                                   "per_factor", "path")},
                    report=str(report), seconds=time.perf_counter() - start)
-    (results / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_result(run_dir, "demo_summary", summary)
 
     gain = probe_trained.accuracy - probe_random.accuracy
     print()
