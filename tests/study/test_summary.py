@@ -128,3 +128,20 @@ def test_compare_tests():
 def test_no_cells_yet_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no finished cell yet"):
         summarise(parse_study(GRID), "s", tmp_path)
+
+
+def test_world_model_table_follows_the_equivariant_roles_conditioning(tmp_path):
+    # The grid's world-model cells use sequence conditioning: the depth and strength
+    # verdicts must come from them, not from a hard-wired "feature".
+    grid = json.loads(json.dumps(GRID).replace("feature", "sequence"))
+    study = parse_study(grid)
+    values = {c.name: _cell_values(CHANCE if c.levels["conditioning"] == "none" else
+                                   0.3 + 0.2 * (c.levels["depth"] == "deep"), 0.8, 0.8, 0.7)
+              for c in study.cells("s")}
+    _write(tmp_path, study, values)
+    found = json.loads(summarise(study, "s", tmp_path)["json"].read_text())["findings"]
+    verdicts = {c["claim"]: c["verdict"] for c in found["2_depth_strength"]["comparisons"]}
+    assert verdicts["strong: deep predictor above shallow"] == "holds"
+    assert verdicts["jitter: deep predictor above shallow"] == "holds"
+    cond = {c["claim"] for c in found["1_conditioning"]["comparisons"]}
+    assert "sequence conditioning: MRR above no conditioning" in cond

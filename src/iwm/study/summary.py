@@ -134,6 +134,23 @@ def _correlation(x: list[float], y: list[float]) -> dict[str, float] | None:
             "spearman": float(stats.spearmanr(x, y).statistic), "n": len(x)}
 
 
+def _equivariant_levels(study: Study, scale: str) -> dict[str, str]:
+    name = study.role_cell("equivariant")
+    return next((c.levels for c in study.cells(scale) if c.name == name), {})
+
+
+def _world_model_cells(study: Study, scale: str, cells: list[Cell]) -> list[Cell]:
+    """The depth x strength table: cells with the equivariant role's conditioning."""
+    level = _equivariant_levels(study, scale).get("conditioning", "feature")
+    return [c for c in cells if c.levels["conditioning"] == level]
+
+
+def _conditioning_cells(study: Study, scale: str, cells: list[Cell]) -> list[Cell]:
+    """Every conditioning at the equivariant role's depth and strength."""
+    at = {k: v for k, v in _equivariant_levels(study, scale).items() if k != "conditioning"}
+    return [c for c in cells if at and all(c.levels.get(k) == v for k, v in at.items())]
+
+
 def findings(study: Study, scale: str, by_cell: dict[str, list[dict]],
              baselines: list[dict]) -> dict[str, Any]:
     cells = [c for c in study.cells(scale) if c.name in by_cell]
@@ -160,7 +177,7 @@ def findings(study: Study, scale: str, by_cell: dict[str, list[dict]],
         out["1_conditioning"] = {"at": at, "chance": chance, "comparisons": rows}
 
     if have_axes:
-        wm = [c for c in cells if c.levels["conditioning"] == "feature"]
+        wm = _world_model_cells(study, scale, cells)
         depths = [d for d in study.axes["depth"] if any(c.levels["depth"] == d for c in wm)]
         strengths = [s for s in study.axes["strength"]
                      if any(c.levels["strength"] == s for c in wm)]
@@ -330,7 +347,7 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
         plt.close(fig)
 
     if {"conditioning", "depth", "strength"} <= set(study.axes):
-        wm = [c for c in cells if c.levels["conditioning"] == "feature"]
+        wm = _world_model_cells(study, scale, cells)
         strengths = [s for s in study.axes["strength"] if any(c.levels["strength"] == s
                                                                for c in wm)]
         if wm:
@@ -350,8 +367,7 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
             ax.set_title("World-model quality vs depth and strength")
             ax.legend()
             save(fig, "mrr_depth_strength")
-        cond = [c for c in cells if c.levels["conditioning"] != "feature" or
-                c.name == study.role_cell("equivariant")]
+        cond = _conditioning_cells(study, scale, cells)
         if cond:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             ss = [stat(_values(by_cell[c.name], "mrr")) for c in cond]
