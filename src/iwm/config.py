@@ -36,8 +36,8 @@ PREDICTOR_PASSES = ("union", "per_block")
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    """Registry name: fashion-mnist, mnist, animal-mnist, cifar10, cifar100, stl10 or
-    imagefolder:<path>."""
+    """Registry name: fashion-mnist, mnist, animal-mnist, shapes (colour, built offline),
+    cifar10, cifar100, stl10 or imagefolder:<path>."""
     root: str | None = None
     """Where data sets are stored / downloaded (default: $IWM_DATA or ~/.cache/iwm)."""
     image_size: int = 28

@@ -1,9 +1,9 @@
 """Data sets by registry name.
 
-Small data sets (Fashion-MNIST, MNIST, Animal-MNIST, CIFAR-10/100, STL-10) are held in memory as one
-uint8 tensor (:class:`ImageSet`) so the training loop can keep them on the GPU and crop
-there; ``imagefolder:<path>`` is streamed from disk (:class:`FolderSet`) and decoded by
-DataLoader workers.
+Small data sets (Fashion-MNIST, MNIST, Animal-MNIST, Shapes, CIFAR-10/100, STL-10) are
+held in memory as one uint8 tensor (:class:`ImageSet`) so the training loop can keep them
+on the GPU and crop there; ``imagefolder:<path>`` is streamed from disk
+(:class:`FolderSet`) and decoded by DataLoader workers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from iwm.data.fetch import data_root, find_animal_mnist, find_fashion_mnist, find_mnist
+from iwm.data.shapes import SHAPES_CLASSES, SHAPES_SPLITS, load_shapes
 from iwm.errors import DataError
 
 ANIMAL_MNIST_CLASSES = [
@@ -388,7 +389,17 @@ def _load_torchvision(name: str, split: str, root: str | None, download: bool) -
     return _make_set(name, split, images, labels, list(ds.classes))
 
 
+def _load_shapes(name: str, split: str, root: str | None, download: bool) -> ImageSet:
+    del download  # built here, never downloaded
+    splits = load_shapes(data_root(root))
+    # The train split's statistics for both splits, as for the sets with known ones.
+    mean, std = _channel_stats(splits["train"][0])
+    images, labels = splits[split]
+    return ImageSet(images, labels, list(SHAPES_CLASSES), mean, std, name, split)
+
+
 _SPLITS = {
+    "shapes": tuple(SHAPES_SPLITS),
     "fashion-mnist": ("train", "test"),
     "mnist": ("train", "test"),
     "animal-mnist": ("train", "test"),
@@ -398,6 +409,7 @@ _SPLITS = {
 }
 _LOADERS: dict[str, Callable[[str, str, str | None, bool], ImageSet]] = {
     "fashion-mnist": _load_idx_family,
+    "shapes": _load_shapes,
     "mnist": _load_idx_family,
     "animal-mnist": _load_idx_family,
     "cifar10": _load_torchvision,
