@@ -265,3 +265,58 @@ def test_views_never_read_a_device_value_on_the_host(strength: str, channels: in
     sampler = ViewSampler(resolve_view_params(ViewsConfig(strength=strength)), channels, 32)
     views = sampler(torch.empty(8, channels, 32, 32, device="meta"), _gen())
     assert views.source.is_meta and views.target.is_meta and views.action.is_meta
+
+
+# --- the action says which way the colour moved ----------------------------------------
+
+
+def _hsv(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3) mean hue (turns), saturation and value of constant-colour images, by
+    matplotlib's reference conversion (independent of the kornia op the views use)."""
+    from matplotlib.colors import rgb_to_hsv
+
+    return torch.from_numpy(rgb_to_hsv(x.mean(dim=(2, 3)).double().numpy()))
+
+
+def test_colour_fields_point_the_way_the_view_changed() -> None:
+    # A dull red (hue 0, saturation 0.625) can move either way in hue and saturation.
+    params = dataclasses.replace(STRENGTHS["destructive"], jitter_p=1.0, brightness=0.0,
+                                 contrast=0.0, blur_p=0.0, solarize_p=0.0, grayscale_p=0.5)
+    sampler = ViewSampler(params, channels=3, image_size=SIZE)
+    n = 64
+    crops = torch.tensor([0.8, 0.3, 0.3]).view(1, 3, 1, 1).expand(n, 3, SIZE, SIZE).clone()
+    v = sampler(crops, _gen(5))
+    a = v.action
+    # Both views as torchvision renders them from the drawn parameters.
+    for i in range(n):
+        t, s = v.target_jitter, v.source_jitter
+        ref_t = TF.adjust_hue(TF.adjust_saturation(crops[i], float(t.saturation[i])),
+                              float(t.hue[i]))
+        ref_s = TF.adjust_hue(TF.adjust_saturation(crops[i], float(s.saturation[i])),
+                              float(s.hue[i]))
+        if v.destructive.grayscale[i]:
+            ref_s = TF.rgb_to_grayscale(ref_s, num_output_channels=3)
+        torch.testing.assert_close(v.target[i], ref_t, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v.source[i], ref_s, atol=1e-5, rtol=0)
+
+    gray = v.destructive.grayscale
+    assert 0 < int(gray.sum()) < n
+    assert torch.equal(a[:, _col("grayscale")] == 1, gray)
+    hsv_t, hsv_s, hsv_0 = _hsv(v.target), _hsv(v.source), _hsv(crops)
+    assert (hsv_s[gray, 1] < 1e-6).all()  # a grayscale source has no colour left
+    colour = ~gray
+    # Saturation: log(s_t / s_s) > 0 means the target is more saturated than the source.
+    d_sat = (hsv_t[colour, 1] - hsv_s[colour, 1]).float()
+    field = a[colour, _col("saturation")]
+    moved = field.abs() > 0.02
+    assert moved.sum() > 10
+    assert torch.equal(d_sat[moved] > 0, field[moved] > 0)
+    # Hue: the field is twice the target-minus-source rotation in turns; on red a positive
+    # rotation moves towards yellow (green rises above blue).
+    d_hue = torch.remainder(hsv_t[colour, 0] - hsv_s[colour, 0] + 0.5, 1.0) - 0.5
+    torch.testing.assert_close(d_hue.float(), a[colour, _col("hue")] / 2, atol=2e-3, rtol=0)
+    towards_yellow = (v.target[:, 1] > v.target[:, 2]).all(dim=(1, 2))
+    assert torch.equal(towards_yellow, v.target_jitter.hue > 0)
+    # The clean crop's hue plus the target's own shift is the target's hue.
+    torch.testing.assert_close(torch.remainder(hsv_0[:, 0] + v.target_jitter.hue.double(), 1),
+                               hsv_t[:, 0], atol=2e-3, rtol=0)
