@@ -117,7 +117,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     grid = str(Path(__file__).parents[2] / "benchmarks" / "paper" / "grid.yaml")
     assert main(["study", "run", grid, "--scale", "tpu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "defines cpu, gpu, gpu-color" in err and err.count("\n") == 1
+    assert "defines cpu, cpu-color, gpu, gpu-color" in err and err.count("\n") == 1
     assert main(["study", "table", grid, "--scale", "cpu", "--out", str(tmp_path)]) == 2
     assert "holds no finished cell yet" in capsys.readouterr().err
     assert not (tmp_path / "cells").exists()  # nothing was started
