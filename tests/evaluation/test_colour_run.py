@@ -62,6 +62,15 @@ def test_report_retrieval_grid_is_in_colour(run, data):
     for ex in examples:
         for img in (ex.image, ex.target, *ex.top_images):
             assert img.shape[0] == 3 and (img[0] - img[2]).abs().max() > 0.1
+    # A second grid whose banks vary colour alone.
+    examples, info = compute_retrieval(iwm.load(run), n_images=2, bank_size=4, top_k=2,
+                                       seed=0, colour_only=True)
+    assert info.varied == ("saturation", "hue")
+    for ex in examples:
+        p = ex.true_params
+        assert p["brightness"] == p["contrast"] == 1.0
+        assert p["saturation"] != 1.0 and p["hue"] != 0.0
     page = build_report(run, n_images=2, bank_size=4, top_k=2, device="cpu")
-    assert "retrieval.png" in page.read_text()
-    assert (page.parent / "retrieval.png").stat().st_size > 1000
+    for png in ("retrieval.png", "retrieval_colour.png"):
+        assert f'src="{png}"' in page.read_text()
+        assert (page.parent / png).stat().st_size > 1000

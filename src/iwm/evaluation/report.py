@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,7 @@ REPORT_DIR = "report"
 CURVES_PNG = "curves.png"
 MRR_PNG = "mrr.png"
 RETRIEVAL_PNG = "retrieval.png"
+COLOUR_RETRIEVAL_PNG = "retrieval_colour.png"
 # Results a report tabulates: linear/attentive probes, predictor/encoder finetuning,
 # segmentation, the world model asked through the API (one row: MRR, chance, per factor).
 # Anything else in results/ (mrr.json has its own section) is left out.
@@ -431,9 +432,10 @@ def plot_retrieval(examples: list[RetrievalExample], info: _GridInfo, path: Path
 
 
 def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top_k: int, seed: int,
-                      distance: str = "cosine") -> tuple[list[RetrievalExample], _GridInfo]:
+                      distance: str = "cosine", colour_only: bool = False
+                      ) -> tuple[list[RetrievalExample], _GridInfo]:
     """Retrieval examples of a loaded run (:class:`iwm.api.Pretrained`) on the first
-    ``n_images`` test images."""
+    ``n_images`` test images; ``colour_only`` banks vary saturation and hue alone (RGB)."""
     from iwm.data.datasets import get_dataset
     from iwm.data.sources import iter_eval_batches
     from iwm.data.views import ViewSampler, resolve_view_params
@@ -447,17 +449,28 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
     if batch is None:
         raise IWMError(f"{cfg.data.name}: the test split has no images")
     images = batch[0]
-    views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
+    bank = bank_view_params(resolve_view_params(cfg.views))
+    if colour_only:
+        if dataset.channels != 3:
+            raise IWMError(f"{cfg.data.name}: colour retrieval needs RGB images")
+        bank = replace(bank, brightness=0.0, contrast=0.0)
+    views = ViewSampler(bank, dataset.channels, cfg.data.image_size)
     masks = protocol_masks(model.encoder.grid, cfg.mask)
     examples = retrieval_examples(model, views, images, masks, bank_size=bank_size,
                                   top_k=min(top_k, bank_size), distance=distance,
                                   generator=torch.Generator().manual_seed(seed),
                                   normalize=pretrained.normalize)
-    bank = bank_view_params(views.params)
     varied = tuple(f for f in ("brightness", "contrast", "saturation", "hue")
                    if getattr(bank, f) > 0
                    and not (dataset.channels == 1 and f in ("saturation", "hue")))
     return examples, _GridInfo(tuple(model.encoder.grid), bank_size, distance, varied)
+
+
+def _grid_summary(examples: list[RetrievalExample]) -> str:
+    hits = sum(ex.rank == 1 for ex in examples)
+    mean_rr = sum(1 / ex.rank for ex in examples) / len(examples)
+    return (f"true entry first for {hits} of {len(examples)} images, mean reciprocal rank "
+            f"{mean_rr:.3f} on these images")
 
 
 def _retrieval_section(pretrained: Pretrained | None, problem: str, out_dir: Path, n_images: int,
@@ -466,17 +479,23 @@ def _retrieval_section(pretrained: Pretrained | None, problem: str, out_dir: Pat
         return _missing(f"needs a checkpoint: {_esc(problem)}")
     examples, info = compute_retrieval(pretrained, n_images, bank_size, top_k, seed)
     plot_retrieval(examples, info, out_dir / RETRIEVAL_PNG)
-    hits = sum(ex.rank == 1 for ex in examples)
-    mean_rr = sum(1 / ex.rank for ex in examples) / len(examples)
-    return (f"<p>For each of the first {len(examples)} test images: the context the encoder "
+    text = (f"<p>For each of the first {len(examples)} test images: the context the encoder "
             "sees (masked-out patches shaded blue, the block to predict outlined in yellow), "
             "the requested transformation (the true target rendered with the action's "
             f"jitter parameters), and the {len(examples[0].top)} entries of a bank of "
             f"{bank_size} transformations of the same image whose target-encoder latents are "
-            "nearest to the predictor's output. Same protocol as MRR (seed "
-            f"{seed}); true entry first for {hits} of {len(examples)} images, mean "
-            f"reciprocal rank {mean_rr:.3f} on these images.</p>"
+            f"nearest to the predictor's output. Same protocol as MRR (seed {seed}); "
+            f"{_grid_summary(examples)}.</p>"
             f'<img src="{RETRIEVAL_PNG}" alt="retrieval grid">')
+    if pretrained.in_chans == 3:
+        examples, info = compute_retrieval(pretrained, n_images, bank_size, top_k, seed,
+                                           colour_only=True)
+        plot_retrieval(examples, info, out_dir / COLOUR_RETRIEVAL_PNG)
+        text += ("<h3>Colour only</h3><p>The same, with banks that vary saturation and hue "
+                 "alone (brightness and contrast fixed): can the world model tell colours "
+                 f"apart? {_grid_summary(examples).capitalize()}.</p>"
+                 f'<img src="{COLOUR_RETRIEVAL_PNG}" alt="colour retrieval grid">')
+    return text
 
 
 # ---------------------------------------------------------------- page
@@ -559,7 +578,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     # A figure left by an earlier report must not outlive the data it was drawn from.
-    for name in (CURVES_PNG, MRR_PNG, RETRIEVAL_PNG):
+    for name in (CURVES_PNG, MRR_PNG, RETRIEVAL_PNG, COLOUR_RETRIEVAL_PNG):
         (out_dir / name).unlink(missing_ok=True)
 
     rows = read_metrics(run_dir)
