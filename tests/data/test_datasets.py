@@ -60,7 +60,7 @@ def test_unknown_name_and_split():
         assert name in str(err.value)
     with pytest.raises(DataError, match="unknown split 'validation'"):
         get_dataset("mnist", "validation")
-    assert set(dataset_names()) == {"fashion-mnist", "mnist", "animal-mnist", "cifar10",
+    assert set(dataset_names()) == {"fashion-mnist", "mnist", "animal-mnist", "shapes", "cifar10",
                                     "cifar100", "stl10", "imagefolder:<path>"}
 
 
