@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from iwm.version import __version__
+
 if TYPE_CHECKING:
     from iwm.api import Action, Pretrained, from_pretrained, load
 
 __all__ = ["Action", "Pretrained", "from_pretrained", "load", "__version__"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

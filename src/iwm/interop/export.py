@@ -73,7 +73,7 @@ def _normalization(model: Pretrained) -> dict[str, list[float]]:
 
 def save_pretrained(model: Pretrained, directory: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (the whole model); returns the folder."""
-    from iwm import __version__
+    from iwm.version import __version__
 
     config = {
         "format": FORMAT,
