@@ -16,21 +16,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from iwm.errors import ConfigError
 
-STRENGTHS = ("none", "jitter", "destructive", "strong")
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-CONDITIONINGS = ("none", "sequence", "feature", "adaln")
-LOSSES = ("l2", "smooth_l1")
-PRECISIONS = ("auto", "fp32", "bf16")
-ATTENTIONS = ("auto", "sdpa", "matmul")
-BLOCK_SIZES = ("per_block", "per_batch")
-CONTEXT_TOKENS = ("pad", "thin")
-PREDICTOR_PASSES = ("union", "per_block")
+
+# The choices of every choice field, each listed once: the checks and error messages read
+# them with typing.get_args.
+Strength = Literal["none", "jitter", "destructive", "strong"]
+BlockSizes = Literal["per_block", "per_batch"]
+ContextTokens = Literal["pad", "thin"]
+PredictorPass = Literal["union", "per_block"]
+EncoderName = Literal["vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
+"""The encoders :data:`iwm.models.vit.ENCODERS` describes (a test keeps the two in step)."""
+Conditioning = Literal["none", "sequence", "feature", "adaln"]
+Loss = Literal["l2", "smooth_l1"]
+Precision = Literal["auto", "fp32", "bf16"]
+AttentionKernel = Literal["auto", "sdpa", "matmul"]
+DataParallel = Literal["ddp", "fsdp"]
+ProbedEncoder = Literal["target", "context"]
+SegClasses = Literal[2, 3]
+
+CONDITIONINGS: tuple[str, ...] = typing.get_args(Conditioning)
 
 
 @dataclass
@@ -54,7 +64,7 @@ class DataConfig:
 class ViewsConfig:
     """Photometric views. ``strength`` picks a preset; any field set here overrides it."""
 
-    strength: str = "jitter"
+    strength: Strength = "jitter"
     jitter_p: float | None = None
     brightness: float | None = None
     contrast: float | None = None
@@ -76,29 +86,29 @@ class MaskConfig:
     """Smallest context, as a fraction of the patches; masks below it are redrawn."""
     wrap: bool = True
     """Place blocks on a torus so every patch is a target equally often (see masks.py)."""
-    block_sizes: str = "per_block"
+    block_sizes: BlockSizes = "per_block"
     """per_block: every block draws its size; per_batch: one target size and one context
     size for the whole batch, as the official I-JEPA code (no padding; see masks.py)."""
-    context_tokens: str = "pad"
+    context_tokens: ContextTokens = "pad"
     """pad: every image keeps its whole context, padded to the batch's largest (padding
     is masked out of attention); thin: every context is cut to the batch's smallest by a
     random subset, as the official I-JEPA code (at batch 128 on a 7x7 grid that drops
     about half of an image's context)."""
-    predictor_pass: str = "union"
+    predictor_pass: PredictorPass = "union"
     """union: one predictor pass predicts the union of an image's target blocks; per_block:
     one pass per block, the context repeated for each (the official I-JEPA code)."""
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "vit_tiny"
+    encoder: EncoderName = "vit_tiny"
     patch_size: int = 4
     predictor_depth: int = 6
     predictor_width: int = 192
     predictor_heads: int = 6
-    conditioning: str = "feature"
+    conditioning: Conditioning = "feature"
     drop_path: float = 0.0
-    loss: str = "l2"
+    loss: Loss = "l2"
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (encoder and predictor):
     about a third more compute for far less activation memory, for models or batches that
@@ -126,12 +136,12 @@ class TrainConfig:
     batch_size: int = 256
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere and newer), fp32
     elsewhere; bf16 = bf16 autocast on any device (on CPUs with AVX-512 BF16 or AMX it is
     faster too)."""
     compile: bool = False
-    attention: str = "auto"
+    attention: AttentionKernel = "auto"
     """Self-attention kernel: ``sdpa`` (scaled_dot_product_attention: flash / memory-
     efficient kernels), ``matmul`` (two matmuls and a softmax), or auto = matmul on CPU
     (where the flash kernel is slower, 2.7x in bf16), sdpa on accelerators."""
@@ -144,7 +154,7 @@ class TrainConfig:
     progress: bool = True
     max_nonfinite: int = 20
     """Steps in a row with a NaN/inf loss or gradients (each skipped) before training stops."""
-    data_parallel: str = "ddp"
+    data_parallel: DataParallel = "ddp"
     """Several processes: ``ddp`` (every process holds the whole model) or ``fsdp``
     (parameters, gradients and optimiser state sharded; for models that do not fit)."""
     grad_accum_steps: int = 1
@@ -155,7 +165,7 @@ class TrainConfig:
 
 @dataclass
 class ProbeConfig:
-    encoder: str = "target"
+    encoder: ProbedEncoder = "target"
     """Which encoder to probe: target (EMA) or context."""
     train_limit: int | None = None
     test_limit: int | None = None
@@ -194,7 +204,7 @@ class FinetuneConfig:
     hflip: bool = True
     train_limit: int | None = None
     test_limit: int | None = None
-    seg_classes: int = 3
+    seg_classes: SegClasses = 3
     """Segmentation labels per patch: 2 (background/foreground) or 3 (+ edge vs interior)."""
     seg_threshold: float = 0.2
     """A patch is foreground if its mean pixel intensity in [0, 1] exceeds this."""
@@ -217,21 +227,8 @@ class Config:
 
     def validate(self) -> Config:
         """Check values that are well-typed but impossible; returns self."""
-        _check_choice("views.strength", self.views.strength, STRENGTHS)
-        _check_choice("model.conditioning", self.model.conditioning, CONDITIONINGS)
-        _check_choice("model.loss", self.model.loss, LOSSES)
-        _check_choice("train.precision", self.train.precision, PRECISIONS)
-        _check_choice("train.attention", self.train.attention, ATTENTIONS)
-        _check_choice("train.data_parallel", self.train.data_parallel, ("ddp", "fsdp"))
-        _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
-        _check_choice("mask.block_sizes", self.mask.block_sizes, BLOCK_SIZES)
-        _check_choice("mask.context_tokens", self.mask.context_tokens, CONTEXT_TOKENS)
-        _check_choice("mask.predictor_pass", self.mask.predictor_pass, PREDICTOR_PASSES)
-        # Here and not only when the model is built: a grid or sweep of configs should fail
-        # on the bad cell when it is read, not hours later when that cell starts training.
-        from iwm.models.vit import encoder_spec
-
-        encoder_spec(self.model.encoder)
+        for section in dataclasses.fields(self):
+            _check_choices(section.name, getattr(self, section.name))
         for key in ("mask.target_scale", "mask.context_scale", "data.crop_scale"):
             lo, hi = _get(self, key)
             if not 0 < lo <= hi <= 1:
@@ -301,8 +298,6 @@ class Config:
         if f.epochs <= 0 or f.batch_size < 1 or f.lr <= 0:
             raise ConfigError("finetune.epochs, finetune.batch_size and finetune.lr must be "
                               f"positive (got {f.epochs}, {f.batch_size}, {f.lr})")
-        if f.seg_classes not in (2, 3):
-            raise ConfigError(f"finetune.seg_classes={f.seg_classes}: must be 2 or 3")
         if not 0 <= f.seg_threshold < 1:
             raise ConfigError(f"finetune.seg_threshold={f.seg_threshold}: needs 0 <= value < 1")
         lo, hi = f.crop_scale
@@ -317,9 +312,17 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}")
+def _check_choices(prefix: str, section: Any) -> None:
+    """Every ``Literal`` field of ``section`` holds one of its values."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if typing.get_origin(hints[f.name]) is not Literal:
+            continue
+        allowed, value = typing.get_args(hints[f.name]), getattr(section, f.name)
+        if value not in allowed:
+            near = _suggest(value, list(allowed)) if isinstance(value, str) else ""
+            raise ConfigError(f"{prefix}.{f.name}={value!r}: must be one of "
+                              f"{', '.join(map(str, allowed))}{near}")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -338,6 +341,9 @@ def _suggest(name: str, options: list[str]) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (converting lists to tuples, int to float)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        # The type of its values here; which values are allowed is the section's check.
+        return _coerce(key, value, type(typing.get_args(tp)[0]))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -38,7 +38,7 @@ from iwm.errors import ConfigError
     ("data.num_workers=-1", "must be >= 0"),
     ("mask.min_context=1.0", "needs 0 <= value < 1"),
     ("train.attention=flash", "train.attention='flash'"),
-    ("model.encoder=vit_gigantic", "model.encoder='vit_gigantic': unknown; choose from vit_micro"),
+    ("model.encoder=vit_gigantic", "model.encoder='vit_gigantic': must be one of vit_micro"),
 ])
 def test_impossible_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

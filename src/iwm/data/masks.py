@@ -76,12 +76,13 @@ device (then moved to ``device``), so a seed fixes the masks.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from iwm.config import BLOCK_SIZES, CONTEXT_TOKENS, PREDICTOR_PASSES, MaskConfig
+from iwm.config import BlockSizes, ContextTokens, MaskConfig, PredictorPass
 from iwm.errors import ConfigError
 
 __all__ = ["Masks", "MultiBlockMaskGenerator", "to_device"]
@@ -324,8 +325,9 @@ def _check_mask_config(cfg: MaskConfig) -> None:
         raise ConfigError(f"mask.target_aspect={[lo, hi]}: needs 0 < min <= max")
     if not 0 <= cfg.min_context < 1:
         raise ConfigError(f"mask.min_context={cfg.min_context}: needs 0 <= value < 1")
-    for key, choices in (("block_sizes", BLOCK_SIZES), ("context_tokens", CONTEXT_TOKENS),
-                         ("predictor_pass", PREDICTOR_PASSES)):
+    for key, tp in (("block_sizes", BlockSizes), ("context_tokens", ContextTokens),
+                    ("predictor_pass", PredictorPass)):
+        choices = typing.get_args(tp)
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"mask.{key}={getattr(cfg, key)!r}: choose "
                               f"{' or '.join(choices)}")

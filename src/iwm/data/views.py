@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iwm.config import ViewsConfig
+from iwm.config import Strength, ViewsConfig
 from iwm.data import photometric as P
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.shard import SINGLE, Shard, take_rows
@@ -79,7 +79,7 @@ _DESTRUCTIVE = dataclasses.replace(
     _JITTER, grayscale_p=0.2, blur_p=0.2, blur_sigma=(0.1, 2.0), solarize_p=0.1
 )
 
-STRENGTHS: dict[str, ViewParams] = {
+STRENGTHS: dict[Strength, ViewParams] = {
     # I-JEPA: no photometric views, source == target, action == null action.
     "none": ViewParams(),
     # The paper's default ColorJitter on both views.

@@ -9,13 +9,15 @@ forward + backward in bf16 and level in fp32 (benchmarks/vs_official_ijepa.py).
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from iwm.config import ATTENTIONS
+from iwm.config import AttentionKernel
 
-KERNELS = tuple(k for k in ATTENTIONS if k != "auto")
+KERNELS = tuple(k for k in typing.get_args(AttentionKernel) if k != "auto")
 
 
 def resolve_attention(setting: str, device: torch.device) -> str:

@@ -14,6 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from iwm.config import EncoderName
 from iwm.errors import ConfigError
 from iwm.models.tokens import gather_tokens, grid_size, sincos_pos_embed
 
@@ -27,7 +28,7 @@ class EncoderSpec:
     """The timm architecture with the same blocks (for export; size kwargs override it)."""
 
 
-ENCODERS: dict[str, EncoderSpec] = {
+ENCODERS: dict[EncoderName, EncoderSpec] = {
     # Not a published size: small enough to pretrain on 2 CPU cores in minutes.
     "vit_micro": EncoderSpec(128, 6, 4, "vit_tiny_patch16_224"),
     "vit_tiny": EncoderSpec(192, 12, 3, "vit_tiny_patch16_224"),
