@@ -2,13 +2,17 @@
 
 A config file only lists what differs from the defaults below. Every key is checked:
 an unknown key or a value of the wrong type is a :class:`~iwm.errors.ConfigError` that
-names the dotted key (with a "did you mean" suggestion for typos).
+names the dotted key (with a "did you mean" suggestion for typos). Every rule on the
+values lives in its section's ``check``, which runs when the section is built, so on every
+load: a grid or sweep of configs fails on the bad cell when it is read, not when that
+cell starts training. The rules that relate sections live in :class:`Config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import tempfile
@@ -16,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -43,8 +47,71 @@ SegClasses = Literal[2, 3]
 CONDITIONINGS: tuple[str, ...] = typing.get_args(Conditioning)
 
 
+class _Section:
+    """A config section: :meth:`check` runs when it is built."""
+
+    KEY: ClassVar[str]
+    """The section's key in :class:`Config`, which every error message starts with."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`~iwm.errors.ConfigError`, naming the key and the fix, for an
+        impossible value (run on construction; again after changing a field)."""
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if typing.get_origin(hints[f.name]) is not Literal:
+                continue
+            allowed, value = typing.get_args(hints[f.name]), getattr(self, f.name)
+            if value not in allowed:
+                near = _suggest(value, list(allowed)) if isinstance(value, str) else ""
+                raise ConfigError(f"{self.KEY}.{f.name}={value!r}: must be one of "
+                                  f"{', '.join(map(str, allowed))}{near}")
+
+    def _at_least_one(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: must be at least 1")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name) > 0:  # also rejects NaN
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: must be positive")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: must be >= 0")
+
+    def _fraction(self, *names: str) -> None:
+        for name in names:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: needs "
+                                  "0 <= value < 1")
+
+    def _scale_range(self, *names: str) -> None:
+        for name in names:
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{self.KEY}.{name}={[lo, hi]}: needs 0 < min <= max <= 1")
+
+    def _ratio_range(self, *names: str) -> None:
+        for name in names:
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"{self.KEY}.{name}={[lo, hi]}: needs 0 < min <= max")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    KEY: ClassVar[str] = "data"
+
     name: str = "fashion-mnist"
     """Registry name: fashion-mnist, mnist, animal-mnist, cifar10, cifar100, stl10 or
     imagefolder:<path>."""
@@ -59,10 +126,21 @@ class DataConfig:
     num_workers: int = 4
     """Decoding workers for streamed (image-folder) data sets."""
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("image_size")
+        self._scale_range("crop_scale")
+        self._ratio_range("crop_ratio")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0 "
+                              "(0 decodes in the training process)")
+
 
 @dataclass
-class ViewsConfig:
+class ViewsConfig(_Section):
     """Photometric views. ``strength`` picks a preset; any field set here overrides it."""
+
+    KEY: ClassVar[str] = "views"
 
     strength: Strength = "jitter"
     jitter_p: float | None = None
@@ -77,7 +155,9 @@ class ViewsConfig:
 
 
 @dataclass
-class MaskConfig:
+class MaskConfig(_Section):
+    KEY: ClassVar[str] = "mask"
+
     num_targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)
     target_aspect: tuple[float, float] = (0.75, 1.5)
@@ -98,9 +178,18 @@ class MaskConfig:
     """union: one predictor pass predicts the union of an image's target blocks; per_block:
     one pass per block, the context repeated for each (the official I-JEPA code)."""
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("num_targets")
+        self._scale_range("target_scale", "context_scale")
+        self._ratio_range("target_aspect")
+        self._fraction("min_context")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    KEY: ClassVar[str] = "model"
+
     encoder: EncoderName = "vit_tiny"
     patch_size: int = 4
     predictor_depth: int = 6
@@ -114,9 +203,22 @@ class ModelConfig:
     about a third more compute for far less activation memory, for models or batches that
     would not fit otherwise."""
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("patch_size", "predictor_depth", "predictor_width",
+                           "predictor_heads")
+        if self.predictor_width % self.predictor_heads:
+            raise ConfigError(
+                f"model.predictor_width={self.predictor_width} is not divisible by "
+                f"model.predictor_heads={self.predictor_heads}"
+            )
+        self._fraction("drop_path")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
+    KEY: ClassVar[str] = "optim"
+
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
@@ -129,9 +231,24 @@ class OptimConfig:
     predictor_lr_scale: float = 1.0
     """The predictor trains at this multiple of the scheduled lr (the encoder at 1x)."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("lr", "predictor_lr_scale")
+        self._non_negative("start_lr", "final_lr", "warmup_epochs", "weight_decay",
+                           "final_weight_decay")
+        if not all(0 <= m <= 1 for m in self.ema):
+            raise ConfigError(f"optim.ema={list(self.ema)}: momenta need 0 <= value <= 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)}: each needs 0 <= beta < 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip}: must be positive, or null "
+                              "for no clipping")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    KEY: ClassVar[str] = "train"
+
     epochs: float = 10.0
     batch_size: int = 256
     seed: int = 0
@@ -162,9 +279,21 @@ class TrainConfig:
     step (over all processes); each process computes batch_size / (processes x steps)
     images at a time, with exactly the gradients of the whole batch at once."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("epochs")
+        self._at_least_one("batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                           "max_nonfinite", "grad_accum_steps")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} does not split into "
+                f"train.grad_accum_steps={self.grad_accum_steps} equal micro-batches")
+
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(_Section):
+    KEY: ClassVar[str] = "probe"
+
     encoder: ProbedEncoder = "target"
     """Which encoder to probe: target (EMA) or context."""
     train_limit: int | None = None
@@ -184,10 +313,16 @@ class ProbeConfig:
     """kNN probe: neighbours and the temperature T of the exp(cosine / T) vote weights."""
     seed: int = 0
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("batch_size", "max_iter")
+
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Section):
     """``iwm finetune``: the same budget, data and augmentation for every protocol."""
+
+    KEY: ClassVar[str] = "finetune"
 
     epochs: float = 5.0
     batch_size: int = 128
@@ -210,6 +345,13 @@ class FinetuneConfig:
     """A patch is foreground if its mean pixel intensity in [0, 1] exceeds this."""
     seed: int = 0
 
+    def check(self) -> None:
+        super().check()
+        self._positive("epochs", "lr")
+        self._at_least_one("batch_size")
+        self._fraction("seg_threshold")
+        self._scale_range("crop_scale")
+
 
 @dataclass
 class Config:
@@ -225,104 +367,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
-    def validate(self) -> Config:
-        """Check values that are well-typed but impossible; returns self."""
-        for section in dataclasses.fields(self):
-            _check_choices(section.name, getattr(self, section.name))
-        for key in ("mask.target_scale", "mask.context_scale", "data.crop_scale"):
-            lo, hi = _get(self, key)
-            if not 0 < lo <= hi <= 1:
-                raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max <= 1")
-        for key in ("mask.target_aspect", "data.crop_ratio"):
-            lo, hi = _get(self, key)
-            if not 0 < lo <= hi:
-                raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max")
-        # Before the divisibility checks, which would divide by zero.
-        for key in ("train.batch_size", "mask.num_targets", "model.predictor_depth",
-                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.max_nonfinite", "train.grad_accum_steps", "data.image_size",
-                    "model.patch_size",
-                    "model.predictor_width", "model.predictor_heads", "probe.batch_size",
-                    "probe.max_iter"):
-            if _get(self, key) < 1:
-                raise ConfigError(f"{key}={_get(self, key)}: must be at least 1")
-        self._validate_optim()
-        if self.train.batch_size % self.train.grad_accum_steps:
-            raise ConfigError(
-                f"train.batch_size={self.train.batch_size} does not split into "
-                f"train.grad_accum_steps={self.train.grad_accum_steps} equal micro-batches")
-        if not 0 <= self.model.drop_path < 1:
-            raise ConfigError(f"model.drop_path={self.model.drop_path}: needs 0 <= value < 1")
-        if self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.data.num_workers}: must be >= 0 "
-                              "(0 decodes in the training process)")
+    def __post_init__(self) -> None:
+        # Each section checked its own values when it was built; these rules span two.
         if self.data.image_size % self.model.patch_size:
             raise ConfigError(
                 f"model.patch_size={self.model.patch_size} does not divide "
                 f"data.image_size={self.data.image_size}: choose sizes with "
                 "image_size % patch_size == 0"
             )
-        if self.model.predictor_width % self.model.predictor_heads:
-            raise ConfigError(
-                f"model.predictor_width={self.model.predictor_width} is not divisible by "
-                f"model.predictor_heads={self.model.predictor_heads}"
-            )
-        if self.train.epochs <= 0:
-            raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
-        if not 0 <= self.mask.min_context < 1:
-            raise ConfigError(f"mask.min_context={self.mask.min_context}: needs 0 <= value < 1")
-        self._validate_finetune()
-        return self
-
-    def _validate_optim(self) -> None:
-        o = self.optim
-        if o.lr <= 0:
-            raise ConfigError(f"optim.lr={o.lr}: must be positive")
-        if not o.predictor_lr_scale > 0:
-            raise ConfigError(f"optim.predictor_lr_scale={o.predictor_lr_scale}: must be "
-                              "positive")
-        for key in ("optim.start_lr", "optim.final_lr", "optim.warmup_epochs",
-                    "optim.weight_decay", "optim.final_weight_decay"):
-            if _get(self, key) < 0:
-                raise ConfigError(f"{key}={_get(self, key)}: must be >= 0")
-        if not all(0 <= m <= 1 for m in o.ema):
-            raise ConfigError(f"optim.ema={list(o.ema)}: momenta need 0 <= value <= 1")
-        if not all(0 <= b < 1 for b in o.betas):
-            raise ConfigError(f"optim.betas={list(o.betas)}: each needs 0 <= beta < 1")
-        if o.grad_clip is not None and o.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be positive, or null "
-                              "for no clipping")
-
-    def _validate_finetune(self) -> None:
-        f = self.finetune
-        if f.epochs <= 0 or f.batch_size < 1 or f.lr <= 0:
-            raise ConfigError("finetune.epochs, finetune.batch_size and finetune.lr must be "
-                              f"positive (got {f.epochs}, {f.batch_size}, {f.lr})")
-        if not 0 <= f.seg_threshold < 1:
-            raise ConfigError(f"finetune.seg_threshold={f.seg_threshold}: needs 0 <= value < 1")
-        lo, hi = f.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"finetune.crop_scale={[lo, hi]}: needs 0 < min <= max <= 1")
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _check_choices(prefix: str, section: Any) -> None:
-    """Every ``Literal`` field of ``section`` holds one of its values."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        if typing.get_origin(hints[f.name]) is not Literal:
-            continue
-        allowed, value = typing.get_args(hints[f.name]), getattr(section, f.name)
-        if value not in allowed:
-            near = _suggest(value, list(allowed)) if isinstance(value, str) else ""
-            raise ConfigError(f"{prefix}.{f.name}={value!r}: must be one of "
-                              f"{', '.join(map(str, allowed))}{near}")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -466,7 +518,7 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if overrides:
         data = _merge(data, parse_overrides(overrides))
-    return _build(Config, data, "").validate()
+    return _build(Config, data, "")
 
 
 def save_config(cfg: Config, path: Path) -> None:
