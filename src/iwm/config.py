@@ -153,6 +153,30 @@ class ViewsConfig(_Section):
     blur_sigma: tuple[float, float] | None = None
     solarize_p: float | None = None
 
+    def check(self) -> None:
+        super().check()
+        check_view_values(self)
+
+
+def check_view_values(views: Any) -> None:
+    """The rules of the photometric values, for a :class:`ViewsConfig` (where None means
+    "the preset's") and for the resolved :class:`~iwm.data.views.ViewParams` alike."""
+    for key in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        value = getattr(views, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"views.{key}={value}: a probability must be in [0, 1]")
+    for key in ("brightness", "contrast", "saturation", "hue"):
+        value = getattr(views, key)
+        if value is not None and not value >= 0:  # also rejects NaN
+            raise ConfigError(f"views.{key}={value}: a jitter strength must be >= 0")
+    if views.hue is not None and views.hue > 0.5:
+        raise ConfigError(f"views.hue={views.hue}: hue shifts are in turns, needs <= 0.5")
+    sigma = views.blur_sigma
+    if sigma is not None and (len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]):
+        raise ConfigError(
+            f"views.blur_sigma={list(sigma)}: needs [min, max] with 0 < min <= max"
+        )
+
 
 @dataclass
 class MaskConfig(_Section):
