@@ -308,10 +308,18 @@ class TrainConfig(_Section):
         self._positive("epochs")
         self._at_least_one("batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                            "max_nonfinite", "grad_accum_steps")
-        if self.batch_size % self.grad_accum_steps:
+        self.check_batch_split(1)
+
+    def check_batch_split(self, processes: int, launch: str = "") -> None:
+        """The global batch splits evenly over ``processes`` x ``grad_accum_steps``
+        micro-batches: the one batch-split rule, run with 1 process on load and with the
+        real count where a launch knows it (``launch`` says how it got that count)."""
+        parts = processes * self.grad_accum_steps
+        if self.batch_size % parts:
             raise ConfigError(
-                f"train.batch_size={self.batch_size} does not split into "
-                f"train.grad_accum_steps={self.grad_accum_steps} equal micro-batches")
+                f"train.batch_size={self.batch_size} (the global batch) cannot be split evenly "
+                f"over {processes} process(es){launch} x train.grad_accum_steps="
+                f"{self.grad_accum_steps}: use a multiple of {parts}")
 
 
 @dataclass
