@@ -348,6 +348,8 @@ class ProbeConfig(_Section):
     def check(self) -> None:
         super().check()
         self._at_least_one("batch_size", "max_iter")
+        self._positive("knn_k", "knn_temperature", "attentive_epochs", "attentive_lr",
+                       "attentive_batch_size", "attentive_heads")
 
 
 @dataclass
