@@ -236,6 +236,11 @@ class ModelConfig(_Section):
                 f"model.predictor_width={self.predictor_width} is not divisible by "
                 f"model.predictor_heads={self.predictor_heads}"
             )
+        if self.predictor_width % 4:
+            # Its fixed 2-D sin-cos positions give a quarter of the channels to each of
+            # sin(row), cos(row), sin(column), cos(column).
+            raise ConfigError(f"model.predictor_width={self.predictor_width}: needs a "
+                              "multiple of 4 (the predictor's 2-D sin-cos positions)")
         self._fraction("drop_path")
 
 
