@@ -189,10 +189,10 @@ class MaskConfig(_Section):
     min_context: float = 0.1
     """Smallest context, as a fraction of the patches; masks below it are redrawn."""
     wrap: bool = True
-    """Place blocks on a torus so every patch is a target equally often (see masks.py)."""
+    """Place blocks on a torus so every patch is a target equally often (docs/masks.md)."""
     block_sizes: BlockSizes = "per_block"
     """per_block: every block draws its size; per_batch: one target size and one context
-    size for the whole batch, as the official I-JEPA code (no padding; see masks.py)."""
+    size for the whole batch, as the official I-JEPA code (no padding; see docs/masks.md)."""
     context_tokens: ContextTokens = "pad"
     """pad: every image keeps its whole context, padded to the batch's largest (padding
     is masked out of attention); thin: every context is cut to the batch's smallest by a
