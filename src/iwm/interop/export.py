@@ -1,30 +1,11 @@
 """Exports of a trained model: the encoder for timm, the whole model for iwm (safetensors).
 
-Both write a folder in the Hugging Face layout, ``config.json`` + ``model.safetensors``:
-
-``timm``
-    The EMA target encoder (the one iwm evaluates) under timm's own key names, and a
-    ``config.json`` in timm's hub format (architecture, ``model_args``, ``pretrained_cfg``
-    with the run's input size and normalisation). Load it with either of::
-
-        timm.create_model("local-dir:DIR", pretrained=True)
-        cfg = json.loads((DIR / "config.json").read_text())
-        timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
-                          pretrained_cfg_overlay=dict(file=str(DIR / "model.safetensors")),
-                          **cfg["model_args"])
-
-    and ``model(normalised_images)`` gives the features of ``Pretrained.encode(images,
-    pooled=True)``. The second form needs only the weights file and the kwargs; timm then
-    loads non-strictly (its registry entry has a 1000-class head), which is why the tests
-    compare every tensor instead of trusting timm's key check.
-
-``safetensors``
-    Encoder, target encoder and predictor (the ``IWM`` module's state dict) plus a
-    ``config.json`` with the run's config, input channels, normalisation and step:
-    everything :func:`iwm.from_pretrained` (or :func:`iwm.load`) needs to rebuild the
-    :class:`~iwm.api.Pretrained`, without pickles (safetensors cannot run code on load).
-    :meth:`~iwm.api.Pretrained.save_pretrained` writes it; the folder format itself is
-    :mod:`iwm.interop.folder`'s.
+Both write a folder in the Hugging Face layout, ``config.json`` + ``model.safetensors``
+(:mod:`iwm.interop.folder`). ``timm``: the EMA target encoder under timm's own key
+names, with a ``config.json`` in timm's hub format (architecture, ``model_args``,
+``pretrained_cfg``) so that ``timm.create_model`` builds the iwm encoder. ``safetensors``:
+the whole model, written by :meth:`~iwm.api.Pretrained.save_pretrained`. How to load each
+is in docs/evaluation.md, "Using the model elsewhere".
 """
 
 from __future__ import annotations
@@ -73,7 +54,7 @@ def timm_config(model: Pretrained) -> dict[str, Any]:
 
 
 def export_timm(model: Pretrained, directory: str | Path) -> Path:
-    """Write the target encoder for ``timm.create_model`` (see the module docstring)."""
+    """Write the target encoder for ``timm.create_model`` (docs/evaluation.md)."""
     return write_folder(Path(directory), model.encoder.state_dict(), timm_config(model))
 
 
