@@ -13,8 +13,8 @@ __all__ = ["Action", "Pretrained", "from_pretrained", "load", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `iwm.api` pulls in timm (and through it torch._dynamo, ~2 s), which the CLI's
-    # quick paths (`iwm config`, argument errors) should not pay for.
+    # Lazy: `iwm.api` pulls in timm (and through it torch._dynamo, seconds of imports),
+    # which the CLI's quick paths (`iwm config`, argument errors) should not pay for.
     if name in ("Action", "Pretrained", "from_pretrained", "load"):
         import iwm.api
 

@@ -290,7 +290,7 @@ class TrainConfig(_Section):
     attention: AttentionKernel = "auto"
     """Self-attention kernel: ``sdpa`` (scaled_dot_product_attention: flash / memory-
     efficient kernels), ``matmul`` (two matmuls and a softmax), or auto = matmul on CPU
-    (where the flash kernel is slower, 2.7x in bf16), sdpa on accelerators."""
+    (where the flash kernel measured slower, docs/RESULTS.md), sdpa on accelerators."""
     log_every: int = 20
     checkpoint_every: int = 500
     """Steps between checkpoints (one is always written at the end)."""

@@ -3,8 +3,7 @@
 The choice changes speed only (both compute softmax(q k^T / sqrt(d)) v with the same
 padding mask). On CUDA, scaled_dot_product_attention reaches the flash and memory-
 efficient kernels. On CPU its flash kernel loses to two MKL batched matmuls for the short
-sequences of a ViT: on the 2-core AVX-512 machine of docs/RESULTS.md, 2.7x slower
-forward + backward in bf16 and level in fp32 (benchmarks/vs_official_ijepa.py).
+sequences of a ViT, clearly in bf16 (the measurements are in docs/RESULTS.md).
 """
 
 from __future__ import annotations

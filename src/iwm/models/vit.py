@@ -29,7 +29,7 @@ class EncoderSpec:
 
 
 ENCODERS: dict[EncoderName, EncoderSpec] = {
-    # Not a published size: small enough to pretrain on 2 CPU cores in minutes.
+    # Not a published size: the tiny presets' encoder, small enough to pretrain on a CPU.
     "vit_micro": EncoderSpec(128, 6, 4, "vit_tiny_patch16_224"),
     "vit_tiny": EncoderSpec(192, 12, 3, "vit_tiny_patch16_224"),
     "vit_small": EncoderSpec(384, 12, 6, "vit_small_patch16_224"),
