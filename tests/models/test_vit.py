@@ -83,6 +83,8 @@ def test_gather_tokens_picks_rows():
 
 def test_the_table_describes_exactly_the_encoders_a_config_may_name():
     assert tuple(ENCODERS) == typing.get_args(EncoderName)
+    # Their fixed 2-D sin-cos positions take the width in quarters.
+    assert all(spec.embed_dim % 4 == 0 for spec in ENCODERS.values())
 
 
 def test_unknown_encoder_is_a_config_error():

@@ -86,8 +86,6 @@ class Encoder(VisionTransformer):
 def create_encoder(name: str, *, img_size: int, patch_size: int, in_chans: int,
                    drop_path_rate: float = 0.0) -> Encoder:
     spec = encoder_spec(name)
-    if spec.embed_dim % 4:
-        raise ConfigError(f"model.encoder={name!r}: width must be divisible by 4")
     return Encoder(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                    embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
                    drop_path_rate=drop_path_rate)
