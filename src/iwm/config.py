@@ -44,6 +44,7 @@ DataParallel = Literal["ddp", "fsdp"]
 ProbedEncoder = Literal["target", "context"]
 SegClasses = Literal[2, 3]
 
+# The Predictor takes its conditioning as a plain argument, checked against this.
 CONDITIONINGS: tuple[str, ...] = typing.get_args(Conditioning)
 
 
