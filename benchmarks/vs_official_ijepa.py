@@ -8,43 +8,8 @@
 The official code is imported from the clone (nothing of it is in this repository) and
 run as its ``src/train.py`` runs it, on one process.
 
-Matched on both sides:
-- the encoder: the official ``vit_*`` sizes (width, depth, heads, MLP ratio 4, qkv bias),
-  which iwm's encoders of the same name share;
-- the predictor: depth, width, and the encoder's head count (as the official
-  ``init_model`` sets it);
-- the masks: 4 target blocks of scale 0.15-0.2 and aspect 0.75-1.5, one context block of
-  scale 0.85-1.0 minus the targets (iwm's scale capped so that, like the official one,
-  the block never covers the whole grid), at least 10 context patches, blocks inside the image,
-  one target size and one context size per batch (iwm's ``mask.block_sizes=per_batch``;
-  time iwm's default with ``--iwm-variant mask.block_sizes=per_block``); every context
-  thinned to the batch's smallest (``mask.context_tokens=thin``) and every target block
-  predicted from its own copy of the context (``mask.predictor_pass=per_block``) on both
-  sides (iwm's defaults, whole contexts and one pass over the union of the blocks:
-  ``--iwm-variant "mask.context_tokens=pad mask.predictor_pass=union"``);
-- the loss (smooth L1 against layer-normed target-encoder outputs), AdamW with weight
-  decay on weights only, cosine lr and weight-decay schedules, the EMA target encoder;
-- precision: fp32, or with ``--bf16`` bf16 autocast (the official code's
-  ``use_bfloat16``, which only takes effect on CUDA).
-
-Timed per step, on images already cropped and held on the device, so neither side's
-decoding or cropping is in the numbers:
-- official: the statements of its train.py step: lr/wd schedulers, target forward,
-  context forward and predictor, loss, backward, AdamW (GradScaler under bf16, as it
-  does), ``grad_logger``, ``zero_grad``, the EMA loop, ``float(loss)``; the copy of its
-  masks to the device is in the step as in its loop. Its masks come from its
-  ``MaskCollator``, which train.py runs in DataLoader workers: the collator is timed
-  apart and reported both outside the step (workers keep up) and added to it (they do
-  not, e.g. on a CPU whose cores the step already uses).
-- iwm: :meth:`iwm.training.loop.Trainer.step`, as training runs it: masks are drawn in
-  the step, and it also checks for non-finite values and measures the gradient norm.
-- Each side's ``--steps`` steps are timed as one block, the device drained before and
-  after, so the host runs ahead of the GPU wherever the code lets it: the official step
-  reads its loss on the host every step (``float(loss)``), iwm's reads nothing back.
-The sides alternate for ``--rounds`` rounds (A B A B ...) so that a machine's drift hits
-both; the figures are the medians over rounds. FLOPs per image are counted for both with
-``torch.utils.flop_counter``, averaged over 8 mask draws (they should agree within a few
-percent: the same work).
+What is matched on both sides and what is timed: docs/performance.md, "Against the
+official I-JEPA code".
 """
 
 from __future__ import annotations

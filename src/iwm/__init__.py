@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from iwm.version import __version__
+
 if TYPE_CHECKING:
     from iwm.api import Action, Pretrained, from_pretrained, load
 
 __all__ = ["Action", "Pretrained", "from_pretrained", "load", "__version__"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `iwm.api` pulls in timm (and through it torch._dynamo, ~2 s), which the CLI's
-    # quick paths (`iwm config`, argument errors) should not pay for.
+    # Lazy: `iwm.api` pulls in timm (and through it torch._dynamo, seconds of imports),
+    # which the CLI's quick paths (`iwm config`, argument errors) should not pay for.
     if name in ("Action", "Pretrained", "from_pretrained", "load"):
         import iwm.api
 

@@ -25,6 +25,12 @@ from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.masks import Masks
 from iwm.data.normalize import Normalizer
 from iwm.errors import CheckpointError
+from iwm.interop.folder import (
+    is_export_dir,
+    normalization_lists,
+    read_pretrained,
+    write_pretrained,
+)
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, build_model
 from iwm.models.predictor import Predictor
@@ -213,9 +219,10 @@ class Pretrained:
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (Hugging Face layout; the whole
         model) to ``directory``; :func:`from_pretrained` and :func:`load` read it back."""
-        from iwm.interop.export import save_pretrained
-
-        return save_pretrained(self, directory)
+        return write_pretrained(
+            directory, self.model.state_dict(), config=self.config.to_dict(),
+            in_chans=self.in_chans, step=self.step,
+            normalization=normalization_lists(self.normalize.mean, self.normalize.std))
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
@@ -233,8 +240,6 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
 def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """Load a run directory (its latest checkpoint), a checkpoint file, or a folder written
     by :meth:`Pretrained.save_pretrained` / ``iwm export --format safetensors``."""
-    from iwm.interop.export import is_export_dir
-
     if is_export_dir(run_or_checkpoint):
         return from_pretrained(run_or_checkpoint, device)
     path = resolve_checkpoint(run_or_checkpoint)
@@ -251,8 +256,6 @@ def from_pretrained(directory: str | os.PathLike[str],
                     device: str | torch.device = "cpu") -> Pretrained:
     """Load a folder written by :meth:`Pretrained.save_pretrained` (``config.json`` +
     ``model.safetensors``)."""
-    from iwm.interop.export import read_pretrained
-
     meta, state = read_pretrained(directory)
     return Pretrained.create(load_config(meta["config"]), meta["in_chans"], meta["normalization"],
                              state, meta["step"], where=directory).to(device)

@@ -2,13 +2,17 @@
 
 A config file only lists what differs from the defaults below. Every key is checked:
 an unknown key or a value of the wrong type is a :class:`~iwm.errors.ConfigError` that
-names the dotted key (with a "did you mean" suggestion for typos).
+names the dotted key (with a "did you mean" suggestion for typos). Every rule on the
+values lives in its section's ``check``, which runs when the section is built, so on every
+load: a grid or sweep of configs fails on the bad cell when it is read, not when that
+cell starts training. The rules that relate sections live in :class:`Config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import tempfile
@@ -16,25 +20,99 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from iwm.errors import ConfigError
 
-STRENGTHS = ("none", "jitter", "destructive", "strong")
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-CONDITIONINGS = ("none", "sequence", "feature", "adaln")
-LOSSES = ("l2", "smooth_l1")
-PRECISIONS = ("auto", "fp32", "bf16")
-ATTENTIONS = ("auto", "sdpa", "matmul")
-BLOCK_SIZES = ("per_block", "per_batch")
-CONTEXT_TOKENS = ("pad", "thin")
-PREDICTOR_PASSES = ("union", "per_block")
+
+# The choices of every choice field, each listed once: the checks and error messages read
+# them with typing.get_args.
+Strength = Literal["none", "jitter", "destructive", "strong"]
+BlockSizes = Literal["per_block", "per_batch"]
+ContextTokens = Literal["pad", "thin"]
+PredictorPass = Literal["union", "per_block"]
+EncoderName = Literal["vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
+"""The encoders :data:`iwm.models.vit.ENCODERS` describes (a test keeps the two in step)."""
+Conditioning = Literal["none", "sequence", "feature", "adaln"]
+Loss = Literal["l2", "smooth_l1"]
+Precision = Literal["auto", "fp32", "bf16"]
+AttentionKernel = Literal["auto", "sdpa", "matmul"]
+DataParallel = Literal["ddp", "fsdp"]
+ProbedEncoder = Literal["target", "context"]
+SegClasses = Literal[2, 3]
+
+# The Predictor takes its conditioning as a plain argument, checked against this.
+CONDITIONINGS: tuple[str, ...] = typing.get_args(Conditioning)
+
+
+class _Section:
+    """A config section: :meth:`check` runs when it is built."""
+
+    KEY: ClassVar[str]
+    """The section's key in :class:`Config`, which every error message starts with."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`~iwm.errors.ConfigError`, naming the key and the fix, for an
+        impossible value (run on construction; again after changing a field)."""
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if typing.get_origin(hints[f.name]) is not Literal:
+                continue
+            allowed, value = typing.get_args(hints[f.name]), getattr(self, f.name)
+            if value not in allowed:
+                near = _suggest(value, list(allowed)) if isinstance(value, str) else ""
+                raise ConfigError(f"{self.KEY}.{f.name}={value!r}: must be one of "
+                                  f"{', '.join(map(str, allowed))}{near}")
+
+    def _at_least_one(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: must be at least 1")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name) > 0:  # also rejects NaN
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: must be positive")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: must be >= 0")
+
+    def _fraction(self, *names: str) -> None:
+        for name in names:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)}: needs "
+                                  "0 <= value < 1")
+
+    def _scale_range(self, *names: str) -> None:
+        for name in names:
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{self.KEY}.{name}={[lo, hi]}: needs 0 < min <= max <= 1")
+
+    def _ratio_range(self, *names: str) -> None:
+        for name in names:
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"{self.KEY}.{name}={[lo, hi]}: needs 0 < min <= max")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    KEY: ClassVar[str] = "data"
+
     name: str = "fashion-mnist"
     """Registry name: fashion-mnist, mnist, animal-mnist, shapes (colour, built offline),
     cifar10, cifar100, stl10 or imagefolder:<path>."""
@@ -49,12 +127,23 @@ class DataConfig:
     num_workers: int = 4
     """Decoding workers for streamed (image-folder) data sets."""
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("image_size")
+        self._scale_range("crop_scale")
+        self._ratio_range("crop_ratio")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0 "
+                              "(0 decodes in the training process)")
+
 
 @dataclass
-class ViewsConfig:
+class ViewsConfig(_Section):
     """Photometric views. ``strength`` picks a preset; any field set here overrides it."""
 
-    strength: str = "jitter"
+    KEY: ClassVar[str] = "views"
+
+    strength: Strength = "jitter"
     jitter_p: float | None = None
     brightness: float | None = None
     contrast: float | None = None
@@ -65,9 +154,35 @@ class ViewsConfig:
     blur_sigma: tuple[float, float] | None = None
     solarize_p: float | None = None
 
+    def check(self) -> None:
+        super().check()
+        check_view_values(self)
+
+
+def check_view_values(views: Any) -> None:
+    """The rules of the photometric values, for a :class:`ViewsConfig` (where None means
+    "the preset's") and for the resolved :class:`~iwm.data.views.ViewParams` alike."""
+    for key in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        value = getattr(views, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"views.{key}={value}: a probability must be in [0, 1]")
+    for key in ("brightness", "contrast", "saturation", "hue"):
+        value = getattr(views, key)
+        if value is not None and not value >= 0:  # also rejects NaN
+            raise ConfigError(f"views.{key}={value}: a jitter strength must be >= 0")
+    if views.hue is not None and views.hue > 0.5:
+        raise ConfigError(f"views.hue={views.hue}: hue shifts are in turns, needs <= 0.5")
+    sigma = views.blur_sigma
+    if sigma is not None and (len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]):
+        raise ConfigError(
+            f"views.blur_sigma={list(sigma)}: needs [min, max] with 0 < min <= max"
+        )
+
 
 @dataclass
-class MaskConfig:
+class MaskConfig(_Section):
+    KEY: ClassVar[str] = "mask"
+
     num_targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)
     target_aspect: tuple[float, float] = (0.75, 1.5)
@@ -75,38 +190,65 @@ class MaskConfig:
     min_context: float = 0.1
     """Smallest context, as a fraction of the patches; masks below it are redrawn."""
     wrap: bool = True
-    """Place blocks on a torus so every patch is a target equally often (see masks.py)."""
-    block_sizes: str = "per_block"
+    """Place blocks on a torus so every patch is a target equally often (docs/masks.md)."""
+    block_sizes: BlockSizes = "per_block"
     """per_block: every block draws its size; per_batch: one target size and one context
-    size for the whole batch, as the official I-JEPA code (no padding; see masks.py)."""
-    context_tokens: str = "pad"
+    size for the whole batch, as the official I-JEPA code (no padding; see docs/masks.md)."""
+    context_tokens: ContextTokens = "pad"
     """pad: every image keeps its whole context, padded to the batch's largest (padding
     is masked out of attention); thin: every context is cut to the batch's smallest by a
     random subset, as the official I-JEPA code (at batch 128 on a 7x7 grid that drops
     about half of an image's context)."""
-    predictor_pass: str = "union"
+    predictor_pass: PredictorPass = "union"
     """union: one predictor pass predicts the union of an image's target blocks; per_block:
     one pass per block, the context repeated for each (the official I-JEPA code)."""
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("num_targets")
+        self._scale_range("target_scale", "context_scale")
+        self._ratio_range("target_aspect")
+        self._fraction("min_context")
+
 
 @dataclass
-class ModelConfig:
-    encoder: str = "vit_tiny"
+class ModelConfig(_Section):
+    KEY: ClassVar[str] = "model"
+
+    encoder: EncoderName = "vit_tiny"
     patch_size: int = 4
     predictor_depth: int = 6
     predictor_width: int = 192
     predictor_heads: int = 6
-    conditioning: str = "feature"
+    conditioning: Conditioning = "feature"
     drop_path: float = 0.0
-    loss: str = "l2"
+    loss: Loss = "l2"
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (encoder and predictor):
     about a third more compute for far less activation memory, for models or batches that
     would not fit otherwise."""
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("patch_size", "predictor_depth", "predictor_width",
+                           "predictor_heads")
+        if self.predictor_width % self.predictor_heads:
+            raise ConfigError(
+                f"model.predictor_width={self.predictor_width} is not divisible by "
+                f"model.predictor_heads={self.predictor_heads}"
+            )
+        if self.predictor_width % 4:
+            # Its fixed 2-D sin-cos positions give a quarter of the channels to each of
+            # sin(row), cos(row), sin(column), cos(column).
+            raise ConfigError(f"model.predictor_width={self.predictor_width}: needs a "
+                              "multiple of 4 (the predictor's 2-D sin-cos positions)")
+        self._fraction("drop_path")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
+    KEY: ClassVar[str] = "optim"
+
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
@@ -119,22 +261,37 @@ class OptimConfig:
     predictor_lr_scale: float = 1.0
     """The predictor trains at this multiple of the scheduled lr (the encoder at 1x)."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("lr", "predictor_lr_scale")
+        self._non_negative("start_lr", "final_lr", "warmup_epochs", "weight_decay",
+                           "final_weight_decay")
+        if not all(0 <= m <= 1 for m in self.ema):
+            raise ConfigError(f"optim.ema={list(self.ema)}: momenta need 0 <= value <= 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)}: each needs 0 <= beta < 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip}: must be positive, or null "
+                              "for no clipping")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    KEY: ClassVar[str] = "train"
+
     epochs: float = 10.0
     batch_size: int = 256
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere and newer), fp32
     elsewhere; bf16 = bf16 autocast on any device (on CPUs with AVX-512 BF16 or AMX it is
     faster too)."""
     compile: bool = False
-    attention: str = "auto"
+    attention: AttentionKernel = "auto"
     """Self-attention kernel: ``sdpa`` (scaled_dot_product_attention: flash / memory-
     efficient kernels), ``matmul`` (two matmuls and a softmax), or auto = matmul on CPU
-    (where the flash kernel is slower, 2.7x in bf16), sdpa on accelerators."""
+    (where the flash kernel measured slower, docs/RESULTS.md), sdpa on accelerators."""
     log_every: int = 20
     checkpoint_every: int = 500
     """Steps between checkpoints (one is always written at the end)."""
@@ -144,7 +301,7 @@ class TrainConfig:
     progress: bool = True
     max_nonfinite: int = 20
     """Steps in a row with a NaN/inf loss or gradients (each skipped) before training stops."""
-    data_parallel: str = "ddp"
+    data_parallel: DataParallel = "ddp"
     """Several processes: ``ddp`` (every process holds the whole model) or ``fsdp``
     (parameters, gradients and optimiser state sharded; for models that do not fit)."""
     grad_accum_steps: int = 1
@@ -152,10 +309,30 @@ class TrainConfig:
     step (over all processes); each process computes batch_size / (processes x steps)
     images at a time, with exactly the gradients of the whole batch at once."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("epochs")
+        self._at_least_one("batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                           "max_nonfinite", "grad_accum_steps")
+        self.check_batch_split(1)
+
+    def check_batch_split(self, processes: int, launch: str = "") -> None:
+        """The global batch splits evenly over ``processes`` x ``grad_accum_steps``
+        micro-batches: the one batch-split rule, run with 1 process on load and with the
+        real count where a launch knows it (``launch`` says how it got that count)."""
+        parts = processes * self.grad_accum_steps
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} (the global batch) cannot be split evenly "
+                f"over {processes} process(es){launch} x train.grad_accum_steps="
+                f"{self.grad_accum_steps}: use a multiple of {parts}")
+
 
 @dataclass
-class ProbeConfig:
-    encoder: str = "target"
+class ProbeConfig(_Section):
+    KEY: ClassVar[str] = "probe"
+
+    encoder: ProbedEncoder = "target"
     """Which encoder to probe: target (EMA) or context."""
     train_limit: int | None = None
     test_limit: int | None = None
@@ -174,10 +351,18 @@ class ProbeConfig:
     """kNN probe: neighbours and the temperature T of the exp(cosine / T) vote weights."""
     seed: int = 0
 
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("batch_size", "max_iter")
+        self._positive("knn_k", "knn_temperature", "attentive_epochs", "attentive_lr",
+                       "attentive_batch_size", "attentive_heads")
+
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Section):
     """``iwm finetune``: the same budget, data and augmentation for every protocol."""
+
+    KEY: ClassVar[str] = "finetune"
 
     epochs: float = 5.0
     batch_size: int = 128
@@ -194,11 +379,18 @@ class FinetuneConfig:
     hflip: bool = True
     train_limit: int | None = None
     test_limit: int | None = None
-    seg_classes: int = 3
+    seg_classes: SegClasses = 3
     """Segmentation labels per patch: 2 (background/foreground) or 3 (+ edge vs interior)."""
     seg_threshold: float = 0.2
     """A patch is foreground if its mean pixel intensity in [0, 1] exceeds this."""
     seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        self._positive("epochs", "lr")
+        self._at_least_one("batch_size")
+        self._fraction("seg_threshold")
+        self._scale_range("crop_scale")
 
 
 @dataclass
@@ -215,111 +407,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
-    def validate(self) -> Config:
-        """Check values that are well-typed but impossible; returns self."""
-        _check_choice("views.strength", self.views.strength, STRENGTHS)
-        _check_choice("model.conditioning", self.model.conditioning, CONDITIONINGS)
-        _check_choice("model.loss", self.model.loss, LOSSES)
-        _check_choice("train.precision", self.train.precision, PRECISIONS)
-        _check_choice("train.attention", self.train.attention, ATTENTIONS)
-        _check_choice("train.data_parallel", self.train.data_parallel, ("ddp", "fsdp"))
-        _check_choice("probe.encoder", self.probe.encoder, ("target", "context"))
-        _check_choice("mask.block_sizes", self.mask.block_sizes, BLOCK_SIZES)
-        _check_choice("mask.context_tokens", self.mask.context_tokens, CONTEXT_TOKENS)
-        _check_choice("mask.predictor_pass", self.mask.predictor_pass, PREDICTOR_PASSES)
-        # Here and not only when the model is built: a grid or sweep of configs should fail
-        # on the bad cell when it is read, not hours later when that cell starts training.
-        from iwm.models.vit import encoder_spec
-
-        encoder_spec(self.model.encoder)
-        for key in ("mask.target_scale", "mask.context_scale", "data.crop_scale"):
-            lo, hi = _get(self, key)
-            if not 0 < lo <= hi <= 1:
-                raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max <= 1")
-        for key in ("mask.target_aspect", "data.crop_ratio"):
-            lo, hi = _get(self, key)
-            if not 0 < lo <= hi:
-                raise ConfigError(f"{key}={[lo, hi]}: needs 0 < min <= max")
-        # Before the divisibility checks, which would divide by zero.
-        for key in ("train.batch_size", "mask.num_targets", "model.predictor_depth",
-                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.max_nonfinite", "train.grad_accum_steps", "data.image_size",
-                    "model.patch_size",
-                    "model.predictor_width", "model.predictor_heads", "probe.batch_size",
-                    "probe.max_iter"):
-            if _get(self, key) < 1:
-                raise ConfigError(f"{key}={_get(self, key)}: must be at least 1")
-        self._validate_optim()
-        if self.train.batch_size % self.train.grad_accum_steps:
-            raise ConfigError(
-                f"train.batch_size={self.train.batch_size} does not split into "
-                f"train.grad_accum_steps={self.train.grad_accum_steps} equal micro-batches")
-        if not 0 <= self.model.drop_path < 1:
-            raise ConfigError(f"model.drop_path={self.model.drop_path}: needs 0 <= value < 1")
-        if self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.data.num_workers}: must be >= 0 "
-                              "(0 decodes in the training process)")
+    def __post_init__(self) -> None:
+        # Each section checked its own values when it was built; these rules span two.
         if self.data.image_size % self.model.patch_size:
             raise ConfigError(
                 f"model.patch_size={self.model.patch_size} does not divide "
                 f"data.image_size={self.data.image_size}: choose sizes with "
                 "image_size % patch_size == 0"
             )
-        if self.model.predictor_width % self.model.predictor_heads:
-            raise ConfigError(
-                f"model.predictor_width={self.model.predictor_width} is not divisible by "
-                f"model.predictor_heads={self.model.predictor_heads}"
-            )
-        if self.train.epochs <= 0:
-            raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
-        if not 0 <= self.mask.min_context < 1:
-            raise ConfigError(f"mask.min_context={self.mask.min_context}: needs 0 <= value < 1")
-        self._validate_finetune()
-        return self
-
-    def _validate_optim(self) -> None:
-        o = self.optim
-        if o.lr <= 0:
-            raise ConfigError(f"optim.lr={o.lr}: must be positive")
-        if not o.predictor_lr_scale > 0:
-            raise ConfigError(f"optim.predictor_lr_scale={o.predictor_lr_scale}: must be "
-                              "positive")
-        for key in ("optim.start_lr", "optim.final_lr", "optim.warmup_epochs",
-                    "optim.weight_decay", "optim.final_weight_decay"):
-            if _get(self, key) < 0:
-                raise ConfigError(f"{key}={_get(self, key)}: must be >= 0")
-        if not all(0 <= m <= 1 for m in o.ema):
-            raise ConfigError(f"optim.ema={list(o.ema)}: momenta need 0 <= value <= 1")
-        if not all(0 <= b < 1 for b in o.betas):
-            raise ConfigError(f"optim.betas={list(o.betas)}: each needs 0 <= beta < 1")
-        if o.grad_clip is not None and o.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be positive, or null "
-                              "for no clipping")
-
-    def _validate_finetune(self) -> None:
-        f = self.finetune
-        if f.epochs <= 0 or f.batch_size < 1 or f.lr <= 0:
-            raise ConfigError("finetune.epochs, finetune.batch_size and finetune.lr must be "
-                              f"positive (got {f.epochs}, {f.batch_size}, {f.lr})")
-        if f.seg_classes not in (2, 3):
-            raise ConfigError(f"finetune.seg_classes={f.seg_classes}: must be 2 or 3")
-        if not 0 <= f.seg_threshold < 1:
-            raise ConfigError(f"finetune.seg_threshold={f.seg_threshold}: needs 0 <= value < 1")
-        lo, hi = f.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"finetune.crop_scale={[lo, hi]}: needs 0 < min <= max <= 1")
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -338,6 +433,9 @@ def _suggest(name: str, options: list[str]) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (converting lists to tuples, int to float)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        # The type of its values here; which values are allowed is the section's check.
+        return _coerce(key, value, type(typing.get_args(tp)[0]))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -460,7 +558,7 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if overrides:
         data = _merge(data, parse_overrides(overrides))
-    return _build(Config, data, "").validate()
+    return _build(Config, data, "")
 
 
 def save_config(cfg: Config, path: Path) -> None:

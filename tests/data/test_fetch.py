@@ -21,8 +21,6 @@ from iwm.data.fetch import (
 )
 from iwm.errors import DataError
 
-OFFLINE = {"use_apt": False, "use_torchvision": False}
-
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ def test_in_bounds_placement_reaches_last_row_and_column(grid):
     assert (first + rows.sum(-1) <= height).all()
     cols = targets.unflatten(-1, grid).any(-2)
     assert (cols.float().argmax(-1) + cols.sum(-1) <= width).all()
-    # ... and, as the module docstring explains, cannot cover the border as often as the
+    # ... and, as docs/masks.md explains, cannot cover the border as often as the
     # centre: the coverage check above does detect non-uniform placement.
     assert cells[0, 0] < 0.5 * cells[height // 2, width // 2]
 

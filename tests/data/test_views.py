@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from iwm.config import ViewsConfig
+from iwm.config import Strength, ViewsConfig
 from iwm.data.actions import ACTION_FIELDS, build_action, null_action
 from iwm.data.views import (
     STRENGTHS,
@@ -39,10 +40,9 @@ def _col(name: str) -> int:
 
 
 def test_presets_cover_config_choices_and_paper_defaults() -> None:
-    from iwm.config import STRENGTHS as CONFIG_STRENGTHS
-
-    assert tuple(STRENGTHS) == CONFIG_STRENGTHS
-    none, jit, des, strong = (STRENGTHS[k] for k in CONFIG_STRENGTHS)
+    # The presets' keys are exactly the values views.strength may take, in order.
+    assert tuple(STRENGTHS) == typing.get_args(Strength)
+    none, jit, des, strong = (STRENGTHS[k] for k in typing.get_args(Strength))
     assert none.jitter_p == none.grayscale_p == none.blur_p == none.solarize_p == 0
     assert (jit.jitter_p, jit.brightness, jit.contrast, jit.saturation, jit.hue) == (
         0.8, 0.4, 0.4, 0.2, 0.1)

@@ -153,7 +153,6 @@ def test_raw_pixel_probe_is_the_linear_probe_on_the_images_themselves(fake_mnist
 
 @pytest.mark.parametrize("kind, override, message", [
     ("svm", None, "must be one of"),
-    ("knn", "probe.knn_k=0", "probe.knn_k=0: must be positive"),
     ("attentive", "probe.attentive_heads=3", "does not divide the encoder width 128"),
 ])
 def test_bad_probe_settings_are_config_errors(kind, override, message, probe_cfg):
@@ -163,6 +162,12 @@ def test_bad_probe_settings_are_config_errors(kind, override, message, probe_cfg
     normalize = Normalizer.create((0.5,), (0.25,), torch.device("cpu"))
     with pytest.raises(ConfigError, match=message):
         probe_encoder(encoder, normalize, probe_cfg, torch.device("cpu"), kind)
+
+
+def test_impossible_probe_numbers_fail_when_the_config_loads(probe_cfg):
+    # Not minutes later, after the features are extracted.
+    with pytest.raises(ConfigError, match="probe.knn_k=0: must be positive"):
+        load_config(probe_cfg.to_dict(), ["probe.knn_k=0"])
 
 
 def test_cli_eval_probe_writes_json(tmp_path, monkeypatch, capsys):

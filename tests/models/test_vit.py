@@ -1,7 +1,10 @@
+import typing
+
 import pytest
 import timm
 import torch
 
+from iwm.config import EncoderName
 from iwm.errors import ConfigError
 from iwm.models.tokens import gather_tokens, sincos_pos_embed
 from iwm.models.vit import ENCODERS, create_encoder
@@ -76,6 +79,12 @@ def test_gather_tokens_picks_rows():
     idx = torch.tensor([[4, 0], [1, 1]])
     out = gather_tokens(x, idx)
     assert torch.equal(out[0, 0], x[0, 4]) and torch.equal(out[1, 1], x[1, 1])
+
+
+def test_the_table_describes_exactly_the_encoders_a_config_may_name():
+    assert tuple(ENCODERS) == typing.get_args(EncoderName)
+    # Their fixed 2-D sin-cos positions take the width in quarters.
+    assert all(spec.embed_dim % 4 == 0 for spec in ENCODERS.values())
 
 
 def test_unknown_encoder_is_a_config_error():

@@ -77,7 +77,7 @@ def _broken(path: list[str], value: object) -> dict:
     (["scales", "big", "blocks"], ["nope"], "unknown block 'nope'"),
     (["roles", "equivariant"], "feature-shallow-none", "is not a cell of scale"),
     (["scales", "small", "overrides"], ["train.precision=fp8"], "cell none-deep"),
-    (["scales", "small", "overrides"], ["model.encoder=vit_xl"], "'vit_xl': unknown"),
+    (["scales", "small", "overrides"], ["model.encoder=vit_xl"], "'vit_xl': must be one of"),
     (["scales", "small", "workers"], 0, "workers must be >= 1"),
     (["scales", "small", "colour"], "red", "unknown key(s) colour"),
     (["seeds"], [1, 1], "without repeats"),

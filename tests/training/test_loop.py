@@ -37,10 +37,6 @@ def test_presets_pretrain_a_few_steps(preset, tmp_path):
     assert load_config(state["config"]) == cfg
 
 
-def _params(path):
-    return load_checkpoint(path)["model"]
-
-
 def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
     # Each step also draws from the global generators (Python, numpy, torch), as user code
     # or a library might: a resume that did not restore them would draw other numbers.

@@ -123,8 +123,13 @@ def test_submission_writes_the_sbatch_script_and_pickles_the_run(fake_slurm, tmp
 
 def test_submission_refusals(fake_slurm, tmp_path, monkeypatch):
     cfg = load_config("iwm-equi-tiny", TINY)  # batch 16
-    with pytest.raises(ConfigError, match="batch_size=16 cannot be split evenly over the 24"):
+    with pytest.raises(ConfigError, match=r"batch_size=16 \(the global batch\) cannot be split "
+                                          r"evenly over 24 process\(es\) \(nodes=3 x gpus=8\)"):
         submit_pretrain(cfg, tmp_path / "run", parse_slurm_options("nodes=3,gpus=8"))
+    # Each of the 16 processes would have to split its 1 image into 2 micro-batches.
+    accum = load_config("iwm-equi-tiny", TINY + ["train.grad_accum_steps=2"])
+    with pytest.raises(ConfigError, match="use a multiple of 32"):
+        submit_pretrain(accum, tmp_path / "run", parse_slurm_options("nodes=2,gpus=8"))
 
     with monkeypatch.context() as m:  # the loop would take it: no requeue, ever
         m.setattr(submitit.JobEnvironment, "USR_SIG", "USR1")

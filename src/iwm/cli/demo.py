@@ -27,21 +27,20 @@ from iwm.training.distributed import resolve_device
 from iwm.training.loop import native_bf16, pretrain
 
 DEMO_PRESET = "iwm-equi-tiny"
-# Sized so that the whole demo fits in about 10 minutes on 2 CPU cores.
+# Sized so that the whole demo fits in minutes on a CPU (docs/RESULTS.md has its times).
 # The EMA starts at 0.98 rather than I-JEPA's 0.996: over a few hundred steps the target
 # encoder (the one probed) would otherwise still be mostly its random initialisation.
 DEMO_OVERRIDES = ["train.batch_size=64", "optim.warmup_epochs=0.1",
                   "optim.ema=[0.98,1.0]", "train.checkpoint_every=500",
                   "probe.train_limit=10000", "probe.test_limit=5000"]
 # The world model keeps improving with steps (docs/RESULTS.md), so the demo trains as many
-# as its time allows: bf16 where the CPU or GPU computes it natively (3x the fp32 step rate
-# on an AVX-512 BF16 CPU), fp32 and a third of the epochs elsewhere.
+# as its time allows: bf16 where the CPU or GPU computes it natively (several times the
+# fp32 step rate there), fp32 and a third of the epochs elsewhere.
 DEMO_EPOCHS = {"bf16": 1.5, "fp32": 0.5}
 QUICK_OVERRIDES = ["data.limit=2048", "train.epochs=1", "train.batch_size=32",
                    "probe.train_limit=1000", "probe.test_limit=500", "train.log_every=4"]
-# MRR (images, bank size): a smaller bank than the paper's 256 so that the evaluation
-# takes about a minute on 2 CPU cores (256 x 64 views per setting; chance = H_K / K =
-# 0.074 for 64).
+# MRR (images, bank size): a smaller bank than the paper's 256 to keep the evaluation short
+# (256 x 64 views per setting; chance = H_K / K = 0.074 for 64).
 DEMO_MRR = (256, 64)
 QUICK_MRR = (16, 16)
 # The API check (images, bank size): the same size as the MRR's, so both read against one

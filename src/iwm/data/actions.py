@@ -19,26 +19,8 @@ idx   field                value
 7     ``solarize``         1 if the source was solarized, else 0
 ====  ===================  ==============================================================
 
-Why this layout:
-
-- Log-ratios make multiplicative factors comparable (x1.4 and x1/1.4 are symmetric) and
-  put the identity at 0, so the null action (no transformation; used for predictor
-  finetuning) is the all-zeros vector. Factors are floored at :data:`MIN_FACTOR` before
-  the log so a factor of exactly 0 (possible when a strength is >= 1, as in torchvision)
-  stays finite.
-- Hue is an angle: rotating by d and by d + 1 turn is the same transformation, so the
-  difference is wrapped to the shortest rotation in [-0.5, 0.5) turns, then doubled to
-  span [-1, 1). With hue strength <= 0.25 (every preset) the difference never reaches
-  half a turn and the wrap never triggers, so the field is continuous in practice.
-- Jitter ops are always applied in the fixed order brightness, contrast, saturation, hue
-  (unlike torchvision's ColorJitter, which permutes them), and the destructive ones in the
-  fixed order grayscale, blur, solarize (threshold 0.5), so no order needs encoding.
-- No "jitter applied" flags: a skipped jitter has identity parameters, so the differences
-  already say what changes. Flags would only tell the predictor how the views were
-  drawn, and a preset that always jitters (``strong``, p = 1) would then train on one
-  constant value while every evaluation and :class:`iwm.Action` asks with the other.
-- Destructive transforms hit only the source, so they are flags (and a blur strength),
-  not differences.
+Why this layout (log-ratios, a wrapped hue, fixed op orders, no "applied" flags) is in
+docs/method.md, "The action vector".
 """
 
 from __future__ import annotations

@@ -93,11 +93,6 @@ class ImageSet:
     def channels(self) -> int:
         return self.images.shape[1]
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.images.shape[1:]
-        return (c, h, w)
-
     def subset(self, limit: int | None) -> ImageSet:
         """The first ``limit`` images (all if None); statistics are kept, not recomputed."""
         if limit is None or limit >= len(self):

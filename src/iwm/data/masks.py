@@ -3,74 +3,9 @@
 For each image, ``cfg.num_targets`` target blocks and one context block are drawn on the
 ``H x W`` patch grid; the context is the context block minus the union of the targets.
 Patches are numbered row-major (``index = row * W + col``), the order a ViT flattens them.
-
-Block sizes
-    By default (``per_block``) every target block of every sample draws its own size; the
-    official code draws one size per batch, so a batch never mixes small and large blocks.
-    The scale ``s`` (fraction of the ``N = H * W`` patches) is uniform in
-    ``cfg.target_scale``; the aspect ratio ``r = h / w`` is log-uniform in
-    ``cfg.target_aspect``: aspect ratios compose by
-    multiplication, so log-uniform treats a block and its transpose alike (``r`` and ``1/r``
-    are equally likely when the range is symmetric, e.g. 0.5..2), where a uniform draw
-    would favour the wide end of the range. Scale and aspect come from two independent
-    random numbers; the official code reuses one, which ties big blocks to tall ones.
-    ``h = round(sqrt(s N r))`` and ``w = round(sqrt(s N / r))`` (round half to even),
-    clamped to ``[1, H]`` and ``[1, W]``.
-
-    With ``cfg.block_sizes == "per_batch"`` one target size (h, w) and one context size are
-    drawn per batch, from the same distributions, and shared by every block of the batch
-    (redraws after rejection keep them): the official code's choice. Its target blocks
-    then need no padding (see "Index form"; per block, a 14 x 14 grid pads to about 42
-    slots for 34 valid ones); with thinned contexts (``context_tokens="thin"``) a batch's
-    smallest context, which every sample is cut to, is then larger: net 4% fewer FLOPs
-    per image for vit_tiny at batch 32 (measured before whole contexts were the default).
-
-    The context block draws ``s ~ U(cfg.context_scale)`` and takes the grid's own shape:
-    ``h = round(sqrt(s) H)``, ``w = round(sqrt(s) W)``. On a square grid (square images,
-    the only kind the data pipeline makes) that is aspect 1, as in I-JEPA; on a non-square
-    grid a square block would be cut off by the short side, and scale 1.0 would no longer
-    mean "the whole image".
-
-Placement (``cfg.wrap``)
-    A block placed inside the grid with a uniform top-left corner cannot cover patches
-    uniformly: a block of height ``h`` covers row ``i`` from ``min(i, h-1, H-i-1, H-h) + 1``
-    of its ``H - h + 1`` corner rows, so a border row is hit ``min(h, H - h + 1)`` times
-    less often than a central one; the same holds for columns. No other in-bounds corner
-    distribution fixes this either: equal coverage forces all the weight onto corners at
-    multiples of ``h``, which only works when ``h`` divides ``H``. So with ``wrap=True``
-    (the default) the corner is uniform over all ``H x W`` positions and the block wraps
-    around the edges, as on a torus: every patch is then covered with probability exactly
-    ``h w / N``, border rows and columns included, and each block keeps exactly its drawn
-    ``h x w`` size. The price is that a block crossing an edge is split into up to four
-    rectangles at opposite borders.
-
-    With ``wrap=False`` the corner is uniform over the in-bounds positions ``0..H-h`` and
-    ``0..W-w``, both ends included. (The official code's ``randint(0, H - h)`` excludes the
-    last position, so its blocks never touch the last row or column.)
-
-Rejection
-    A sample whose context has fewer than ``max(1, ceil(min_context N))`` patches has all of
-    its blocks redrawn; only the failing rows are redrawn, until none fail, and a config
-    that keeps failing raises :class:`~iwm.errors.ConfigError` instead of looping. The test
-    depends only on block sizes and their relative positions, which a shift of the whole
-    torus preserves, so with ``wrap=True`` rejection leaves the coverage uniform.
-
-Index form (:class:`Masks`)
-    Encoders take index tensors with the same length for every sample. With
-    ``context_tokens="pad"`` (the default) every sample keeps its whole context, padded to
-    the largest context in the batch; ``context_valid`` marks the real entries and padding
-    is masked out of attention. With ``"thin"`` every context is cut to ``Kc`` = the
-    smallest context in the batch, a uniformly random subset of each sample's context
-    (the official code's choice; at batch 128 on a 7 x 7 grid it keeps about 10 of an
-    image's 22 context patches). Targets keep each sample's full blocks, padded to the
-    largest block in the batch; ``target_valid`` marks the real entries, so a loss averaged
-    over valid entries sees exactly the drawn blocks. With ``predictor_pass="union"`` the
-    blocks are merged into one "block", the union of an image's targets (``T = 1``), so
-    the predictor answers all of them in one pass. Padding repeats indices of the
-    sample's own context or block, so gathering with it is always in range.
-
-All random numbers come from the ``torch.Generator`` passed in, drawn on that generator's
-device (then moved to ``device``), so a seed fixes the masks.
+How sizes are drawn, blocks placed (on a torus by default), too-small contexts redrawn
+and batches padded is in docs/masks.md. All random numbers come from the
+``torch.Generator`` passed in, so a seed fixes the masks.
 """
 
 from __future__ import annotations
@@ -81,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from iwm.config import BLOCK_SIZES, CONTEXT_TOKENS, PREDICTOR_PASSES, MaskConfig
+from iwm.config import MaskConfig
 from iwm.errors import ConfigError
 
 __all__ = ["Masks", "MultiBlockMaskGenerator", "to_device"]
@@ -124,13 +59,12 @@ def to_device(t: Tensor, device: torch.device | str, non_blocking: bool = False)
 
 
 class MultiBlockMaskGenerator:
-    """Samples I-JEPA context/target masks on a ``grid = (H, W)`` patch grid (see module doc)."""
+    """Samples I-JEPA context/target masks on a ``grid = (H, W)`` patch grid (docs/masks.md)."""
 
     def __init__(self, grid: tuple[int, int], cfg: MaskConfig) -> None:
         height, width = (int(v) for v in grid)
         if height < 1 or width < 1:
             raise ConfigError(f"mask grid {grid}: needs at least one patch in each direction")
-        _check_mask_config(cfg)
         self.grid = (height, width)
         self.cfg = cfg
         self.num_patches = height * width
@@ -308,24 +242,3 @@ def _padded_indices(members: Tensor) -> tuple[Tensor, Tensor]:
     slot = torch.arange(width, device=members.device)
     valid = slot < sizes[..., None]
     return order.gather(-1, slot % sizes[..., None]), valid
-
-
-def _check_mask_config(cfg: MaskConfig) -> None:
-    # Config.validate checks most of this too, but a generator can be built from a bare
-    # MaskConfig, and a bad range here would otherwise surface as NaN sizes or a hang.
-    if cfg.num_targets < 1:
-        raise ConfigError(f"mask.num_targets={cfg.num_targets}: must be at least 1")
-    for key in ("target_scale", "context_scale"):
-        lo, hi = getattr(cfg, key)
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"mask.{key}={[lo, hi]}: needs 0 < min <= max <= 1")
-    lo, hi = cfg.target_aspect
-    if not 0 < lo <= hi:
-        raise ConfigError(f"mask.target_aspect={[lo, hi]}: needs 0 < min <= max")
-    if not 0 <= cfg.min_context < 1:
-        raise ConfigError(f"mask.min_context={cfg.min_context}: needs 0 <= value < 1")
-    for key, choices in (("block_sizes", BLOCK_SIZES), ("context_tokens", CONTEXT_TOKENS),
-                         ("predictor_pass", PREDICTOR_PASSES)):
-        if getattr(cfg, key) not in choices:
-            raise ConfigError(f"mask.{key}={getattr(cfg, key)!r}: choose "
-                              f"{' or '.join(choices)}")

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iwm.config import ViewsConfig
+from iwm.config import Strength, ViewsConfig, check_view_values
 from iwm.data import photometric as P
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.shard import SINGLE, Shard, take_rows
-from iwm.errors import ConfigError
 
 SOLARIZE_THRESHOLD = 0.5
 
@@ -42,7 +41,7 @@ class ViewParams:
     a shift from U[-h, h]. ``grayscale_p``, ``blur_p`` and ``solarize_p`` are per-sample
     probabilities of the source-only destructive transforms; the blur's sigma is drawn
     from U[blur_sigma]. Invalid values raise :class:`~iwm.errors.ConfigError` naming the
-    ``views.`` key.
+    ``views.`` key (:func:`iwm.config.check_view_values`, the rules of ``views.*`` too).
     """
 
     jitter_p: float = 0.0
@@ -58,20 +57,7 @@ class ViewParams:
     def __post_init__(self) -> None:
         # YAML gives lists; a frozen dataclass must hold a hashable tuple.
         object.__setattr__(self, "blur_sigma", tuple(float(s) for s in self.blur_sigma))
-        for key in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"views.{key}={value}: a probability must be in [0, 1]")
-        for key in ("brightness", "contrast", "saturation", "hue"):
-            value = getattr(self, key)
-            if not value >= 0:  # also rejects NaN
-                raise ConfigError(f"views.{key}={value}: a jitter strength must be >= 0")
-        if self.hue > 0.5:
-            raise ConfigError(f"views.hue={self.hue}: hue shifts are in turns, needs <= 0.5")
-        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ConfigError(
-                f"views.blur_sigma={list(self.blur_sigma)}: needs [min, max] with 0 < min <= max"
-            )
+        check_view_values(self)
 
 
 _JITTER = ViewParams(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
@@ -79,7 +65,7 @@ _DESTRUCTIVE = dataclasses.replace(
     _JITTER, grayscale_p=0.2, blur_p=0.2, blur_sigma=(0.1, 2.0), solarize_p=0.1
 )
 
-STRENGTHS: dict[str, ViewParams] = {
+STRENGTHS: dict[Strength, ViewParams] = {
     # I-JEPA: no photometric views, source == target, action == null action.
     "none": ViewParams(),
     # The paper's default ColorJitter on both views.
@@ -98,10 +84,6 @@ STRENGTHS: dict[str, ViewParams] = {
 
 def resolve_view_params(cfg: ViewsConfig) -> ViewParams:
     """The preset named by ``cfg.strength`` with every non-None field of ``cfg`` applied."""
-    if cfg.strength not in STRENGTHS:
-        raise ConfigError(
-            f"views.strength={cfg.strength!r}: must be one of {', '.join(STRENGTHS)}"
-        )
     overrides = {
         f.name: getattr(cfg, f.name)
         for f in dataclasses.fields(ViewParams)

@@ -5,37 +5,9 @@ one target block, the internal jitter sampler and action builder). This check as
 same question through the public API only, the way the README shows it, so that a break
 anywhere on that path (``iwm.Action`` -> action vector, ``Pretrained.encode`` /
 ``apply`` with every token as context, the normalisation, torchvision's semantics of the
-factors) shows up as a low score even when the internal evaluation is fine.
-
-Protocol
-    For a batch of clean test images (float in [0, 1]), draw ``k`` (default 64) jitters,
-    each an :class:`iwm.Action`: brightness and contrast factors uniform in
-    :data:`RANGES` ([0.6, 1.4]); on 3-channel models also saturation in [0.8, 1.2] and
-    hue in [-0.1, 0.1] turns (on 1-channel models they stay at the identity: torchvision
-    leaves grey images unchanged). The ``k`` jitters are drawn once per call and shared
-    by its images, because torchvision's ops take one scalar factor per call: each jitter
-    renders the whole batch at once. Every image is one query with its own bank:
-
-    - bank: ``encode(render(image, jitter_j))`` for j = 1..k, rendered with
-      ``torchvision.transforms.v2.functional`` ``adjust_brightness``, ``adjust_contrast``,
-      ``adjust_saturation``, ``adjust_hue`` in that order (:func:`render`);
-    - query: ``apply(encode(image), action_t)`` with a true index t drawn uniformly per
-      image, i.e. the world model asked for the t-th jitter of the CLEAN image's latents
-      (every token as context, every position predicted);
-    - score: cosine of mean-pooled, per-token layer-normed tokens (the space
-      :meth:`iwm.Pretrained.retrieve` compares in; ``iwm.api._pooled_direction``);
-    - rank of the true entry, ties counted as the worst rank
-      (:func:`iwm.evaluation.mrr.ranks_from_scores`); MRR = mean of 1/rank. A predictor
-      that ignores the action scores chance, H_k / k (:func:`~iwm.evaluation.mrr.chance_mrr`,
-      0.074 for k = 64).
-
-Per factor
-    The same, with a separate bank (and true indices) where only that factor varies and
-    the others stay at the identity: ``brightness``, ``contrast``, and on 3-channel models
-    ``saturation`` and ``hue`` (``None`` on 1-channel models, with a note).
-
-Randomness: jitters and true indices come from ``generator`` (a CPU generator; seeded 0
-when None), in a fixed order, so a seed fixes the result whatever the model's device.
+factors) shows up as a low score even when the internal evaluation is fine. The protocol
+(bank, query, score, rank, per-factor banks) is in docs/evaluation.md, "The world model
+as a user asks it".
 """
 
 from __future__ import annotations
@@ -120,7 +92,7 @@ def _check_inputs(pretrained: Pretrained, images: Tensor, k: int) -> None:
 
 def _reciprocal_ranks(pretrained: Pretrained, images: Tensor, bank: list[Action],
                       generator: torch.Generator) -> Tensor:
-    """1/rank (B,) of each image's true entry of ``bank`` (see the module docstring)."""
+    """1/rank (B,) of each image's true entry of ``bank`` (docs/evaluation.md)."""
     b, k = images.shape[0], len(bank)
     # Unit vectors (B, k, D) of the bank; pooled at once so no (B, k, N, D) is ever held.
     keys = torch.stack([_pooled_direction(pretrained.encode(render(images, a)), "bank")
@@ -175,7 +147,7 @@ def world_model_api_check(pretrained: Pretrained, images: Tensor, k: int = 64,
                           generator: torch.Generator | None = None) -> ApiCheckResult:
     """MRR of ``pretrained``'s world model on ``images`` (B, C, H, W), float in [0, 1] or
     uint8, at the model's channels and image size, asked only through the public API
-    (see the module docstring). ``generator`` defaults to a CPU generator seeded 0."""
+    (docs/evaluation.md). ``generator`` defaults to a CPU generator seeded 0."""
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     ranks, notes = _all_reciprocal_ranks(pretrained, images, k, generator)

@@ -1,52 +1,11 @@
-"""Leveraging the world model: finetuning protocols (``iwm finetune``, docs/method.md).
+"""Leveraging the world model: finetuning protocols (``iwm finetune``).
 
-Four protocols, compared on the same budget (``finetune.*``: epochs, batch size, data,
-light random-resized crop + flip drawn on the device) and the same head, so that the
-table is fair:
-
-=====================  ==================  =========================  =====================
-protocol               encoder             predictor                  trained
-=====================  ==================  =========================  =====================
-``encoder``            target, trainable   none                       encoder + head
-``random-predictor``   target, frozen      same architecture, random  predictor + head
-``predictor``          target, frozen      pretrained                 predictor + head
-``end-to-end``         target, trainable   pretrained                 all
-=====================  ==================  =========================  =====================
-
-The predictor is used as the paper reuses it: every encoder token is context and every
-position is predicted (``Predictor.predict_all``), with the NULL action (identity
-transformation), so the pretrained world model starts by "reproducing" the image's latents.
-
-Learning rates (AdamW, linear warmup then cosine to 0, one multiplier for all groups so
-the ratios hold throughout): head, randomly initialised predictor and task tokens at
-``finetune.lr``; a pretrained predictor at ``lr * predictor_lr_scale`` (0.1, the paper's
-rule); a trainable encoder at ``lr * encoder_lr_scale`` (0.1: also pretrained weights,
-given the same treatment). Weight decay only on matrices, as in pretraining.
-
-Frozen parts have ``requires_grad_(False)``, stay in eval mode (also while the rest
-trains), run under ``no_grad``, and are checked bit-for-bit unchanged after training.
-
-Heads: :class:`~iwm.models.heads.AttentiveClassifier` (classification) or
-:class:`~iwm.models.heads.LinearSegmentationHead` (``--task segmentation``, see
-:mod:`iwm.evaluation.segmentation`) on the backbone's tokens (B, N, D); D is the encoder
-width in every protocol because the predictor projects back to it.
-
-Multitask predictor tuning (several ``tasks``): ONE backbone; the predictor is conditioned
-on a learned task token that enters exactly where actions do: a table (num_tasks,
-ACTION_DIM) whose row is added to the null action. It starts at zero, so at step 0 every
-task sees the pretrained predictor's null-action behaviour. One head per task; batches are
-single-task and interleaved in a seeded random order holding each task's own number of
-steps (``epochs`` x its batches per epoch), so no task is trained only at the end. Other
-data sets are converted to the run's input format: grayscale -> RGB by replication, RGB
--> grayscale by luma (ITU-R 601, as ``to_grayscale``), any size -> ``data.image_size`` by
-the crop / centre-resize, and all normalised with the RUN's statistics (the frozen encoder
-is a fixed function of its input; feeding it another normalisation would shift its input
-distribution).
-
-Compute: ``trainable_params``, wall ``seconds`` (training + evaluation) and
-``train_flops`` = FLOPs of one measured training step (forward + backward, counted by
-``torch.utils.flop_counter``) per image x images seen. Frozen parts run without autograd,
-so their backward costs nothing and is not counted.
+Four protocols on the same budget and head: ``encoder`` (the target encoder trained),
+``random-predictor`` and ``predictor`` (a frozen encoder under a fresh or the pretrained
+predictor, used with the null action and every token as context) and ``end-to-end``.
+Several tasks tune one predictor with a learned task token per task. Learning rates,
+frozen parts, heads, the multitask schedule and what is counted as compute are in
+docs/evaluation.md, "The finetuning protocols".
 """
 
 from __future__ import annotations

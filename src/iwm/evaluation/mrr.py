@@ -1,72 +1,11 @@
-"""World-model quality: Mean Reciprocal Rank (MRR) of the predictor (docs/method.md).
+"""World-model quality: Mean Reciprocal Rank (MRR) of the predictor.
 
 Can the predictor apply a transformation in latent space? Give it a clean image's context
 tokens and an action; rank the target-encoder latent of the image *really* transformed by
 that action among the latents of the same image under other sampled transformations.
-MRR = mean over images of 1/rank: ~1 when the predictor applies the action, about chance
-(see below) when it ignores it. The paper did not publish its distance, pooling or
-positions; this module's protocol is:
-
-Source and positions
-    The source is the evaluation image itself (a deterministic centre view, float in
-    [0, 1]): no jitter, no destructive op, so the action's source side is the identity
-    (``build_action(target_k, identity, identity)``). Standard multi-block masks are drawn
-    with the run's mask config (one pass per block, whatever the run trained with) from
-    the seeded generator, once per batch; the context encoder sees each image's own
-    context patches (``run_mrr(context="batch-min")`` thins them to the batch's smallest,
-    the protocol before 2026-11-29), and the predictor predicts the positions of the FIRST
-    target block only (padding excluded from every distance). The same masks serve every
-    bank of a batch, so all settings below compare like with like.
-
-Bank
-    ``bank_size`` (K, default 256) target colour-jitter parameters per image, drawn from
-    the run's view preset (``resolve_view_params(cfg.views)``) with the jitter probability
-    forced to 1: with the preset's 0.8, ~20% of the bank would be the untransformed image
-    (all bit-identical, hence tied), which measures nothing. A preset without any jitter
-    range (``none``, I-JEPA) gets the ``jitter`` preset's ranges, so an I-JEPA run is
-    asked the same questions as an IWM run (and should score chance). Each entry is
-    rendered with ``apply_jitter``, normalised as in training, encoded by the TARGET
-    (EMA) encoder with the training targets' layer norm (``IWM.target_tokens``), and kept
-    at the target block's positions. One entry per image, chosen uniformly at random, is
-    the "true" one whose action the predictor gets. The bank is one flat tensor of
-    ``B * K`` views encoded in chunks of ``chunk_size``; its latents are never stored,
-    each chunk is scored against the predictions and dropped.
-
-Distance
-    ``cosine`` (default): mean over the block's tokens of prediction and entry, then cosine
-    similarity of the two pooled vectors (computed as ``-||a/|a| - b/|b|||^2`` = 2 cos - 2,
-    which ranks identically but keeps float32 precision near cos = 1). ``l2``: mean
-    squared error over the block's tokens and channels (token-wise, no pooling).
-
-Rank and ties
-    rank = number of bank entries at least as close as the true one (true one included),
-    i.e. ties count as the WORST rank in the tie, so a prediction equidistant from every
-    entry (e.g. all zeros under cosine) gets 1/K, not 1. NaN distances count as farthest.
-
-Chance level
-    A predictor that ignores the action makes the same prediction whichever entry is
-    true; the true index is uniform and independent of it, so its expected reciprocal
-    rank is (1/K) sum_r 1/r = H_K / K without ties (0.024 for K = 256, 0.211 for K = 16)
-    and less with ties. This is the "MRR 0" of the paper's conditioning-``none`` row.
-
-Per-transform breakdown (``per_transform``)
-    - ``brightness``, ``contrast``, ``saturation``, ``hue``: a separate bank where ONLY
-      that factor varies (drawn in the bank preset's range for it; the others identity,
-      jitter "applied"), same images, masks and protocol. A factor the preset does not
-      vary (strength 0) is ``None``, as are saturation and hue on 1-channel images, where
-      they are no-ops (every entry would be identical).
-    - ``grayscale``, ``blur``, ``solarize``: a source-side op has no "target bank" of its
-      own, so these reuse the main bank and true index, but the SOURCE gets that op (blur
-      sigma drawn from the preset's ``blur_sigma`` range) and the action says so. The
-      score measures whether the predictor can still apply the target transformation
-      from a degraded source (undoing the op where it must). ``grayscale`` is ``None`` on
-      1-channel images. An op the run never trained with (probability 0 in its preset) is
-      still scored, with a note that the action is out of distribution.
-    Reasons for ``None`` entries and such notes are in ``MRRResult.notes``.
-
-Randomness: everything (masks, bank, true indices, blur sigmas) comes from the
-``generator`` passed in, in a fixed order, so a seed fixes the result; with a CPU generator
-the draws do not depend on the device the model runs on.
+MRR = mean over images of 1/rank: about 1 when the predictor applies the action, chance
+(:func:`chance_mrr`) when it ignores it. The protocol (positions, bank, distance, ties,
+per-transform scores) is in docs/evaluation.md, "The MRR protocol".
 """
 
 from __future__ import annotations
@@ -390,10 +329,10 @@ def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_gen
     ``view_sampler`` supplies the run's view preset, channel count and blur kernel;
     ``mask_generator(batch, generator, device)`` the masks (e.g. a
     :class:`~iwm.data.masks.MultiBlockMaskGenerator`); ``normalize`` maps [0, 1] images to
-    the model's input (the run's :class:`~iwm.training.loop.Normalizer`; identity if None);
+    the model's input (the run's :class:`~iwm.data.normalize.Normalizer`; identity if None);
     ``generator`` defaults to a CPU generator seeded 0. ``chunk_size`` bank views are
     encoded per target-encoder call. The model is put in eval mode for the call and
-    restored afterwards. See the module docstring for the protocol.
+    restored afterwards. The protocol is in docs/evaluation.md.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)

@@ -67,11 +67,7 @@ def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
     if kind not in PROBE_KINDS:
         raise ConfigError(f"probe kind {kind!r}: must be one of {', '.join(PROBE_KINDS)}")
     p = cfg.probe
-    # Checked here, before minutes of feature extraction, as one-line config errors.
-    for key in ("knn_k", "knn_temperature", "attentive_epochs", "attentive_lr",
-                "attentive_batch_size", "attentive_heads"):
-        if getattr(p, key) <= 0:
-            raise ConfigError(f"probe.{key}={getattr(p, key)!r}: must be positive")
+    # Checked here, before minutes of feature extraction: the width is the encoder's.
     if kind == "attentive" and encoder.embed_dim % p.attentive_heads:
         raise ConfigError(f"probe.attentive_heads={p.attentive_heads} does not divide the "
                           f"encoder width {encoder.embed_dim}")

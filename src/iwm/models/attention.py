@@ -3,19 +3,20 @@
 The choice changes speed only (both compute softmax(q k^T / sqrt(d)) v with the same
 padding mask). On CUDA, scaled_dot_product_attention reaches the flash and memory-
 efficient kernels. On CPU its flash kernel loses to two MKL batched matmuls for the short
-sequences of a ViT: on the 2-core AVX-512 machine of docs/RESULTS.md, 2.7x slower
-forward + backward in bf16 and level in fp32 (benchmarks/vs_official_ijepa.py).
+sequences of a ViT, clearly in bf16 (the measurements are in docs/RESULTS.md).
 """
 
 from __future__ import annotations
+
+import typing
 
 import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from iwm.config import ATTENTIONS
+from iwm.config import AttentionKernel
 
-KERNELS = tuple(k for k in ATTENTIONS if k != "auto")
+KERNELS = tuple(k for k in typing.get_args(AttentionKernel) if k != "auto")
 
 
 def resolve_attention(setting: str, device: torch.device) -> str:

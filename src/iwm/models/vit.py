@@ -8,13 +8,13 @@ context encoder only pays for the context patches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from iwm.config import EncoderName
 from iwm.errors import ConfigError
 from iwm.models.tokens import gather_tokens, grid_size, sincos_pos_embed
 
@@ -28,46 +28,15 @@ class EncoderSpec:
     """The timm architecture with the same blocks (for export; size kwargs override it)."""
 
 
-ENCODERS: dict[str, EncoderSpec] = {}
-
-
-def register_encoder(name: str) -> Callable[[Callable[[], EncoderSpec]], Callable[[], EncoderSpec]]:
-    def wrap(fn: Callable[[], EncoderSpec]) -> Callable[[], EncoderSpec]:
-        ENCODERS[name] = fn()
-        return fn
-
-    return wrap
-
-
-@register_encoder("vit_micro")
-def _vit_micro() -> EncoderSpec:
-    # Not a published size: small enough to pretrain on 2 CPU cores in minutes.
-    return EncoderSpec(128, 6, 4, "vit_tiny_patch16_224")
-
-
-@register_encoder("vit_tiny")
-def _vit_tiny() -> EncoderSpec:
-    return EncoderSpec(192, 12, 3, "vit_tiny_patch16_224")
-
-
-@register_encoder("vit_small")
-def _vit_small() -> EncoderSpec:
-    return EncoderSpec(384, 12, 6, "vit_small_patch16_224")
-
-
-@register_encoder("vit_base")
-def _vit_base() -> EncoderSpec:
-    return EncoderSpec(768, 12, 12, "vit_base_patch16_224")
-
-
-@register_encoder("vit_large")
-def _vit_large() -> EncoderSpec:
-    return EncoderSpec(1024, 24, 16, "vit_large_patch16_224")
-
-
-@register_encoder("vit_huge")
-def _vit_huge() -> EncoderSpec:
-    return EncoderSpec(1280, 32, 16, "vit_huge_patch14_224")
+ENCODERS: dict[EncoderName, EncoderSpec] = {
+    # Not a published size: the tiny presets' encoder, small enough to pretrain on a CPU.
+    "vit_micro": EncoderSpec(128, 6, 4, "vit_tiny_patch16_224"),
+    "vit_tiny": EncoderSpec(192, 12, 3, "vit_tiny_patch16_224"),
+    "vit_small": EncoderSpec(384, 12, 6, "vit_small_patch16_224"),
+    "vit_base": EncoderSpec(768, 12, 12, "vit_base_patch16_224"),
+    "vit_large": EncoderSpec(1024, 24, 16, "vit_large_patch16_224"),
+    "vit_huge": EncoderSpec(1280, 32, 16, "vit_huge_patch14_224"),
+}
 
 
 def encoder_spec(name: str) -> EncoderSpec:
@@ -117,8 +86,6 @@ class Encoder(VisionTransformer):
 def create_encoder(name: str, *, img_size: int, patch_size: int, in_chans: int,
                    drop_path_rate: float = 0.0) -> Encoder:
     spec = encoder_spec(name)
-    if spec.embed_dim % 4:
-        raise ConfigError(f"model.encoder={name!r}: width must be divisible by 4")
     return Encoder(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                    embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
                    drop_path_rate=drop_path_rate)

@@ -429,12 +429,7 @@ def _check_nonfinite(total: int, longest: int, limit: int, done: int) -> None:
 
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
               device: torch.device) -> None:
-    parts = dist.world_size * cfg.train.grad_accum_steps
-    if cfg.train.batch_size % parts:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} (the global batch) cannot be split evenly "
-            f"over {dist.world_size} process(es) x train.grad_accum_steps="
-            f"{cfg.train.grad_accum_steps}: use a multiple of {parts}")
+    cfg.train.check_batch_split(dist.world_size)
     # From before the first (slow) set-up step, so that a stop requested during set-up is
     # honoured after the first training step instead of killing the process.
     with StopRequests() as stop:

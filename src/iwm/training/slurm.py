@@ -279,11 +279,8 @@ def submit_pretrain(cfg: Config, run_dir: Path, options: SlurmOptions, *,
     submitit = _import_submitit()
     # Absolute: the job may start in another working directory (sbatch --chdir).
     run_dir = Path(run_dir).absolute()
-    if cfg.train.batch_size % options.world_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} cannot be split evenly over the "
-            f"{options.world_size} processes of nodes={options.nodes} x gpus="
-            f"{options.gpus}: use a multiple of {options.world_size}")
+    cfg.train.check_batch_split(options.world_size,
+                                f" (nodes={options.nodes} x gpus={options.gpus})")
     signum = requeue_signal(submitit.JobEnvironment)
     if signum in STOP_SIGNALS:
         # The loop would take the signal for itself, so nothing would tell a timeout from

@@ -1,0 +1,106 @@
+"""The exported folder: ``config.json`` + ``model.safetensors`` (the Hugging Face layout).
+
+Both exports write it (:mod:`iwm.interop.export` for timm, :meth:`iwm.Pretrained.save_pretrained`
+for the whole model), and :func:`iwm.load` / :func:`iwm.from_pretrained` read whole-model
+folders back. It sits below both :mod:`iwm.api` and :mod:`iwm.interop.export` so that
+neither has to import the other for the format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from iwm.errors import CheckpointError, IWMError
+from iwm.version import __version__
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "iwm"
+"""``config.json["format"]`` of a whole-model export; a timm export has none."""
+FORMAT_VERSION = 1
+_REQUIRED = ("config", "in_chans", "normalization", "step")
+
+
+def write_folder(folder: Path, state: dict[str, Tensor], config: dict[str, Any]) -> Path:
+    """Write ``state`` as ``model.safetensors`` and ``config`` as ``config.json``."""
+    from safetensors.torch import save_file
+
+    if folder.exists() and not folder.is_dir():
+        raise IWMError(f"{folder}: exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # "format": "pt" is the metadata Hugging Face loaders look for to pick the framework.
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def normalization_lists(mean: Tensor, std: Tensor) -> dict[str, list[float]]:
+    """``{"mean": [...], "std": [...]}`` for ``config.json``."""
+    # The shortest decimal that is the same float32 (0.286, not 0.28600001335144043), so the
+    # JSON reads as the run's config wrote it and loads back bit-identical.
+    def values(t: Tensor) -> list[float]:
+        return [float(str(v)) for v in t.detach().float().cpu().flatten().numpy()]
+
+    return {"mean": values(mean), "std": values(std)}
+
+
+def write_pretrained(directory: str | Path, state: dict[str, Tensor], *,
+                     config: dict[str, Any], in_chans: int,
+                     normalization: dict[str, list[float]], step: int) -> Path:
+    """Write a whole-model folder: ``state`` plus what rebuilding the model needs."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "iwm_version": __version__,
+        "step": step,
+        "in_chans": in_chans,
+        "normalization": normalization,
+        "config": config,
+    }
+    return write_folder(Path(directory), state, meta)
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """True for a folder with a ``config.json`` (a run directory has ``config.yaml``)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_pretrained(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config.json contents, state dict)`` of a folder written by :func:`write_pretrained`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not a folder written by "
+                              "save_pretrained or `iwm export --format safetensors`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if isinstance(meta, dict) and "architecture" in meta:
+            raise CheckpointError(
+                f"{folder}: a timm export (encoder only); load it with "
+                f"timm.create_model('local-dir:{folder}', pretrained=True)")
+        raise CheckpointError(f"{path}: not an iwm export (no \"format\": \"{FORMAT}\")")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than "
+                              f"this iwm understands ({FORMAT_VERSION}); upgrade iwm")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing)}")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
+    try:
+        state = load_file(weights)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{weights}: cannot read ({e})") from None
+    return meta, state
