@@ -9,9 +9,9 @@ train.grad_accum_steps=N, model.grad_checkpointing=true.
 Synthetic uint8 images of the preset's size and channel count are held on the device, so
 the numbers cover what the training loop does per step on the device (crop, views, masks,
 forward, backward, optimiser, EMA) and nothing of disk or decoding. Model, views, masks,
-optimiser and autocast are built by the same functions ``iwm.training.loop`` uses, and the
-step below runs the loop's statements in the loop's order; only the timing marks between
-phases are added.
+optimiser and autocast are built by the training loop's own ``iwm.training.step.Trainer``,
+and each timed step is its ``Trainer.step``; only the timing marks between phases are
+added.
 
 Reported: images/s, mean step time, the per-phase split, peak memory, FLOPs per image
 (one forward + backward, counted with ``torch.utils.flop_counter``) and MFU: on a known
@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from iwm.config import Config, load_config
 from iwm.data.crops import random_resized_crop
 from iwm.training.distributed import resolve_device
-from iwm.training.loop import Trainer
+from iwm.training.step import Trainer
 
 PHASES = ("data", "forward", "backward", "optimizer", "ema")
 

@@ -36,7 +36,7 @@ decoding or cropping is in the numbers:
   ``MaskCollator``, which train.py runs in DataLoader workers: the collator is timed
   apart and reported both outside the step (workers keep up) and added to it (they do
   not, e.g. on a CPU whose cores the step already uses).
-- iwm: :meth:`iwm.training.loop.Trainer.step`, as training runs it: masks are drawn in
+- iwm: :meth:`iwm.training.step.Trainer.step`, as training runs it: masks are drawn in
   the step, and it also checks for non-finite values and measures the gradient norm.
 - Each side's ``--steps`` steps are timed as one block, the device drained before and
   after, so the host runs ahead of the GPU wherever the code lets it: the official step
@@ -75,7 +75,7 @@ from iwm.config import Config, load_config
 from iwm.errors import ConfigError
 from iwm.models.vit import ENCODERS
 from iwm.training.distributed import resolve_device
-from iwm.training.loop import Trainer
+from iwm.training.step import Trainer
 
 CLONE_HINT = "git clone https://github.com/facebookresearch/ijepa PATH"
 

@@ -86,8 +86,8 @@ from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead
 from iwm.models.iwm import build_model
 from iwm.models.predictor import Predictor
 from iwm.models.vit import Encoder
-from iwm.training.loop import autocast_dtype
 from iwm.training.schedules import warmup_cosine
+from iwm.training.step import autocast_dtype
 
 PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end")
 TASK_KINDS = ("classification", "segmentation")

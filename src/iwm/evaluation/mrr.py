@@ -390,7 +390,7 @@ def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_gen
     ``view_sampler`` supplies the run's view preset, channel count and blur kernel;
     ``mask_generator(batch, generator, device)`` the masks (e.g. a
     :class:`~iwm.data.masks.MultiBlockMaskGenerator`); ``normalize`` maps [0, 1] images to
-    the model's input (the run's :class:`~iwm.training.loop.Normalizer`; identity if None);
+    the model's input (the run's :class:`~iwm.data.normalize.Normalizer`; identity if None);
     ``generator`` defaults to a CPU generator seeded 0. ``chunk_size`` bank views are
     encoded per target-encoder call. The model is put in eval mode for the call and
     restored afterwards. See the module docstring for the protocol.
