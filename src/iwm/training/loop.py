@@ -31,19 +31,17 @@ import contextlib
 import random
 import time
 import warnings
-from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iwm.config import Config, load_config, save_config
+from iwm.config import Config
 from iwm.data.datasets import get_dataset
 from iwm.data.shard import Shard
 from iwm.data.sources import BatchSource, make_source
-from iwm.errors import CheckpointError, ConfigError, Preempted, StorageError
+from iwm.errors import CheckpointError, ConfigError, Preempted
 from iwm.training.checkpoint import (
     capture_rng_state,
     checkpoint_path,
@@ -60,15 +58,9 @@ from iwm.training.distributed import (
     init_distributed,
 )
 from iwm.training.metrics import MetricsLogger
+from iwm.training.run_dir import CONFIG_FILE, save_run_config, writing
 from iwm.training.signals import StopRequests
 from iwm.training.step import Trainer, check_nonfinite
-
-CONFIG_FILE = "config.yaml"
-
-
-def new_run_dir(cfg: Config, config_name: str) -> Path:
-    name = cfg.train.run_name or f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return Path(cfg.train.out_dir) / name
 
 
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
@@ -85,18 +77,6 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     finally:
         cleanup_distributed()
     return run_dir
-
-
-@contextlib.contextmanager
-def _writing(what: str, path: Path) -> Iterator[None]:
-    """Turn a failed write into a one-line :class:`StorageError` naming the file."""
-    try:
-        yield
-    except OSError as e:
-        raise StorageError(
-            f"cannot write {what} {path}: {e.strerror or e}; free disk space or fix the "
-            "directory's permissions (checkpoints already written are unchanged)"
-        ) from None
 
 
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
@@ -157,9 +137,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             start_step = int(state["step"])
 
     if dist.is_main:
-        with _writing("the run's config", run_dir / CONFIG_FILE):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / CONFIG_FILE)
+        save_run_config(cfg, run_dir)
 
     def checkpoint_state(step: int, ranks: list[dict], trained: dict) -> dict:
         return {
@@ -175,7 +153,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
 
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                disable=not (cfg.train.progress and dist.is_main), dynamic_ncols=True)
-    with _writing("metrics to", run_dir):
+    with writing("metrics to", run_dir):
         # Resuming drops the rows a killed run logged after its checkpoint (the resumed
         # run logs those steps again); also when it had no checkpoint at all (step 0).
         logger = MetricsLogger(run_dir, enabled=dist.is_main,
@@ -228,7 +206,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                 }
                 if source.skipped:
                     values["data_skipped"] = source.skipped
-                with _writing("metrics to", logger.path):
+                with writing("metrics to", logger.path):
                     logger.log(done, values)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
                                 img_s=f"{values['images_per_s']:.0f}")
@@ -257,7 +235,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         raise
     bar.close()
     source.close()
-    with _writing("metrics to", logger.path):
+    with writing("metrics to", logger.path):
         logger.close()
 
 
@@ -286,9 +264,3 @@ def _own_rank_state(state: dict, dist: DistInfo, path: Path) -> dict:
         )
     return ranks[dist.rank]
 
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    return load_config(path, overrides)
