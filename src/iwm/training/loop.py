@@ -130,8 +130,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             trainer.load_state_dict(state, str(path))
             mine = _own_rank_state(state, dist, path)
             trainer.generator.set_state(mine["generator"].cpu())
-            if "mask_generator" in mine:
-                trainer.mask_generator.set_state(mine["mask_generator"].cpu())
+            trainer.mask_generator.set_state(mine["mask_generator"].cpu())
             source.load_state_dict(mine["source"])
             restore_rng_state(mine["rng"])
             start_step = int(state["step"])
@@ -254,9 +253,7 @@ def _gather_rank_states(trainer: Trainer, source: BatchSource, dist: DistInfo) -
 
 
 def _own_rank_state(state: dict, dist: DistInfo, path: Path) -> dict:
-    ranks = state.get("ranks")
-    if ranks is None:  # written before per-rank states were kept
-        return state
+    ranks = state["ranks"]
     if len(ranks) != dist.world_size:
         raise CheckpointError(
             f"{path} was written by {len(ranks)} processes; resume it with the same number "

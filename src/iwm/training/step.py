@@ -320,7 +320,7 @@ class Trainer:
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
         """Restore :meth:`state_dict`; a :class:`CheckpointError` naming what does not fit
         if ``state`` comes from another model configuration."""
-        for key in ("model", "optimizer", "generator"):
+        for key in ("model", "optimizer", "generator", "mask_generator", "nonfinite", "ranks"):
             if key not in state:
                 raise CheckpointError(f"{where} is not an iwm training checkpoint (no '{key}')")
         mismatch = state_shapes_mismatch(self.model.state_dict(), state["model"])
@@ -341,10 +341,8 @@ class Trainer:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"].cpu())
-            if "mask_generator" in state:
-                self.mask_generator.set_state(state["mask_generator"].cpu())
+            self.mask_generator.set_state(state["mask_generator"].cpu())
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"{where}: optimiser or random state does not fit this run "
                                   f"({type(e).__name__}: {e})") from None
-        if "nonfinite" in state:
-            self.nonfinite.load_state_dict(state["nonfinite"])
+        self.nonfinite.load_state_dict(state["nonfinite"])
