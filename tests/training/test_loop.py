@@ -69,12 +69,12 @@ def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
     pretrain(cfg, part, resume=True)
     assert draws == full_draws[3:]
     a, b = load_checkpoint(p6), load_checkpoint(part / "checkpoints" / p6.name)
-    assert a.keys() == b.keys() >= {"model", "optimizer", "generator", "source", "rng",
-                                    "nonfinite", "step"}
+    assert a.keys() == b.keys() >= {"model", "optimizer", "nonfinite", "ranks", "step"}
+    assert a["ranks"][0].keys() == {"generator", "mask_generator", "source", "rng"}
     for key in a:
         assert_identical(a[key], b[key], key)
     assert any(k.startswith("target_encoder.") for k in a["model"])  # the EMA is compared
-    assert a["source"]["epoch"] == 1  # and the data order crossed an epoch boundary
+    assert a["ranks"][0]["source"]["epoch"] == 1  # and the data order crossed an epoch
     # The metrics file has each step once, also after the resume, with the same values.
     rows_full, rows_part = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in rows_part] == list(range(1, 7))

@@ -40,15 +40,13 @@ from tqdm.auto import tqdm
 from iwm.config import Config
 from iwm.data.datasets import get_dataset
 from iwm.data.shard import Shard
-from iwm.data.sources import BatchSource, make_source
-from iwm.errors import CheckpointError, ConfigError, Preempted
+from iwm.data.sources import make_source
+from iwm.errors import ConfigError, Preempted
 from iwm.training.checkpoint import (
-    capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
-    restore_rng_state,
     save_checkpoint,
 )
 from iwm.training.distributed import (
@@ -60,6 +58,7 @@ from iwm.training.distributed import (
 from iwm.training.metrics import MetricsLogger
 from iwm.training.run_dir import CONFIG_FILE, save_run_config, writing
 from iwm.training.signals import StopRequests
+from iwm.training.state import restore_training_state, training_state
 from iwm.training.step import Trainer, check_nonfinite
 
 
@@ -127,28 +126,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                 # without this, a second such kill after resuming would leave two. An
                 # older fallback (newest damaged) is kept: it may be the only good one.
                 prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-            trainer.load_state_dict(state, str(path))
-            mine = _own_rank_state(state, dist, path)
-            trainer.generator.set_state(mine["generator"].cpu())
-            trainer.mask_generator.set_state(mine["mask_generator"].cpu())
-            source.load_state_dict(mine["source"])
-            restore_rng_state(mine["rng"])
-            start_step = int(state["step"])
+            start_step = restore_training_state(state, trainer, source, dist, str(path))
 
     if dist.is_main:
         save_run_config(cfg, run_dir)
-
-    def checkpoint_state(step: int, ranks: list[dict], trained: dict) -> dict:
-        return {
-            **trained,
-            **ranks[0],
-            "ranks": ranks,
-            "step": step,
-            "config": cfg.to_dict(),
-            "in_chans": source.channels,
-            "normalization": {"mean": [float(v) for v in source.mean],
-                              "std": [float(v) for v in source.std]},
-        }
 
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                disable=not (cfg.train.progress and dist.is_main), dynamic_ncols=True)
@@ -213,12 +194,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             # Before saving: a checkpoint never holds a run that should have stopped.
             check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
             if save_now or stopping:
-                # Every rank takes part in both (gathers; FSDP's full state is collective).
-                ranks = _gather_rank_states(trainer, source, dist)
-                trained = trainer.state_dict()
+                # Collective: every rank takes part, the main process writes.
+                state = training_state(trainer, source, dist, done)
                 if dist.is_main:
-                    path = checkpoint_path(run_dir, done)
-                    save_checkpoint(path, checkpoint_state(done, ranks, trained))
+                    save_checkpoint(checkpoint_path(run_dir, done), state)
                     prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             if stopping and not last:
                 name = stop.signal.name if stop.signal else "a stop signal"
@@ -236,28 +215,4 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     source.close()
     with writing("metrics to", logger.path):
         logger.close()
-
-
-def _gather_rank_states(trainer: Trainer, source: BatchSource, dist: DistInfo) -> list[dict]:
-    """Every rank's view/mask generator, data position and global RNGs. The first two
-    are the same on every rank (draws are made for the global batch); the global RNGs
-    (seeded per rank: drop-path) differ, and each rank resumes its own."""
-    local = {"generator": trainer.generator.get_state(),
-             "mask_generator": trainer.mask_generator.get_state(), "source": source.state_dict(),
-             "rng": capture_rng_state()}
-    if dist.world_size == 1:
-        return [local]
-    gathered: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, local)
-    return gathered
-
-
-def _own_rank_state(state: dict, dist: DistInfo, path: Path) -> dict:
-    ranks = state["ranks"]
-    if len(ranks) != dist.world_size:
-        raise CheckpointError(
-            f"{path} was written by {len(ranks)} processes; resume it with the same number "
-            f"(this run has {dist.world_size})"
-        )
-    return ranks[dist.rank]
 

@@ -25,18 +25,11 @@ from iwm.data.masks import MultiBlockMaskGenerator, to_device
 from iwm.data.normalize import Normalizer
 from iwm.data.shard import Shard, take_rows
 from iwm.data.views import ViewSampler, resolve_view_params
-from iwm.errors import CheckpointError, TrainingError
+from iwm.errors import TrainingError
 from iwm.models.attention import resolve_attention, set_attention
-from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, StepOutput, build_model
 from iwm.training.distributed import DistInfo, all_reduce_mean
-from iwm.training.fsdp import (
-    OPTIMIZER_FORMAT,
-    full_state,
-    full_tensor,
-    load_full_state,
-    shard_model,
-)
+from iwm.training.fsdp import full_tensor, shard_model
 from iwm.training.schedules import Schedules
 
 
@@ -303,46 +296,3 @@ class Trainer:
                           RuntimeWarning, stacklevel=2)
             self.train_model = eager
             return self.train_model(*args)
-
-    def state_dict(self) -> dict:
-        """Full tensors on the main process. Collective under FSDP (every rank calls it;
-        the other ranks get empty model and optimiser entries)."""
-        common = {"generator": self.generator.get_state(),
-                  "mask_generator": self.mask_generator.get_state(),
-                  "nonfinite": self.nonfinite.state_dict()}
-        if self.fsdp:
-            model, optimizer = full_state(self.model, self.optimizer)
-            return {"model": model, "optimizer": optimizer,
-                    "optimizer_format": OPTIMIZER_FORMAT, **common}
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **common}
-
-    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
-        """Restore :meth:`state_dict`; a :class:`CheckpointError` naming what does not fit
-        if ``state`` comes from another model configuration."""
-        for key in ("model", "optimizer", "generator", "mask_generator", "nonfinite", "ranks"):
-            if key not in state:
-                raise CheckpointError(f"{where} is not an iwm training checkpoint (no '{key}')")
-        mismatch = state_shapes_mismatch(self.model.state_dict(), state["model"])
-        if mismatch:
-            raise CheckpointError(
-                f"{where} was written by another model configuration ({mismatch}); resume "
-                "with the run's own model.* settings"
-            )
-        if (state.get("optimizer_format") == OPTIMIZER_FORMAT) != self.fsdp:
-            raise CheckpointError(
-                f"{where} was written with train.data_parallel="
-                f"{'fsdp' if not self.fsdp else 'ddp (or one process)'}; resume it the same "
-                "way")
-        try:
-            if self.fsdp:
-                load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
-            else:
-                self.model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.generator.set_state(state["generator"].cpu())
-            self.mask_generator.set_state(state["mask_generator"].cpu())
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"{where}: optimiser or random state does not fit this run "
-                                  f"({type(e).__name__}: {e})") from None
-        self.nonfinite.load_state_dict(state["nonfinite"])
