@@ -1,7 +1,7 @@
 """The pretraining loop (:func:`pretrain`): one obvious path from batches to checkpoints.
 
     for step in range(start_step, total_steps):
-        crops = source.next()                   # shared crop + flip, on the device
+        crops = batches.next()                  # shared crop + flip, on the device
         trainer.step(step, crops)               # iwm.training.step
         log at log_every, checkpoint at checkpoint_every, stop when asked to
 
@@ -31,17 +31,21 @@ import contextlib
 import random
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from iwm.config import Config
 from iwm.data.datasets import get_dataset
 from iwm.data.shard import Shard
-from iwm.data.sources import make_source
+from iwm.data.sources import BatchSource, make_source
 from iwm.errors import ConfigError, Preempted
+from iwm.models.iwm import StepOutput
 from iwm.training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -94,43 +98,19 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
 def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: torch.device,
            stop: StopRequests) -> None:
-    # Every global generator, not only torch's: a fresh run must not depend on what the
-    # caller drew before, and the checkpoint captures (and resume restores) all three.
-    random.seed(cfg.train.seed + dist.rank)
-    np.random.seed(cfg.train.seed + dist.rank)
-    torch.manual_seed(cfg.train.seed + dist.rank)
-    dataset = get_dataset(cfg.data.name, "train", cfg.data.root)
+    _seed_global_rngs(cfg.train.seed + dist.rank)
     # One permutation and one stream of crops for the global batch, of which each rank
     # takes its rows: together the ranks see exactly what one process would.
-    source = make_source(cfg.data, cfg.train.batch_size, device, seed=cfg.train.seed,
-                         dataset=dataset, shard=Shard(dist.rank, dist.world_size))
-    steps_per_epoch = source.steps_per_epoch
-    trainer = Trainer.create(cfg, channels=source.channels, mean=source.mean, std=source.std,
-                             device=device, steps_per_epoch=steps_per_epoch, dist=dist)
-    total_steps = trainer.schedules.total_steps
-
-    start_step = 0
-    if resume:
-        loaded = load_latest_checkpoint(run_dir, map_location=device)
-        if loaded is None:
-            if not (run_dir / CONFIG_FILE).is_file():
-                raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-            # The run was stopped before its first checkpoint. Starting over is what the
-            # user would do by hand; refusing would fail every requeue of the job.
-            warnings.warn(f"--resume: {run_dir} has no checkpoint yet; starting it from step 0",
-                          stacklevel=2)
-        else:
-            path, state = loaded
-            if dist.is_main and path == latest_checkpoint(run_dir):
-                # A kill between a save and its pruning leaves one checkpoint too many;
-                # without this, a second such kill after resuming would leave two. An
-                # older fallback (newest damaged) is kept: it may be the only good one.
-                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-            start_step = restore_training_state(state, trainer, source, dist, str(path))
-
+    batches = make_source(cfg.data, cfg.train.batch_size, device, seed=cfg.train.seed,
+                          dataset=get_dataset(cfg.data.name, "train", cfg.data.root),
+                          shard=Shard(dist.rank, dist.world_size))
+    trainer = Trainer.create(cfg, channels=batches.channels, mean=batches.mean,
+                             std=batches.std, device=device,
+                             steps_per_epoch=batches.steps_per_epoch, dist=dist)
+    start_step = _resume(run_dir, trainer, batches, dist, device) if resume else 0
     if dist.is_main:
         save_run_config(cfg, run_dir)
-
+    total_steps = trainer.schedules.total_steps
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                disable=not (cfg.train.progress and dist.is_main), dynamic_ncols=True)
     with writing("metrics to", run_dir):
@@ -138,81 +118,146 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         # run logs those steps again); also when it had no checkpoint at all (step 0).
         logger = MetricsLogger(run_dir, enabled=dist.is_main,
                                resume_step=start_step if resume else None)
+    meter = _Throughput()
     trainer.model.train()
-    tick, images_since, input_wait = time.perf_counter(), 0, 0.0
-    try:
+    with _closing(bar, batches, logger):
         for step in range(start_step, total_steps):
             # Host time spent getting the batch: on a GPU, which the host runs ahead of,
             # an upper bound on what the input pipeline costs (it may overlap queued work).
             asked = time.perf_counter()
-            crops, _ = source.next()
-            input_wait += time.perf_counter() - asked
+            crops, _ = batches.next()
+            meter.waited += time.perf_counter() - asked
             out, grad_norm = trainer.step(step, crops)
-            images_since += crops.shape[0] * dist.world_size
+            meter.images += crops.shape[0] * dist.world_size
             bar.update(1)
 
             done = step + 1
             last = done == total_steps
             log_now = done % cfg.train.log_every == 0 or last
             save_now = done % cfg.train.checkpoint_every == 0 or last
-            if dist.world_size == 1:
-                stopping = stop.requested
-            elif log_now:
-                # Ranks get the signal at different steps but must stop at the same one;
-                # they agree at log steps, where they synchronise anyway.
-                flag = torch.tensor(float(stop.requested), device=device)
-                stopping = all_reduce_mean(flag).item() > 0
-            else:
-                stopping = False
+            stopping = _stop_requested(stop, dist, device, agree=log_now)
             if not (log_now or save_now or stopping):
                 continue  # the common case: no host sync
 
             skipped, longest = trainer.nonfinite.read()
             if log_now:
-                now = time.perf_counter()
-                loss, pred_std, target_std, gnorm = torch.stack([
-                    all_reduce_mean(out.loss.detach()).float(), out.pred_std.float(),
-                    out.target_std.float(), grad_norm.float()]).tolist()
-                values = {
-                    "loss": loss,
-                    "lr": trainer.schedules.lr(step),
-                    "weight_decay": trainer.schedules.weight_decay(step),
-                    "ema": trainer.schedules.ema_momentum(step),
-                    "pred_std": pred_std, "target_std": target_std, "grad_norm": gnorm,
-                    "images_per_s": images_since / max(now - tick, 1e-9),
-                    "input_wait": input_wait / max(now - tick, 1e-9),
-                    "epoch": done / steps_per_epoch,
-                    "skipped_steps": skipped,
-                }
-                if source.skipped:
-                    values["data_skipped"] = source.skipped
+                row = _metrics(trainer, batches, step, out, grad_norm, meter, skipped)
                 with writing("metrics to", logger.path):
-                    logger.log(done, values)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
-                                img_s=f"{values['images_per_s']:.0f}")
-                tick, images_since, input_wait = now, 0, 0.0
+                    logger.log(done, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                img_s=f"{row['images_per_s']:.0f}")
             # Before saving: a checkpoint never holds a run that should have stopped.
             check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
             if save_now or stopping:
-                # Collective: every rank takes part, the main process writes.
-                state = training_state(trainer, source, dist, done)
-                if dist.is_main:
-                    save_checkpoint(checkpoint_path(run_dir, done), state)
-                    prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+                _save(run_dir, trainer, batches, dist, done)
             if stopping and not last:
                 name = stop.signal.name if stop.signal else "a stop signal"
                 raise Preempted(
                     f"stopped by {name} at step {done}/{total_steps}, checkpoint "
                     f"{checkpoint_path(run_dir, done)} written; continue with "
                     f"`iwm pretrain {run_dir} --resume`", step=done)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    # Every global generator, not only torch's: a fresh run must not depend on what the
+    # caller drew before, and the checkpoint captures (and resume restores) all three.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,
+            device: torch.device) -> int:
+    """Restore the newest loadable checkpoint of ``run_dir``; the step to start from."""
+    loaded = load_latest_checkpoint(run_dir, map_location=device)
+    if loaded is None:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        # The run was stopped before its first checkpoint. Starting over is what the
+        # user would do by hand; refusing would fail every requeue of the job.
+        warnings.warn(f"--resume: {run_dir} has no checkpoint yet; starting it from step 0",
+                      stacklevel=3)
+        return 0
+    path, state = loaded
+    if dist.is_main and path == latest_checkpoint(run_dir):
+        # A kill between a save and its pruning leaves one checkpoint too many; without
+        # this, a second such kill after resuming would leave two. An older fallback
+        # (newest damaged) is kept: it may be the only good one.
+        prune_checkpoints(run_dir, trainer.cfg.train.keep_checkpoints)
+    return restore_training_state(state, trainer, batches, dist, str(path))
+
+
+def _stop_requested(stop: StopRequests, dist: DistInfo, device: torch.device,
+                    agree: bool) -> bool:
+    """Whether to stop after this step. Ranks get the signal at different steps but must
+    stop at the same one; they agree at log steps (``agree``), where they sync anyway."""
+    if dist.world_size == 1:
+        return stop.requested
+    if not agree:
+        return False
+    flag = torch.tensor(float(stop.requested), device=device)
+    return all_reduce_mean(flag).item() > 0
+
+
+@dataclass
+class _Throughput:
+    """Images trained and host time spent waiting for batches since the last log row."""
+
+    images: int = 0
+    waited: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
+
+    def take(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        rates = {"images_per_s": self.images / elapsed, "input_wait": self.waited / elapsed}
+        self.images, self.waited, self.since = 0, 0.0, now
+        return rates
+
+
+def _metrics(trainer: Trainer, batches: BatchSource, step: int, out: StepOutput,
+             grad_norm: Tensor, meter: _Throughput, skipped: int) -> dict[str, float]:
+    """The metrics row of ``step``. Collective (the loss is averaged over ranks)."""
+    rates = meter.take()
+    loss, pred_std, target_std, gnorm = torch.stack([
+        all_reduce_mean(out.loss.detach()).float(), out.pred_std.float(),
+        out.target_std.float(), grad_norm.float()]).tolist()
+    row = {
+        "loss": loss,
+        "lr": trainer.schedules.lr(step),
+        "weight_decay": trainer.schedules.weight_decay(step),
+        "ema": trainer.schedules.ema_momentum(step),
+        "pred_std": pred_std, "target_std": target_std, "grad_norm": gnorm,
+        **rates,
+        "epoch": (step + 1) / batches.steps_per_epoch,
+        "skipped_steps": skipped,
+    }
+    if batches.skipped:
+        row["data_skipped"] = batches.skipped
+    return row
+
+
+def _save(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,
+          step: int) -> None:
+    state = training_state(trainer, batches, dist, step)  # collective: every rank calls it
+    if dist.is_main:
+        save_checkpoint(checkpoint_path(run_dir, step), state)
+        prune_checkpoints(run_dir, trainer.cfg.train.keep_checkpoints)
+
+
+@contextlib.contextmanager
+def _closing(bar: tqdm, batches: BatchSource, logger: MetricsLogger) -> Iterator[None]:
+    """Close what the loop opened, however it ends; failing to close the metrics file is
+    an error only when nothing failed before."""
+    try:
+        yield
     except BaseException:
         bar.close()
-        source.close()
+        batches.close()
         with contextlib.suppress(OSError):  # already failing; keep the first error
             logger.close()
         raise
     bar.close()
-    source.close()
+    batches.close()
     with writing("metrics to", logger.path):
         logger.close()
-
