@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from iwm.config import Config
 from iwm.data.actions import ACTION_DIM
@@ -23,6 +22,7 @@ from iwm.data.masks import Masks
 from iwm.models.predictor import Predictor
 from iwm.models.tokens import gather_tokens
 from iwm.models.vit import Encoder, create_encoder
+from iwm.torch_internals import lerp_
 
 
 @dataclass
@@ -84,18 +84,8 @@ class IWM(nn.Module):
         """
         online = list(self.encoder.parameters())
         ema = list(self.target_encoder.parameters())
-        if apply is None:
-            torch._foreach_lerp_(ema, online, 1.0 - momentum)
-            return
-        weight = apply.to(ema[0].dtype) * (1.0 - momentum)
-        if isinstance(ema[0], DTensor):
-            # FSDP's sharded parameters: DTensor has no sharding rule for a lerp with
-            # tensor weights before torch 2.14, so the same update in three steps.
-            diff = torch._foreach_sub(online, ema)
-            torch._foreach_mul_(diff, weight)
-            torch._foreach_add_(ema, diff)
-        else:
-            torch._foreach_lerp_(ema, online, [weight] * len(ema))
+        lerp_(ema, online, 1.0 - momentum if apply is None
+              else apply.to(ema[0].dtype) * (1.0 - momentum))
 
 
 def build_model(cfg: Config, in_chans: int) -> IWM:

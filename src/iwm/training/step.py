@@ -28,6 +28,12 @@ from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import TrainingError
 from iwm.models.attention import resolve_attention, set_attention
 from iwm.models.iwm import IWM, StepOutput, build_model
+from iwm.torch_internals import (
+    cpu_has_native_bf16,
+    is_compile_error,
+    skip_next_step_if,
+    uncompiled,
+)
 from iwm.training.distributed import DistInfo, all_reduce_mean
 from iwm.training.fsdp import full_tensor, shard_model
 from iwm.training.schedules import Schedules
@@ -55,10 +61,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
-        # Private probes (torch >= 2.1), hence the fallbacks: a torch without them answers no.
-        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-                  getattr(torch.cpu, "_is_amx_tile_supported", None))
-        return any(bool(probe()) for probe in probes if probe is not None)
+        return cpu_has_native_bf16()
     return False
 
 
@@ -270,7 +273,7 @@ class Trainer:
         # Under DDP the gradients agree across ranks but the losses do not: all ranks must
         # skip together or their weights drift apart. (Single process: no-op.)
         ok = all_reduce_mean((~ok).float()) == 0
-        self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+        skip_next_step_if(self.optimizer, ~ok)
         self.optimizer.step()
         mark("optimizer")
         # A skipped step must not move the EMA either, or resuming would not match.
@@ -282,9 +285,9 @@ class Trainer:
     def _forward(self, *args: Any) -> StepOutput:
         try:
             return self.train_model(*args)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            eager = getattr(self.train_model, "_orig_mod", None)
-            if eager is None:  # not compiled: a real error
+        except Exception as e:
+            eager = uncompiled(self.train_model)
+            if eager is None or not is_compile_error(e):  # a real error
                 raise
             # Compiling is an optimisation, never fatal (no C compiler for Triton, an op
             # Inductor lacks, ...); the failed forward left no gradients behind, so the
