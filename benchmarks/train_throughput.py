@@ -184,8 +184,8 @@ class SyntheticCrops:
 def count_flops(trainer: Trainer, crops: Tensor) -> int:
     """FLOPs of one forward + backward on a batch like the training one (mask sizes vary
     from batch to batch, so this is one sample of a slightly varying number)."""
-    v = trainer.views(crops, trainer.generator)
-    m = trainer.masks(crops.shape[0], trainer.generator, crops.device)
+    v = trainer.view_sampler(crops, trainer.view_rng)
+    m = trainer.mask_sampler(crops.shape[0], trainer.view_rng, crops.device)
     norm = trainer.normalize
     # The uncompiled model: the counter sees the same aten ops, and compiled graphs may hide
     # them from it.

@@ -89,8 +89,8 @@ def restore_training_state(state: dict[str, Any], trainer: Trainer, batches: Bat
         else:
             trainer.model.load_state_dict(state["model"])
             trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.generator.set_state(mine["generator"].cpu())
-        trainer.mask_generator.set_state(mine["mask_generator"].cpu())
+        trainer.view_rng.set_state(mine["generator"].cpu())
+        trainer.mask_rng.set_state(mine["mask_generator"].cpu())
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{where}: optimiser or random state does not fit this run "
                               f"({type(e).__name__}: {e})") from None
@@ -102,9 +102,10 @@ def restore_training_state(state: dict[str, Any], trainer: Trainer, batches: Bat
 
 def _rank_state(trainer: Trainer, batches: BatchSource) -> dict[str, Any]:
     # The generators and the data position are the same on every rank (draws are made for
-    # the global batch); the global RNGs are seeded per rank (drop-path) and differ.
-    return {"generator": trainer.generator.get_state(),
-            "mask_generator": trainer.mask_generator.get_state(),
+    # the global batch); the global RNGs are seeded per rank (drop-path) and differ. The
+    # keys keep their first names so that existing checkpoints resume.
+    return {"generator": trainer.view_rng.get_state(),
+            "mask_generator": trainer.mask_rng.get_state(),
             "source": batches.state_dict(), "rng": capture_rng_state()}
 
 

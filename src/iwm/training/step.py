@@ -1,7 +1,7 @@
 """One training step: views, masks, forward, backward, clip, AdamW, EMA (:class:`Trainer`).
 
     views  = view_sampler(crops)                # target jitter; source jitter + destructive
-    masks  = mask_generator(batch)              # multi-block context / targets, on the CPU
+    masks  = mask_sampler(batch)                # multi-block context / targets, on the CPU
     loss   = model(source, target, action, masks)
     backward -> clip -> AdamW -> EMA
 
@@ -141,12 +141,12 @@ class Trainer:
     train_model: nn.Module
     """``model`` as the step calls it: wrapped in DDP and/or compiled when asked."""
     optimizer: torch.optim.Optimizer
-    views: ViewSampler
-    masks: MultiBlockMaskGenerator
+    view_sampler: ViewSampler
+    mask_sampler: MultiBlockMaskGenerator
     normalize: Normalizer
-    generator: torch.Generator
+    view_rng: torch.Generator
     """Draws the views, on the training device; its state is checkpointed."""
-    mask_generator: torch.Generator
+    mask_rng: torch.Generator
     """Draws the masks, on the CPU: their sizes are read on the host, which on a GPU would
     wait for the queued kernels every step. Drawn on the CPU and copied asynchronously,
     the masks of step i are made while the GPU still runs step i - 1. Checkpointed."""
@@ -171,10 +171,10 @@ class Trainer:
         fsdp = dist.world_size > 1 and cfg.train.data_parallel == "fsdp"
         if fsdp:
             shard_model(model)  # before the optimiser, which must see the sharded tensors
-        generator = torch.Generator(device=device)
+        view_rng = torch.Generator(device=device)
         # The same stream on every rank: views and masks are drawn for the global batch.
-        generator.manual_seed(cfg.train.seed * 7919)
-        mask_generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + 1)
+        view_rng.manual_seed(cfg.train.seed * 7919)
+        mask_rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + 1)
         # Fused on every device (CPU too, torch >= 2.4): the fused kernel is the one that
         # honours ``found_inf``, which is how :meth:`step` skips a non-finite update
         # without a host sync.
@@ -198,10 +198,11 @@ class Trainer:
                               RuntimeWarning, stacklevel=2)
         return cls(
             cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
-            views=ViewSampler(resolve_view_params(cfg.views), channels, cfg.data.image_size),
-            masks=MultiBlockMaskGenerator(model.encoder.grid, cfg.mask),
-            normalize=Normalizer.create(mean, std, device), generator=generator,
-            mask_generator=mask_generator,
+            view_sampler=ViewSampler(resolve_view_params(cfg.views), channels,
+                                     cfg.data.image_size),
+            mask_sampler=MultiBlockMaskGenerator(model.encoder.grid, cfg.mask),
+            normalize=Normalizer.create(mean, std, device), view_rng=view_rng,
+            mask_rng=mask_rng,
             schedules=Schedules.for_run(cfg.optim, cfg.train.epochs, steps_per_epoch),
             amp_dtype=autocast_dtype(cfg, device), nonfinite=NonFiniteSteps.zeros(device),
             shard=Shard(dist.rank, dist.world_size), ddp=ddp, fsdp=fsdp,
@@ -234,8 +235,8 @@ class Trainer:
             if group["decay"]:
                 group["weight_decay"] = wd
         local, world = crops.shape[0], self.shard.count
-        v = self.views(crops, self.generator, self.shard)
-        masks = self.masks(local * world, self.mask_generator, "cpu")
+        v = self.view_sampler(crops, self.view_rng, self.shard)
+        masks = self.mask_sampler(local * world, self.mask_rng, "cpu")
         # Every rank and micro-batch divides by the same global count; DDP then averages
         # over ranks, hence the division.
         denominator = to_device(masks.target_valid.sum().float() / world, crops.device,
