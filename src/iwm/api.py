@@ -162,9 +162,9 @@ class Pretrained:
         null action (identity transformation).
         """
         if masks is None:
-            return self.predictor.predict_all(latents, action)
+            return self.predictor.predict_all(latents, action=action)
         return self.predictor.predict_blocks(gather_tokens(latents, masks.context), masks,
-                                             action)
+                                             action=action)
 
     @torch.no_grad()
     def apply(self, latents: Tensor, action: Action | Tensor | None,
@@ -183,7 +183,8 @@ class Pretrained:
             action = action.to_tensor(latents.shape[0], latents.device)
         if masks is not None:
             return self.predict(latents, masks, action)
-        return self.predictor.predict_by_halves(latents, action, self.apply_tile)
+        return self.predictor.predict_by_halves(latents, action=action,
+                                                 tile=self.apply_tile)
 
     @property
     def apply_tile(self) -> int:

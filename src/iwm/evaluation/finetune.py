@@ -156,7 +156,7 @@ class Backbone(nn.Module):
             if task is None:
                 raise ValueError("a multitask backbone needs the task index")
             action = null_action(tokens.shape[0], tokens.device) + self.task_tokens.weight[task]
-        return self.predictor.predict_all(tokens, action)
+        return self.predictor.predict_all(tokens, action=action)
 
 
 def build_backbone(pretrained: Pretrained, protocol: str, num_tasks: int = 0) -> Backbone:

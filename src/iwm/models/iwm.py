@@ -60,7 +60,7 @@ class IWM(nn.Module):
         """
         targets = self.target_tokens(target)
         context = self.encoder.forward_tokens(source, masks.context, masks.context_valid)
-        pred = self.predictor.predict_blocks(context, masks, action).flatten(0, 1)
+        pred = self.predictor.predict_blocks(context, masks, action=action).flatten(0, 1)
         valid = masks.target_valid.flatten(0, 1)
         truth = gather_tokens(targets, masks.targets.flatten(1, 2)).view_as(pred)
         if self.loss_name == "smooth_l1":
