@@ -238,16 +238,16 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
     trainer = Trainer.create(cfg, channels=channels, mean=(0.5,) * channels,
                              std=(0.25,) * channels, device=device,
                              steps_per_epoch=warmup + steps * (1 + split_apart) + 3)
-    source = SyntheticCrops(cfg, channels, device)
+    batches = SyntheticCrops(cfg, channels, device)
     trainer.model.train()
-    flops_per_image = count_flops(trainer, source.next()) / batch
+    flops_per_image = count_flops(trainer, batches.next()) / batch
 
     def train_step(step: int) -> None:
-        trainer.step(step, source.next())
+        trainer.step(step, batches.next())
 
     def marked_step(step: int) -> dict[str, float]:
         timer = PhaseTimer(device)
-        trainer.step(step, source.next(), mark=timer.mark)
+        trainer.step(step, batches.next(), mark=timer.mark)
         return timer.times
 
     for step in range(warmup):
@@ -296,7 +296,7 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         "batch_size": batch,
         "channels": channels,
         "image_size": cfg.data.image_size,
-        "crops": source.kind,
+        "crops": batches.kind,
         "steps": steps,
         "warmup": warmup,
         "split_apart": split_apart,

@@ -69,11 +69,11 @@ class Action:
         target = JitterParams(brightness=full(self.brightness), contrast=full(self.contrast),
                               saturation=full(self.saturation), hue=full(self.hue),
                               applied=full(True, torch.bool))
-        source = DestructiveParams(grayscale=full(self.grayscale, torch.bool),
-                                   blur=full(self.blur_sigma > 0, torch.bool),
-                                   blur_sigma=full(self.blur_sigma),
-                                   solarize=full(self.solarize, torch.bool))
-        return build_action(target, JitterParams.identity(batch_size, device), source)
+        destructive = DestructiveParams(grayscale=full(self.grayscale, torch.bool),
+                                        blur=full(self.blur_sigma > 0, torch.bool),
+                                        blur_sigma=full(self.blur_sigma),
+                                        solarize=full(self.solarize, torch.bool))
+        return build_action(target, JitterParams.identity(batch_size, device), destructive)
 
 
 def _pooled_direction(x: Tensor, name: str) -> Tensor:
