@@ -9,9 +9,9 @@ train.grad_accum_steps=N, model.grad_checkpointing=true.
 Synthetic uint8 images of the preset's size and channel count are held on the device, so
 the numbers cover what the training loop does per step on the device (crop, views, masks,
 forward, backward, optimiser, EMA) and nothing of disk or decoding. Model, views, masks,
-optimiser and autocast are built by the same functions ``iwm.training.loop`` uses, and the
-step below runs the loop's statements in the loop's order; only the timing marks between
-phases are added.
+optimiser and autocast are built by the training loop's own ``iwm.training.step.Trainer``,
+and each timed step is its ``Trainer.step``; only the timing marks between phases are
+added.
 
 Reported: images/s, mean step time, the per-phase split, peak memory, FLOPs per image
 (one forward + backward, counted with ``torch.utils.flop_counter``) and MFU: on a known
@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from iwm.config import Config, load_config
 from iwm.data.crops import random_resized_crop
 from iwm.training.distributed import resolve_device
-from iwm.training.loop import Trainer
+from iwm.training.step import Trainer
 
 PHASES = ("data", "forward", "backward", "optimizer", "ema")
 
@@ -184,8 +184,8 @@ class SyntheticCrops:
 def count_flops(trainer: Trainer, crops: Tensor) -> int:
     """FLOPs of one forward + backward on a batch like the training one (mask sizes vary
     from batch to batch, so this is one sample of a slightly varying number)."""
-    v = trainer.views(crops, trainer.generator)
-    m = trainer.masks(crops.shape[0], trainer.generator, crops.device)
+    v = trainer.view_sampler(crops, trainer.view_rng)
+    m = trainer.mask_sampler(crops.shape[0], trainer.view_rng, crops.device)
     norm = trainer.normalize
     # The uncompiled model: the counter sees the same aten ops, and compiled graphs may hide
     # them from it.
@@ -238,16 +238,16 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
     trainer = Trainer.create(cfg, channels=channels, mean=(0.5,) * channels,
                              std=(0.25,) * channels, device=device,
                              steps_per_epoch=warmup + steps * (1 + split_apart) + 3)
-    source = SyntheticCrops(cfg, channels, device)
+    batches = SyntheticCrops(cfg, channels, device)
     trainer.model.train()
-    flops_per_image = count_flops(trainer, source.next()) / batch
+    flops_per_image = count_flops(trainer, batches.next()) / batch
 
     def train_step(step: int) -> None:
-        trainer.step(step, source.next())
+        trainer.step(step, batches.next())
 
     def marked_step(step: int) -> dict[str, float]:
         timer = PhaseTimer(device)
-        trainer.step(step, source.next(), mark=timer.mark)
+        trainer.step(step, batches.next(), mark=timer.mark)
         return timer.times
 
     for step in range(warmup):
@@ -296,7 +296,7 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, channels: int,
         "batch_size": batch,
         "channels": channels,
         "image_size": cfg.data.image_size,
-        "crops": source.kind,
+        "crops": batches.kind,
         "steps": steps,
         "warmup": warmup,
         "split_apart": split_apart,

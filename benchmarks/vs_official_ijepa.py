@@ -40,7 +40,7 @@ from iwm.config import Config, load_config
 from iwm.errors import ConfigError
 from iwm.models.vit import ENCODERS
 from iwm.training.distributed import resolve_device
-from iwm.training.loop import Trainer
+from iwm.training.step import Trainer
 
 CLONE_HINT = "git clone https://github.com/facebookresearch/ijepa PATH"
 

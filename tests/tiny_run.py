@@ -1,5 +1,5 @@
 """Tiny training for tests: a pretrained run on the generated Fashion-MNIST (for tests of
-the trained-model API) and a CPU :class:`~iwm.training.loop.Trainer` (for tests of the step).
+the trained-model API) and a CPU :class:`~iwm.training.step.Trainer` (for tests of the step).
 
 One ~1 s pretraining per test module that asks for it (module-scoped fixtures call
 :func:`make_tiny_run`); not a fixture in conftest.py because only a few modules need it.
@@ -35,7 +35,7 @@ def tiny_trainer(*overrides: str, channels: int = 1):
     import torch
 
     from iwm.config import load_config
-    from iwm.training.loop import Trainer
+    from iwm.training.step import Trainer
 
     torch.manual_seed(0)
     cfg = load_config("iwm-equi-tiny", ["train.batch_size=16", "model.predictor_depth=2",

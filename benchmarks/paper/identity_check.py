@@ -40,7 +40,7 @@ def identity_cosines(run: str, n_images: int) -> dict[str, float]:
         if name == "applied":
             for field in ("target_jitter", "source_jitter"):
                 action[:, ACTION_FIELDS.index(field)] = 1.0
-        pred = model.predictor.predict_all(tokens, action)
+        pred = model.predictor.predict_all(tokens, action=action)
         out[name] = F.cosine_similarity(pred, target, dim=-1).mean().item()
     return out
 

@@ -75,11 +75,11 @@ class Action:
         target = JitterParams(brightness=full(self.brightness), contrast=full(self.contrast),
                               saturation=full(self.saturation), hue=full(self.hue),
                               applied=full(True, torch.bool))
-        source = DestructiveParams(grayscale=full(self.grayscale, torch.bool),
-                                   blur=full(self.blur_sigma > 0, torch.bool),
-                                   blur_sigma=full(self.blur_sigma),
-                                   solarize=full(self.solarize, torch.bool))
-        return build_action(target, JitterParams.identity(batch_size, device), source)
+        destructive = DestructiveParams(grayscale=full(self.grayscale, torch.bool),
+                                        blur=full(self.blur_sigma > 0, torch.bool),
+                                        blur_sigma=full(self.blur_sigma),
+                                        solarize=full(self.solarize, torch.bool))
+        return build_action(target, JitterParams.identity(batch_size, device), destructive)
 
 
 def _pooled_direction(x: Tensor, name: str) -> Tensor:
@@ -168,9 +168,9 @@ class Pretrained:
         null action (identity transformation).
         """
         if masks is None:
-            return self.predictor.predict_all(latents, action)
+            return self.predictor.predict_all(latents, action=action)
         return self.predictor.predict_blocks(gather_tokens(latents, masks.context), masks,
-                                             action)
+                                             action=action)
 
     @torch.no_grad()
     def apply(self, latents: Tensor, action: Action | Tensor | None,
@@ -189,7 +189,8 @@ class Pretrained:
             action = action.to_tensor(latents.shape[0], latents.device)
         if masks is not None:
             return self.predict(latents, masks, action)
-        return self.predictor.predict_by_halves(latents, action, self.apply_tile)
+        return self.predictor.predict_by_halves(latents, action=action,
+                                                 tile=self.apply_tile)
 
     @property
     def apply_tile(self) -> int:

@@ -106,7 +106,7 @@ def test_split_apart_times_unsynchronised_steps_and_splits_more(script: ModuleTy
     # The GPU path, forced on the CPU: images/s from `steps` steps as training runs them,
     # the split from `steps` more with a sync at every phase boundary.
     from iwm.config import load_config
-    from iwm.training.loop import Trainer
+    from iwm.training.step import Trainer
 
     seen: list[int] = []
     real_step = Trainer.step

@@ -9,7 +9,7 @@ from iwm.data.actions import ACTION_DIM
 from iwm.data.masks import MultiBlockMaskGenerator
 from iwm.models.attention import resolve_attention, set_attention
 from iwm.models.iwm import build_model
-from iwm.training.loop import Trainer
+from iwm.training.step import Trainer
 
 
 def _loss_and_grads(kernel, precision):

@@ -56,7 +56,7 @@ def test_padding_tokens_do_not_change_real_predictions(kernel):
     plain = p(context, ctx_idx, tgt_idx, action=action)
     padded_idx = torch.cat([tgt_idx, tgt_idx[:, :2]], dim=1)  # padding repeats real indices
     valid = torch.tensor([[True] * 4 + [False] * 2])
-    padded = p(context, ctx_idx, padded_idx, action=action, target_valid=valid)
+    padded = p(context, ctx_idx, padded_idx, target_valid=valid, action=action)
     torch.testing.assert_close(padded[:, :4], plain, atol=1e-5, rtol=1e-5)
     # Without the mask the duplicates would be attended to and change the result.
     unmasked = p(context, ctx_idx, padded_idx, action=action)
@@ -73,7 +73,7 @@ def test_context_padding_does_not_change_predictions(kernel):
     padded_ctx = torch.cat([context, context[:, :3]], dim=1)
     padded_idx = torch.cat([ctx_idx, ctx_idx[:, :3]], dim=1)
     valid = torch.tensor([[True] * 6 + [False] * 3])
-    padded = p(padded_ctx, padded_idx, tgt_idx, action=action, context_valid=valid)
+    padded = p(padded_ctx, padded_idx, tgt_idx, context_valid=valid, action=action)
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
     assert (p(padded_ctx, padded_idx, tgt_idx, action=action) - plain).abs().max() > 1e-5
 
@@ -105,7 +105,7 @@ def test_predict_by_halves_predicts_each_square_from_the_other_colour(tile):
     p = _predictor("feature")
     tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
     action = torch.randn(2, 5)
-    out = p.predict_by_halves(tokens, action, tile)
+    out = p.predict_by_halves(tokens, action=action, tile=tile)
     rows, cols = torch.arange(4) // tile, torch.arange(4) // tile
     black = ((rows[:, None] + cols[None, :]) % 2 == 0).flatten()
     for queries in (black, ~black):
@@ -117,7 +117,7 @@ def test_predict_by_halves_predicts_each_square_from_the_other_colour(tile):
 def test_predict_by_halves_with_one_square_is_predict_all():
     p = _predictor("feature")
     tokens = torch.randn(2, 16, 32)
-    torch.testing.assert_close(p.predict_by_halves(tokens, None, 4), p.predict_all(tokens))
+    torch.testing.assert_close(p.predict_by_halves(tokens, tile=4), p.predict_all(tokens))
 
 
 def test_adaln_starts_as_the_plain_predictor_and_learns_to_use_the_action():

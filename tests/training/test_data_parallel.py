@@ -16,7 +16,7 @@ from iwm.data.masks import MultiBlockMaskGenerator
 from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import make_source
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
-from iwm.training.loop import Trainer
+from iwm.training.step import Trainer
 from tiny_run import tiny_trainer
 
 TINY = ["train.batch_size=16", "model.predictor_depth=2", "train.progress=false",

@@ -22,8 +22,9 @@ from iwm.errors import ConfigError, StorageError, TrainingError
 from iwm.models.iwm import IWM
 from iwm.training import checkpoint as ckpt
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
-from iwm.training.loop import Trainer, pretrain
+from iwm.training.loop import pretrain
 from iwm.training.metrics import MetricsLogger, read_metrics
+from iwm.training.step import Trainer
 
 SMALL = ["train.batch_size=16", "train.log_every=1", "train.progress=false",
          "model.predictor_depth=1", "model.predictor_width=64", "model.predictor_heads=2",

@@ -25,8 +25,9 @@ from forking import ForkedCLI  # tests/training/forking.py
 from iwm.config import load_config
 from iwm.training import loop
 from iwm.training.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
-from iwm.training.loop import load_run_config, pretrain
+from iwm.training.loop import pretrain
 from iwm.training.metrics import read_metrics
+from iwm.training.run_dir import CONFIG_FILE, load_run_config
 
 PRESET = "iwm-inv-tiny"
 # Tiny and long: 4 steps per epoch on the 64 fake images, 400 steps that no trial reaches.
@@ -145,7 +146,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(forked_cli, tmp_path
     rng = random.Random(0)
     step, resumed_from, tmp_seen, saves_hit = 0, [], set(), 0
     for trial in range(TRIALS):
-        argv = resume if (run / loop.CONFIG_FILE).exists() else fresh
+        argv = resume if (run / CONFIG_FILE).exists() else fresh
         resumed_from.append(step)
         log = tmp_path / f"trial{trial}.log"
         if trial % 4 == 1:

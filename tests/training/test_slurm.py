@@ -18,10 +18,10 @@ from iwm.config import load_config
 from iwm.errors import ConfigError, Preempted
 from iwm.training import slurm
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
-from iwm.training.loop import Trainer
 from iwm.training.metrics import read_metrics
 from iwm.training.signals import StopRequests
 from iwm.training.slurm import PretrainJob, parse_slurm_options, submit_pretrain
+from iwm.training.step import Trainer
 
 submitit = pytest.importorskip("submitit")
 

@@ -24,7 +24,8 @@ from iwm.evaluation.report import build_report
 from iwm.evaluation.results import write_result
 from iwm.models.iwm import build_model
 from iwm.training.distributed import resolve_device
-from iwm.training.loop import native_bf16, pretrain
+from iwm.training.loop import pretrain
+from iwm.training.step import native_bf16
 
 DEMO_PRESET = "iwm-equi-tiny"
 # Sized so that the whole demo fits in minutes on a CPU (docs/RESULTS.md has its times).

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from iwm.training.loop import load_run_config, new_run_dir, pretrain
+    from iwm.training.loop import pretrain
+    from iwm.training.run_dir import load_run_config, new_run_dir
 
     slurm = None
     if args.slurm is not None:

@@ -45,8 +45,8 @@ from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead
 from iwm.models.iwm import build_model
 from iwm.models.predictor import Predictor
 from iwm.models.vit import Encoder
-from iwm.training.loop import autocast_dtype
 from iwm.training.schedules import warmup_cosine
+from iwm.training.step import autocast_dtype
 
 PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end")
 TASK_KINDS = ("classification", "segmentation")
@@ -115,7 +115,7 @@ class Backbone(nn.Module):
             if task is None:
                 raise ValueError("a multitask backbone needs the task index")
             action = null_action(tokens.shape[0], tokens.device) + self.task_tokens.weight[task]
-        return self.predictor.predict_all(tokens, action)
+        return self.predictor.predict_all(tokens, action=action)
 
 
 def build_backbone(pretrained: Pretrained, protocol: str, num_tasks: int = 0) -> Backbone:

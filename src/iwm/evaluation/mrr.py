@@ -212,8 +212,9 @@ class BankEvaluator:
         action = build_action(target, self.identity_source, destructive)
         context = self.model.encoder.forward_tokens(self.norm(source), self.context_idx,
                                                     self.context_valid)
-        return self.model.predictor(context, self.context_idx, self.target_idx, action=action,
-                                    context_valid=self.context_valid, target_valid=self.valid)
+        return self.model.predictor(context, self.context_idx, self.target_idx,
+                                    context_valid=self.context_valid, target_valid=self.valid,
+                                    action=action)
 
     def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
         return take_rows(bank, self.rows * self.k + true_index)

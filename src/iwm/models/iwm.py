@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from iwm.config import Config
 from iwm.data.actions import ACTION_DIM
@@ -23,6 +22,7 @@ from iwm.data.masks import Masks
 from iwm.models.predictor import Predictor
 from iwm.models.tokens import gather_tokens
 from iwm.models.vit import Encoder, create_encoder
+from iwm.torch_internals import lerp_
 
 
 @dataclass
@@ -60,7 +60,7 @@ class IWM(nn.Module):
         """
         targets = self.target_tokens(target)
         context = self.encoder.forward_tokens(source, masks.context, masks.context_valid)
-        pred = self.predictor.predict_blocks(context, masks, action).flatten(0, 1)
+        pred = self.predictor.predict_blocks(context, masks, action=action).flatten(0, 1)
         valid = masks.target_valid.flatten(0, 1)
         truth = gather_tokens(targets, masks.targets.flatten(1, 2)).view_as(pred)
         if self.loss_name == "smooth_l1":
@@ -84,18 +84,8 @@ class IWM(nn.Module):
         """
         online = list(self.encoder.parameters())
         ema = list(self.target_encoder.parameters())
-        if apply is None:
-            torch._foreach_lerp_(ema, online, 1.0 - momentum)
-            return
-        weight = apply.to(ema[0].dtype) * (1.0 - momentum)
-        if isinstance(ema[0], DTensor):
-            # FSDP's sharded parameters: DTensor has no sharding rule for a lerp with
-            # tensor weights before torch 2.14, so the same update in three steps.
-            diff = torch._foreach_sub(online, ema)
-            torch._foreach_mul_(diff, weight)
-            torch._foreach_add_(ema, diff)
-        else:
-            torch._foreach_lerp_(ema, online, [weight] * len(ema))
+        lerp_(ema, online, 1.0 - momentum if apply is None
+              else apply.to(ema[0].dtype) * (1.0 - momentum))
 
 
 def build_model(cfg: Config, in_chans: int) -> IWM:

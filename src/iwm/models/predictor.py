@@ -91,14 +91,14 @@ class Predictor(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor, *,
-                action: Tensor | None = None, context_valid: Tensor | None = None,
-                target_valid: Tensor | None = None) -> Tensor:
+                context_valid: Tensor | None = None, target_valid: Tensor | None = None,
+                action: Tensor | None = None) -> Tensor:
         """Predict encoder tokens at ``target_idx``.
 
         context: (B, Kc, D) encoder tokens at positions ``context_idx`` (B, Kc);
-        target_idx: (B, Kt) positions to predict; action: (B, action_dim) or None (= null
-        action); context_valid (B, Kc) / target_valid (B, Kt): bool, False for padding,
-        which no token attends to. Returns (B, Kt, D).
+        target_idx: (B, Kt) positions to predict; context_valid (B, Kc) / target_valid
+        (B, Kt): bool, False for padding, which no token attends to; action:
+        (B, action_dim) or None (= null action). Returns (B, Kt, D).
         """
         batch, n_ctx = context.shape[:2]
         n_tgt = target_idx.shape[1]
@@ -138,7 +138,7 @@ class Predictor(nn.Module):
         x = self.norm(x[:, n_ctx:n_ctx + n_tgt])
         return self.proj(x)
 
-    def predict_blocks(self, context: Tensor, masks: Masks,
+    def predict_blocks(self, context: Tensor, masks: Masks, *,
                        action: Tensor | None = None) -> Tensor:
         """Predict every target block of ``masks``: (B, T, Kt, D).
 
@@ -153,18 +153,18 @@ class Predictor(nn.Module):
             return t if t is None or n_blocks == 1 else t.repeat_interleave(n_blocks, 0)
 
         pred = self(rep(context), rep(masks.context), masks.targets.flatten(0, 1),
-                    action=rep(action), context_valid=rep(masks.context_valid),
-                    target_valid=masks.target_valid.flatten(0, 1))
+                    context_valid=rep(masks.context_valid),
+                    target_valid=masks.target_valid.flatten(0, 1), action=rep(action))
         return pred.unflatten(0, (batch, n_blocks))
 
-    def predict_all(self, tokens: Tensor, action: Tensor | None = None) -> Tensor:
+    def predict_all(self, tokens: Tensor, *, action: Tensor | None = None) -> Tensor:
         """The predictor as reused downstream: every token is context and every position a
         target, (B, N, D) -> (B, N, D); ``action`` None = the null action."""
         batch, n = tokens.shape[:2]
         idx = torch.arange(n, device=tokens.device).expand(batch, -1)
         return self(tokens, idx, idx, action=action)
 
-    def predict_by_halves(self, tokens: Tensor, action: Tensor | None = None,
+    def predict_by_halves(self, tokens: Tensor, *, action: Tensor | None = None,
                           tile: int = 1) -> Tensor:
         """Every position predicted as in training, from context it does not overlap:
         (B, N, D) -> (B, N, D). The grid is split into a checkerboard of ``tile`` x ``tile``
@@ -176,7 +176,7 @@ class Predictor(nn.Module):
         cols = torch.arange(width, device=tokens.device) // tile
         black = ((rows[:, None] + cols[None, :]) % 2 == 0).flatten()
         if black.all():  # one square covers the grid: no half to predict from
-            return self.predict_all(tokens, action)
+            return self.predict_all(tokens, action=action)
         out = torch.empty_like(tokens)
         batch = tokens.shape[0]
         for queries in (black, ~black):

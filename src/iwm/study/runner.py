@@ -73,7 +73,8 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
     from iwm.evaluation.finetune import run_finetune
     from iwm.evaluation.mrr import chance_mrr, run_mrr
     from iwm.evaluation.probe import run_probe
-    from iwm.training.loop import CONFIG_FILE, pretrain
+    from iwm.training.loop import pretrain
+    from iwm.training.run_dir import CONFIG_FILE
 
     start = time.perf_counter()
     ev = scale.evaluations

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from iwm.config import Config
 from iwm.errors import ConfigError, Preempted
-from iwm.training.loop import CONFIG_FILE, pretrain
+from iwm.training.loop import pretrain
+from iwm.training.run_dir import CONFIG_FILE
 from iwm.training.signals import STOP_SIGNALS, StopRequests
 
 if TYPE_CHECKING:
