@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test lint typecheck install
 
 $(BIN)/iwm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(BIN)/iwm
 lint: $(BIN)/iwm
 	$(BIN)/ruff check src tests benchmarks hubconf.py
 
+typecheck: $(BIN)/iwm
+	$(BIN)/mypy
+
 # One torch thread per xdist worker: two workers on two cores, no oversubscription.
-test: lint
+test: lint typecheck
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -n 2 --durations=15 -q

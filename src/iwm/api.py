@@ -226,7 +226,7 @@ class Pretrained:
             normalization=normalization_lists(self.normalize.mean, self.normalize.std))
 
 
-def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
+def resolve_checkpoint(run_or_checkpoint: str | os.PathLike[str]) -> Path:
     path = Path(run_or_checkpoint)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -238,7 +238,8 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     return path
 
 
-def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+def load(run_or_checkpoint: str | os.PathLike[str],
+         device: str | torch.device = "cpu") -> Pretrained:
     """Load a run directory (its latest checkpoint), a checkpoint file, or a folder written
     by :meth:`Pretrained.save_pretrained` / ``iwm export --format safetensors``."""
     if is_export_dir(run_or_checkpoint):

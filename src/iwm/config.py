@@ -54,13 +54,19 @@ class _Section:
     KEY: ClassVar[str]
     """The section's key in :class:`Config`, which every error message starts with."""
 
+    if typing.TYPE_CHECKING:
+        # Every section is a dataclass, so ``dataclasses.fields(self)`` is valid.
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
         """Raise :class:`~iwm.errors.ConfigError`, naming the key and the fix, for an
         impossible value (run on construction; again after changing a field)."""
-        hints = _type_hints(type(self))
+        # Widened to ``type``: mypy takes ``type[Self]`` for unhashable, which it is not.
+        cls: type = type(self)
+        hints = _type_hints(cls)
         for f in dataclasses.fields(self):
             if typing.get_origin(hints[f.name]) is not Literal:
                 continue
@@ -488,7 +494,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'{_suggest(key, names)}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, tp)

@@ -7,8 +7,6 @@ fails that test, not a training run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -42,7 +40,7 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(probe()) for probe in probes if probe is not None)
 
 
-def lerp_(starts: Sequence[Tensor], ends: Sequence[Tensor], weight: float | Tensor) -> None:
+def lerp_(starts: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> None:
     """``start += weight * (end - start)`` for every pair, fused over the list (torch's
     foreach kernels, as its optimisers use). A tensor ``weight`` stays on the device."""
     if not isinstance(weight, Tensor):

@@ -230,6 +230,7 @@ def _decode_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
                                 mode=ImageReadMode.RGB)
     except Exception:  # noqa: BLE001 - Pillow gives the user-facing verdict
         return None
+    assert isinstance(image, torch.Tensor)  # a list comes back only for a list of inputs
     return image if image.dtype == torch.uint8 and image.shape[0] == 3 else None
 
 
@@ -260,7 +261,7 @@ def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> tor
 # ---------------------------------------------------------------- IDX files
 
 
-_IDX_CODES = {
+_IDX_CODES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

@@ -372,7 +372,8 @@ def pickled_array_bytes(data: bytes) -> tuple[str, bytes]:
         for op, arg, _ in pickletools.genops(data):
             if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE") and arg in _NUMPY_CODES:
                 codes.append(arg)
-            elif op.name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8") and len(arg) > 1:
+            elif (op.name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8")
+                  and isinstance(arg, bytes) and len(arg) > 1):
                 payloads.append(bytes(arg))
     except (ValueError, EOFError) as e:
         raise DataError(f"not a valid pickle ({e})") from None

@@ -412,9 +412,9 @@ def make_source(cfg: DataConfig, batch_size: int, device: torch.device | str, se
     if dataset is None:
         dataset = get_dataset(cfg.name, "train", cfg.root)
     data = dataset.subset(cfg.limit)
-    common = dict(batch_size=batch_size, image_size=cfg.image_size, crop_scale=cfg.crop_scale,
-                  crop_ratio=cfg.crop_ratio, hflip=cfg.hflip, device=device, seed=seed,
-                  shard=shard)
+    common: dict[str, Any] = dict(
+        batch_size=batch_size, image_size=cfg.image_size, crop_scale=cfg.crop_scale,
+        crop_ratio=cfg.crop_ratio, hflip=cfg.hflip, device=device, seed=seed, shard=shard)
     if isinstance(data, ImageSet):
         return TensorBatchSource(data, **common)
     return StreamingBatchSource(data, num_workers=cfg.num_workers, **common)

@@ -138,7 +138,7 @@ def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str],
                k: int) -> ApiCheckResult:
     overall = ranks["all"]
     assert overall is not None
-    per = {f: None if ranks[f] is None else float(ranks[f].mean()) for f in FACTORS}
+    per = {f: None if (r := ranks[f]) is None else float(r.mean()) for f in FACTORS}
     return ApiCheckResult(mrr=float(overall.mean()), bank=k, n_images=overall.numel(),
                           chance=chance_mrr(k), per_factor=per, notes=notes)
 

@@ -312,7 +312,7 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
 def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str], bank_size: int,
                distance: str) -> MRRResult:
     order = ["all", *FACTORS, *DESTRUCTIVE_OPS]
-    per = {name: None if ranks[name] is None else float(ranks[name].mean())
+    per = {name: None if (r := ranks[name]) is None else float(r.mean())
            for name in order if name in ranks and name != "all"}
     all_ranks = ranks["all"]
     assert all_ranks is not None

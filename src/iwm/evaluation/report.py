@@ -463,7 +463,7 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
     varied = tuple(f for f in ("brightness", "contrast", "saturation", "hue")
                    if getattr(bank, f) > 0
                    and not (dataset.channels == 1 and f in ("saturation", "hue")))
-    return examples, _GridInfo(tuple(model.encoder.grid), bank_size, distance, varied)
+    return examples, _GridInfo(model.encoder.grid, bank_size, distance, varied)
 
 
 def _grid_summary(examples: list[RetrievalExample]) -> str:

@@ -9,6 +9,7 @@ neither has to import the other for the format.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def normalization_lists(mean: Tensor, std: Tensor) -> dict[str, list[float]]:
     return {"mean": values(mean), "std": values(std)}
 
 
-def write_pretrained(directory: str | Path, state: dict[str, Tensor], *,
+def write_pretrained(directory: str | os.PathLike[str], state: dict[str, Tensor], *,
                      config: dict[str, Any], in_chans: int,
                      normalization: dict[str, list[float]], step: int) -> Path:
     """Write a whole-model folder: ``state`` plus what rebuilding the model needs."""
@@ -65,12 +66,12 @@ def write_pretrained(directory: str | Path, state: dict[str, Tensor], *,
     return write_folder(Path(directory), state, meta)
 
 
-def is_export_dir(path: str | Path) -> bool:
+def is_export_dir(path: str | os.PathLike[str]) -> bool:
     """True for a folder with a ``config.json`` (a run directory has ``config.yaml``)."""
     return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
 
 
-def read_pretrained(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_pretrained(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(config.json contents, state dict)`` of a folder written by :func:`write_pretrained`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -36,5 +36,6 @@ def set_attention(module: nn.Module, kernel: str) -> int:
         raise ValueError(f"attention kernel {kernel!r}: choose {' or '.join(KERNELS)}")
     layers = [m for m in module.modules() if isinstance(m, Attention)]
     for layer in layers:
-        layer.fused_attn = kernel == "sdpa"
+        # timm marks it Final for TorchScript; timm itself sets it per layer like this.
+        layer.fused_attn = kernel == "sdpa"  # type: ignore[misc]
     return len(layers)

@@ -82,8 +82,8 @@ class IWM(nn.Module):
         ``apply``: a bool device tensor; where False (a skipped, non-finite step) the EMA
         does not move. A tensor rather than a Python bool keeps the step free of host syncs.
         """
-        online = list(self.encoder.parameters())
-        ema = list(self.target_encoder.parameters())
+        online: list[Tensor] = list(self.encoder.parameters())
+        ema: list[Tensor] = list(self.target_encoder.parameters())
         lerp_(ema, online, 1.0 - momentum if apply is None
               else apply.to(ema[0].dtype) * (1.0 - momentum))
 

@@ -16,6 +16,8 @@ of four ways (docs/method.md; the first three are the paper's):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -40,6 +42,8 @@ def _modulated_block(block: Block):
 
 
 class Predictor(nn.Module):
+    pos_embed: Tensor  # a buffer, registered in __init__
+
     def __init__(self, *, grid: tuple[int, int], embed_dim: int, width: int, depth: int,
                  num_heads: int, action_dim: int, conditioning: str = "feature",
                  drop_path_rate: float = 0.0) -> None:
@@ -76,8 +80,10 @@ class Predictor(nn.Module):
         self._init_weights()
         if conditioning == "adaln":
             # Zero: every block starts as the plain block, whatever the action.
-            nn.init.zeros_(self.action_mod[-1].weight)
-            nn.init.zeros_(self.action_mod[-1].bias)
+            last = self.action_mod[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -108,12 +114,14 @@ class Predictor(nn.Module):
         if self.conditioning != "none" and action is None:
             action = context.new_zeros(batch, self.action_dim)
         if self.conditioning == "feature":
+            assert action is not None
             a = action.to(queries.dtype).unsqueeze(1).expand(-1, n_tgt, -1)
             # Residual: at initialisation the MLP's output is ~0.002 RMS, so replacing the
             # query by it would erase the position the query carries until relearnt.
             queries = queries + self.action_mlp(torch.cat([queries, a], dim=-1))
         parts = [x, queries]
         if self.conditioning == "sequence":
+            assert action is not None
             parts.append(self.action_embed(action.to(x.dtype)).unsqueeze(1))
         x = torch.cat(parts, dim=1)
 
@@ -126,11 +134,13 @@ class Predictor(nn.Module):
             if target_valid is not None:
                 keep[:, n_ctx:n_ctx + n_tgt] = target_valid
             attn_mask = keep[:, None, None, :]  # broadcast over heads and queries
-        mods = (self.action_mod(action.to(x.dtype)).view(batch, len(self.blocks), 6, 1, -1)
-                if self.conditioning == "adaln" else None)
+        mods = None
+        if self.conditioning == "adaln":
+            assert action is not None
+            mods = self.action_mod(action.to(x.dtype)).view(batch, len(self.blocks), 6, 1, -1)
         for i, block in enumerate(self.blocks):
             args = (x, attn_mask) if mods is None else (x, attn_mask, mods[:, i])
-            fn = block if mods is None else _modulated_block(block)
+            fn = block if mods is None else _modulated_block(cast(Block, block))
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
             else:

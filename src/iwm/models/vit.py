@@ -56,6 +56,7 @@ class Encoder(VisionTransformer):
             class_token=False, fc_norm=False, drop_path_rate=drop_path_rate,
         )
         self.grid = grid_size(img_size, patch_size)
+        assert self.pos_embed is not None  # timm leaves it None only for pos_embed="none"
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(self.grid, embed_dim).unsqueeze(0))
         self.pos_embed.requires_grad_(False)
@@ -78,7 +79,8 @@ class Encoder(VisionTransformer):
                 x = block(x, attn_mask=attn_mask)
         return self.norm(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    # Narrower than timm's forward on purpose: masking goes through forward_tokens.
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """Mean-pooled features (B, D), as timm's ``forward`` with ``num_classes=0``."""
         return self.forward_tokens(x).mean(dim=1)
 

@@ -15,6 +15,7 @@ overrides than the grid's now (the grid file was edited) is an error, never reus
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -90,8 +91,8 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
                     lambda: run_probe(run_dir, "linear", list(ev.probe), device=device))
     ft_overrides = [*ev.finetune, f"finetune.seed={seed}"]
     finetuned = {
-        protocol: _cached(results / f"finetune_{protocol}.json", lambda p=protocol: run_finetune(
-            run_dir, p, overrides=ft_overrides, device=device, log=None))
+        protocol: _cached(results / f"finetune_{protocol}.json", functools.partial(
+            run_finetune, run_dir, protocol, overrides=ft_overrides, device=device, log=None))
         for protocol in ("predictor", "random-predictor")}
     out_json: dict[str, Any] = {
         "cell": cell.name, "seed": seed, "levels": cell.levels, "preset": cell.preset,
@@ -179,7 +180,8 @@ def plan(study: Study, scale: str, out: Path, seeds: list[int] | None = None,
     tasks += [Task(c, s) for s in use_seeds for c in cells]
     if only:
         tasks = [t for t in tasks if (t.cell.name if t.cell else BASELINES) in only]
-    pending, finished = [], []
+    pending: list[Task] = []
+    finished: list[Task] = []
     for t in tasks:
         (finished if _check_fresh(out, t) else pending).append(t)
     return pending, finished

@@ -380,21 +380,21 @@ def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
             ax.set_ylabel("MRR")
             ax.set_title("World-model quality vs conditioning")
             save(fig, "mrr_conditioning")
-    pts = [(c, stat(_values(by_cell[c.name], "linear")),
-            stat(_values(by_cell[c.name], "finetune_predictor")),
-            stat(_values(by_cell[c.name], "mrr"))) for c in cells]
-    if pts:
+    rows = [(c, stat(_values(by_cell[c.name], "linear")),
+             stat(_values(by_cell[c.name], "finetune_predictor")),
+             stat(_values(by_cell[c.name], "mrr"))) for c in cells]
+    if rows:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for _, lin, ft, _ in pts:
+        for _, lin, ft, _ in rows:
             ax.errorbar(lin.mean * 100, ft.mean * 100, xerr=lin.std * 100, yerr=ft.std * 100,
                         fmt="none", ecolor="lightgrey", zorder=1)
-        sc = ax.scatter([p[1].mean * 100 for p in pts], [p[2].mean * 100 for p in pts],
-                        c=[p[3].mean for p in pts], cmap="viridis", zorder=2)
-        for c, lin, ft, _ in pts:
+        sc = ax.scatter([p[1].mean * 100 for p in rows], [p[2].mean * 100 for p in rows],
+                        c=[p[3].mean for p in rows], cmap="viridis", zorder=2)
+        for c, lin, ft, _ in rows:
             ax.annotate(c.name, (lin.mean * 100, ft.mean * 100), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         fig.colorbar(sc, label="MRR")
-        corr = _correlation([p[1].mean for p in pts], [p[2].mean for p in pts])
+        corr = _correlation([p[1].mean for p in rows], [p[2].mean for p in rows])
         title = "Linear probe vs predictor finetuning"
         if corr:
             title += f" (Pearson {corr['pearson']:+.2f})"

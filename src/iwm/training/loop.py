@@ -236,6 +236,7 @@ def _save(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,
           step: int) -> None:
     state = training_state(trainer, batches, dist, step)  # collective: every rank calls it
     if dist.is_main:
+        assert state is not None  # the main process always gets the checkpoint
         save_checkpoint(checkpoint_path(run_dir, step), state)
         prune_checkpoints(run_dir, trainer.cfg.train.keep_checkpoints)
 

@@ -215,8 +215,9 @@ class _DeferredRequeue:
             return  # a forked DataLoader worker inherited this; its training process ends it
         self.received = True
         loop_handler = signal.getsignal(STOP_SIGNALS[0])
-        if isinstance(getattr(loop_handler, "__self__", None), StopRequests):
-            loop_handler(signum, frame)  # type: ignore[operator]
+        owner = getattr(loop_handler, "__self__", None)
+        if isinstance(owner, StopRequests) and callable(loop_handler):
+            loop_handler(signum, frame)
         else:
             self.requeue()
 

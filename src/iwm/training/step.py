@@ -15,7 +15,7 @@ import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,8 @@ def param_groups(model: IWM, predictor_lr_scale: float = 1.0) -> list[dict]:
     The predictor's groups train at ``predictor_lr_scale`` x the scheduled lr."""
     groups = []
     for module, scale in ((model.encoder, 1.0), (model.predictor, predictor_lr_scale)):
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in module.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)
@@ -192,7 +193,8 @@ class Trainer:
             # :meth:`_forward` falls back to the uncompiled model if it fails; here only
             # an interpreter torch.compile does not support can fail.
             try:
-                train_model = torch.compile(train_model)
+                # A compiled Module is a Module; torch.compile's annotation keeps only Callable.
+                train_model = cast(nn.Module, torch.compile(train_model))
             except Exception as e:  # noqa: BLE001 - compiling is an optimisation, never fatal
                 warnings.warn(f"torch.compile unavailable ({e}); training uncompiled",
                               RuntimeWarning, stacklevel=2)
