@@ -56,7 +56,7 @@ def test_splits_are_disjoint_balanced_and_shaped():
     ("star", [(0, 0), (0, -0.9)], [(0.6 * math.sin(0.63), -0.6 * math.cos(0.63))]),
     ("cross", [(0, 0), (0.9, 0), (0, 0.9)], [(0.6, 0.6)]),
     ("crescent", [(-0.8, 0)], [(0.45, 0), (0, 0)]),
-    ("tee", [(0, 0.7), (0, -0.8), (0.8, 0.6)], [(0.6, 0), (0.6, -0.6)]),
+    ("tee", [(0, -0.7), (0, 0.8), (0.8, -0.6)], [(0.6, 0), (0.6, 0.6)]),
 ])
 def test_each_class_is_the_shape_it_is_named_after(name, inside, outside):
     # Points in the shape's own frame (v grows downwards in the image).

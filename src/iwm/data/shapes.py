@@ -28,7 +28,7 @@ SHAPES_SPLITS = {"train": 50_000, "test": 10_000}
 SHAPES_SIZE = 32
 SHAPES_SEED = 0
 # Bump when the rendering changes, so that old caches are not read as the new set.
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 _SUPERSAMPLE = 2
 _CHUNK = 4096
 
@@ -70,8 +70,9 @@ def shape_inside(label: int, u: Tensor, v: Tensor) -> Tensor:
     if name == "crescent":
         return (r <= 0.95) & ((u - 0.45) ** 2 + v ** 2 > 0.75 ** 2)
     if name == "tee":
-        return (((u.abs() <= 0.9) & (v >= 0.45) & (v <= 0.9))
-                | ((u.abs() <= 0.25) & (v >= -0.9) & (v < 0.45)))
+        # v grows downwards in the image: the bar on top, the stem below it.
+        return (((u.abs() <= 0.9) & (v >= -0.9) & (v <= -0.45))
+                | ((u.abs() <= 0.25) & (v > -0.45) & (v <= 0.9)))
     raise ValueError(f"no shape class {label}")
 
 
@@ -91,14 +92,15 @@ def render_shapes(labels: Tensor, generator: torch.Generator, size: int = SHAPES
     drawn from ``generator`` in a fixed order, so the same generator state gives the same
     images."""
     n, g, res = len(labels), generator, size * _SUPERSAMPLE
-    scale = _uniform(n, 0.3, 0.6, g)
-    reach = 0.95 - scale
+    scale = _uniform(n, 0.4, 0.65, g)
+    reach = 0.6 * (0.95 - scale)
     cx, cy = (2 * torch.rand(2, n, generator=g) - 1) * reach
-    angle = _uniform(n, 0.0, 2 * math.pi, g)
-    fg_value = _uniform(n, 0.45, 1.0, g)
-    # Background value at least 0.3 away from the shape's (on the circle of values), so
-    # the shape never vanishes; its hue is free, so colour says nothing about the class.
-    bg_value = torch.remainder(fg_value + _uniform(n, 0.3, 0.7, g), 1.0)
+    angle = _uniform(n, -0.6, 0.6, g)
+    fg_value = _uniform(n, 0.6, 1.0, g)
+    # The shape brighter than its background (at most 45% of its value), so the shape
+    # never vanishes and its outline always has the same polarity; the hues are free, so
+    # colour says nothing about the class.
+    bg_value = fg_value * _uniform(n, 0.05, 0.45, g)
     fg = _hsv(torch.rand(n, generator=g), _uniform(n, 0.45, 1.0, g), fg_value)
     bg = _hsv(torch.rand(n, generator=g), _uniform(n, 0.0, 0.7, g), bg_value)
     stripe_amp = _uniform(n, 0.0, 0.3, g)
