@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Inductor (the torch.compile tests) imports setuptools lazily, and setuptools' distutils
+# hack asserts if the standard library's distutils was imported before it, which some
+# test orders under xdist did (CI failed once this way). Imported first, setuptools owns
+# ``distutils`` from the start.
+import setuptools  # noqa: F401  # isort: skip
 import numpy as np
 import pytest
 import torch
