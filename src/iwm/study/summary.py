@@ -145,9 +145,14 @@ def _world_model_cells(study: Study, scale: str, cells: list[Cell]) -> list[Cell
     return [c for c in cells if c.levels["conditioning"] == level]
 
 
+def _equivariant_at(study: Study, scale: str) -> dict[str, str]:
+    """The equivariant role's levels other than its conditioning (its depth, strength)."""
+    return {k: v for k, v in _equivariant_levels(study, scale).items() if k != "conditioning"}
+
+
 def _conditioning_cells(study: Study, scale: str, cells: list[Cell]) -> list[Cell]:
     """Every conditioning at the equivariant role's depth and strength."""
-    at = {k: v for k, v in _equivariant_levels(study, scale).items() if k != "conditioning"}
+    at = _equivariant_at(study, scale)
     return [c for c in cells if at and all(c.levels.get(k) == v for k, v in at.items())]
 
 
@@ -161,9 +166,9 @@ def findings(study: Study, scale: str, by_cell: dict[str, list[dict]],
     iwm_cells = [c for c in cells if c.levels.get("conditioning") != "none"]
 
     if have_axes and equi in vals:
-        at = {k: v for k, v in by_cell[equi][0]["levels"].items() if k != "conditioning"}
-        cond = {c.levels["conditioning"]: c.name for c in cells
-                if all(c.levels[k] == v for k, v in at.items())}
+        at = _equivariant_at(study, scale)
+        cond = {c.levels["conditioning"]: c.name
+                for c in _conditioning_cells(study, scale, cells)}
         chance = by_cell[equi][0]["mrr_chance"]
         rows = []
         if "none" in cond:
