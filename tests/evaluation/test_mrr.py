@@ -193,7 +193,8 @@ def test_oracle_predictor_scores_one_everywhere(channels, distance):
 
 def test_each_setting_asks_for_the_right_action():
     # The predictor's calls, in order: main bank, then each source-side op on the same
-    # bank and true entries, then one bank per factor where only that factor varies.
+    # bank and true entries, then per factor: one bank where only that factor varies and
+    # the two ends of its range (the sensitivity measure).
     model, views, masks = _setup(3)
     images = _images(5, 3)
     oracle = OraclePredictor(model, images, views)
@@ -207,7 +208,7 @@ def test_each_setting_asks_for_the_right_action():
 
     model.predictor.forward = record
     evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
-    assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + len(FACTORS)
+    assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + 3 * len(FACTORS)
     main = actions[0]
     assert bool((main[:, 4:] == 0).all())
     assert bool((main[:, :4] != 0).all())
@@ -218,12 +219,20 @@ def test_each_setting_asks_for_the_right_action():
         expected[("grayscale", "blur", "solarize").index(op)] = 1
         assert bool((flags == expected).all()), op
         assert bool((actions[i][:, 6] > 0).all()) == (op == "blur")
-    for i, factor in enumerate(FACTORS, start=1 + len(DESTRUCTIVE_OPS)):
+    params = views.params
+    for i, factor in enumerate(FACTORS):
         col = FACTORS.index(factor)
-        varied = actions[i][:, :4] != 0
-        assert bool(varied[:, col].all()), factor
-        assert not bool(varied[:, [c for c in range(4) if c != col]].any()), factor
-        assert bool((actions[i][:, 4:] == 0).all())
+        bank, low, high = actions[1 + len(DESTRUCTIVE_OPS) + 3 * i:][:3]
+        for action in (bank, low, high):
+            varied = action[:, :4] != 0
+            assert bool(varied[:, col].all()), factor
+            assert not bool(varied[:, [c for c in range(4) if c != col]].any()), factor
+            assert bool((action[:, 4:] == 0).all())
+        strength = getattr(params, factor)
+        ends = ((-2 * strength, 2 * strength) if factor == "hue"
+                else (math.log(1 - strength), math.log(1 + strength)))
+        torch.testing.assert_close(low[:, col], torch.full((5,), ends[0]))
+        torch.testing.assert_close(high[:, col], torch.full((5,), ends[1]))
 
 
 def test_shuffled_action_scores_low():
@@ -273,6 +282,52 @@ def test_result_fields_and_per_transform_entries():
     assert model.training  # restored after the call
 
 
+def test_sensitivity_of_an_oracle_matches_the_encoder():
+    model, views, masks = _setup(3)
+    images = _images(8, 3)
+    model.predictor = OraclePredictor(model, images, views)
+    result = evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
+    assert set(result.sensitivity) == set(FACTORS)
+    for factor, s in result.sensitivity.items():
+        assert s.encoder > 1e-4, factor
+        assert s.predictor == pytest.approx(s.encoder, rel=1e-4), factor
+        assert s.alignment == pytest.approx(1.0, abs=1e-4), factor
+
+
+def test_sensitivity_of_an_action_blind_predictor_is_zero():
+    model, views, masks = _setup(3, conditioning="none")
+    result = evaluate_mrr(model, views, _images(8, 3), masks, bank_size=4, normalize=normalize)
+    for factor, s in result.sensitivity.items():
+        assert s.encoder > 1e-4, factor
+        assert s.predictor == 0.0 and s.alignment == 0.0, factor
+
+
+def test_sensitivity_finds_the_factor_an_encoder_is_invariant_to():
+    # torchvision's hue rotation keeps each pixel's max and min over the channels, so an
+    # encoder that only sees the channel max cannot see hue, but sees the rest.
+    model, views, masks = _setup(3)
+    images = _images(8, 3)
+    target_tokens = model.target_tokens
+    model.target_tokens = lambda x: target_tokens(x.amax(1, keepdim=True).expand_as(x))
+    model.predictor = OraclePredictor(model, images, views)
+    result = evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
+    s = result.sensitivity
+    assert s["hue"].encoder < 1e-6 and s["hue"].predictor < 1e-6
+    for factor in ("brightness", "contrast", "saturation"):
+        assert s[factor].encoder > 1e-3, factor
+    # The per-factor MRR says the same thing: the hue bank is all ties, the worst rank.
+    assert result.per_transform["hue"] < 0.3 < result.per_transform["brightness"]
+
+
+def test_no_sensitivity_without_per_transform_or_a_second_image():
+    model, views, masks = _setup(3)
+    result = evaluate_mrr(model, views, _images(4, 3), masks, bank_size=4,
+                          normalize=normalize, per_transform=False)
+    assert result.sensitivity == {}
+    result = evaluate_mrr(model, views, _images(1, 3), masks, bank_size=4, normalize=normalize)
+    assert result.sensitivity == {} and "two different images" in result.notes["sensitivity"]
+
+
 def test_chunking_does_not_change_the_result():
     model, views, masks = _setup(3, conditioning="sequence")
     images = _images(6, 3)
@@ -312,3 +367,6 @@ def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
         assert saved[key] == out[key]
     assert (saved["n_images"], saved["bank"], saved["distance"]) == (6, 4, "cosine")
     assert saved["per_transform"]["hue"] is None and saved["step"] == 3
+    # Gray images: only brightness and contrast vary, so only they are measured.
+    assert set(saved["sensitivity"]) == {"brightness", "contrast"}
+    assert set(saved["sensitivity"]["contrast"]) == {"encoder", "predictor", "alignment"}

@@ -93,6 +93,12 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_transform"].items() if v is not None)
     print(f"MRR {r['mrr']:.4f} (bank {r['bank']}, {r['n_images']} images, {r['distance']}); "
           f"per transform: {parts} -> {r['path']}")
+    if r["sensitivity"]:
+        print("latent change over each factor's range, relative to the distance between "
+              "images (encoder / predictor / alignment):")
+        for factor, v in r["sensitivity"].items():
+            print(f"  {factor:<10} {v['encoder']:.3f} / {v['predictor']:.3f} / "
+                  f"{v['alignment']:+.2f}")
 
 
 def _cmd_eval_api_check(args: argparse.Namespace) -> None:

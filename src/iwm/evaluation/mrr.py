@@ -34,6 +34,7 @@ __all__ = [
     "DISTANCES",
     "FACTORS",
     "MRR_CONTEXTS",
+    "FactorSensitivity",
     "MRRResult",
     "bank_view_params",
     "evaluate_mrr",
@@ -56,9 +57,26 @@ MaskFn = Callable[[int, torch.Generator, torch.device], Masks]
 
 
 @dataclass
+class FactorSensitivity:
+    """How far one jitter factor moves the latents, from one end of its range to the other,
+    as a fraction of the distance between two different images (same distance as the MRR).
+
+    ``encoder``: the target encoder's latents of the really transformed image; near 0, the
+    encoder is invariant to the factor and no predictor can rank it. ``predictor``: the
+    predictor's outputs for the two actions; near 0 while ``encoder`` is not, the predictor
+    ignores that field of the action. ``alignment``: cosine of the two changes (1: the
+    predictor moves the way the encoder does).
+    """
+
+    encoder: float
+    predictor: float
+    alignment: float
+
+
+@dataclass
 class MRRResult:
     """MRR of a world model; ``per_transform`` values are ``None`` where not meaningful
-    (the reason is in ``notes``)."""
+    (the reason is in ``notes``); ``sensitivity`` has the factors that were scored."""
 
     mrr: float
     bank: int
@@ -66,6 +84,7 @@ class MRRResult:
     distance: str
     per_transform: dict[str, float | None]
     notes: dict[str, str] = field(default_factory=dict)
+    sensitivity: dict[str, FactorSensitivity] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- ranking
@@ -178,6 +197,26 @@ def _forced_op(op: str, batch: int, params: ViewParams, generator: torch.Generat
     return out
 
 
+def _range_end(params: ViewParams, factor: str, end: int, batch: int,
+               device: torch.device) -> JitterParams:
+    """Jitter with ``factor`` at the low (``end`` -1) or high (+1) end of the range that
+    :meth:`ViewSampler.sample_jitter` draws it from, every other factor the identity."""
+    strength = getattr(params, factor)
+    value = end * strength if factor == "hue" else (max(0.0, 1.0 - strength) if end < 0
+                                                    else 1.0 + strength)
+    out = JitterParams.identity(batch, device)
+    setattr(out, factor, torch.full((batch,), value, device=device))
+    out.applied = torch.ones(batch, dtype=torch.bool, device=device)
+    return out
+
+
+def _change_alignment(pred_change: Tensor, target_change: Tensor, valid: Tensor) -> Tensor:
+    """Cosine (B,) of two (B, T, D) changes over the valid tokens (0 where one is zero)."""
+    w = valid.to(pred_change.dtype).unsqueeze(-1)
+    return F.cosine_similarity((pred_change * w).flatten(1), (target_change * w).flatten(1),
+                               dim=1)
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -216,6 +255,34 @@ class BankEvaluator:
                                     context_valid=self.context_valid, target_valid=self.valid,
                                     action=action)
 
+    def latents(self, params: JitterParams) -> Tensor:
+        """Target latents (B, Kt, D) at the block of the images jittered by ``params``."""
+        views = self.sampler.apply_jitter(self.images, params)
+        return gather_tokens(self.model.target_tokens(self.norm(views)), self.target_idx)
+
+    def distance_between(self, a: Tensor, b: Tensor) -> Tensor:
+        """Distance (B,) between two (B, Kt, D) latents over the block's valid tokens."""
+        return -_entry_scores(a.float(), b.float(), self.valid, self.distance)
+
+    def image_distance(self) -> Tensor:
+        """Distance (B,) from each image's latent to the next image's, at its positions."""
+        tokens = self.model.target_tokens(self.norm(self.images))
+        own = gather_tokens(tokens, self.target_idx)
+        other = gather_tokens(tokens.roll(1, 0), self.target_idx)
+        return self.distance_between(own, other)
+
+    def sensitivity(self, params: ViewParams, factor: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image distances (B,) between the two ends of ``factor``'s range, for the
+        target latents and for the predictions, and the alignment of the two changes."""
+        b, device = self.images.shape[0], self.images.device
+        no_op = DestructiveParams.identity(b, device)
+        lo, hi = (_range_end(params, factor, end, b, device) for end in (-1, 1))
+        z_lo, z_hi = self.latents(lo), self.latents(hi)
+        p_lo = self.predict(self.images, lo, no_op).float()
+        p_hi = self.predict(self.images, hi, no_op).float()
+        return (self.distance_between(z_hi, z_lo), self.distance_between(p_hi, p_lo),
+                _change_alignment(p_hi - p_lo, z_hi.float() - z_lo.float(), self.valid))
+
     def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
         return take_rows(bank, self.rows * self.k + true_index)
 
@@ -246,8 +313,10 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
                       mask_generator: MaskFn, bank_size: int, distance: str,
                       generator: torch.Generator, chunk_size: int,
                       normalize: Callable[[Tensor], Tensor] | None, per_transform: bool,
-                      ) -> tuple[dict[str, Tensor | None], dict[str, str]]:
-    """Reciprocal ranks (B,) per setting ("all" + breakdown; None = skipped) and notes."""
+                      ) -> tuple[dict[str, Tensor | None], dict[str, str], dict[str, Tensor]]:
+    """Reciprocal ranks (B,) per setting ("all" + breakdown; None = skipped), notes, and
+    the per-image sensitivity measures: (B, 3) encoder / predictor distance and alignment
+    per scored factor, and the distance between images under ``"between"``."""
     check_distance(distance)
     if bank_size < 2:
         raise ValueError(f"bank_size={bank_size}: a ranking needs at least 2 entries")
@@ -276,6 +345,7 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
     target = ev.true_params(bank, true_index)
     names, preds = ["all"], [ev.predict(images, target, no_op)]
     ranks: dict[str, Tensor | None] = {}
+    sens: dict[str, Tensor] = {}
     if per_transform:
         for op in DESTRUCTIVE_OPS:
             if op in _RGB_ONLY and channels == 1:
@@ -306,18 +376,37 @@ def _reciprocal_ranks(model: IWM, view_sampler: ViewSampler, images: Tensor,
             pred = ev.predict(images, ev.true_params(bank, true_index), no_op)
             (scores,) = ev.scores(bank, [pred])
             ranks[factor] = 1.0 / ranks_from_scores(scores, true_index).float()
-    return ranks, notes
+            # Draws nothing from the generator: the ranks do not depend on it.
+            sens[factor] = torch.stack(ev.sensitivity(params, factor), dim=1)
+        if sens:
+            sens["between"] = ev.image_distance()
+    return ranks, notes, sens
+
+
+def _sensitivities(sens: dict[str, Tensor], notes: dict[str, str]
+                   ) -> dict[str, FactorSensitivity]:
+    if not sens:
+        return {}
+    between = float(sens["between"].mean())
+    if between <= 0:
+        notes["sensitivity"] = "needs two different images in a batch to scale the distances"
+        return {}
+    return {factor: FactorSensitivity(encoder=float(v[:, 0].mean()) / between,
+                                      predictor=float(v[:, 1].mean()) / between,
+                                      alignment=float(v[:, 2].mean()))
+            for factor, v in sens.items() if factor != "between"}
 
 
 def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str], bank_size: int,
-               distance: str) -> MRRResult:
+               distance: str, sens: dict[str, Tensor]) -> MRRResult:
     order = ["all", *FACTORS, *DESTRUCTIVE_OPS]
     per = {name: None if (r := ranks[name]) is None else float(r.mean())
            for name in order if name in ranks and name != "all"}
     all_ranks = ranks["all"]
     assert all_ranks is not None
     return MRRResult(mrr=float(all_ranks.mean()), bank=bank_size, n_images=all_ranks.numel(),
-                     distance=distance, per_transform=per, notes=notes)
+                     distance=distance, per_transform=per, notes=notes,
+                     sensitivity=_sensitivities(sens, notes))
 
 
 def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_generator: MaskFn,
@@ -340,12 +429,12 @@ def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_gen
     was_training = model.training
     model.eval()
     try:
-        ranks, notes = _reciprocal_ranks(model, view_sampler, images, mask_generator,
-                                         bank_size, distance, generator, chunk_size, normalize,
-                                         per_transform)
+        ranks, notes, sens = _reciprocal_ranks(model, view_sampler, images, mask_generator,
+                                               bank_size, distance, generator, chunk_size,
+                                               normalize, per_transform)
     finally:
         model.train(was_training)
-    return _summarise(ranks, notes, bank_size, distance)
+    return _summarise(ranks, notes, bank_size, distance, sens)
 
 
 def protocol_masks(grid: tuple[int, int], cfg: MaskConfig, context: str = "own"
@@ -389,14 +478,17 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     generator = torch.Generator().manual_seed(seed)
 
     collected: dict[str, list[Tensor]] = {}
+    sens_parts: dict[str, list[Tensor]] = {}
     notes: dict[str, str] = {}
     seen = 0
     for images, _ in iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev):
         images = images[:n_images - seen]
-        ranks, batch_notes = _reciprocal_ranks(
+        ranks, batch_notes, sens = _reciprocal_ranks(
             model, views, images, masks, bank_size, distance, generator, chunk_size,
             pretrained.normalize, per_transform)
         notes.update(batch_notes)
+        for name, values in sens.items():
+            sens_parts.setdefault(name, []).append(values.cpu())
         for name, rr in ranks.items():
             if rr is not None:
                 collected.setdefault(name, []).append(rr.cpu())
@@ -408,7 +500,8 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     if seen == 0:
         raise ValueError(f"{cfg.data.name}: the test split has no images")
     ranks_all = {name: torch.cat(parts) if parts else None for name, parts in collected.items()}
-    result = _summarise(ranks_all, notes, bank_size, distance)
+    result = _summarise(ranks_all, notes, bank_size, distance,
+                        {name: torch.cat(parts) for name, parts in sens_parts.items()})
     out = {
         **dataclasses.asdict(result),
         "seed": seed,

@@ -246,9 +246,17 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
     plot_mrr(result, out_dir / MRR_PNG)
     rows = [("all", result.get("mrr"))] + list((result.get("per_transform") or {}).items())
     notes = result.get("notes") or {}
+    sens = result.get("sensitivity") or {}
+
+    def sens_cells(name: str) -> str:
+        v = sens.get(name) if isinstance(sens, dict) else None
+        v = v if isinstance(v, dict) else {}
+        return "".join(f"<td class=num>{_esc(_fmt(v[k])) if k in v else '–'}</td>"
+                       for k in ("encoder", "predictor", "alignment"))
+
     body = "".join(
         f"<tr><td>{_esc(name)}</td><td class=num>{_esc(_fmt(value))}</td>"
-        f"<td>{_esc(notes.get(name, ''))}</td></tr>" for name, value in rows)
+        f"{sens_cells(name)}<td>{_esc(notes.get(name, ''))}</td></tr>" for name, value in rows)
     extra = ", ".join(f"{k} {_fmt(result[k])}" for k in ("seed", "step", "seconds")
                       if k in result)
     return ("<p>Mean reciprocal rank of the true transformed image's latent among a bank of "
@@ -256,7 +264,13 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
             "the action (≈1: the predictor applies transformations; chance: it ignores "
             f"them). {_esc(extra)}</p>"
             f'<img src="{MRR_PNG}" alt="MRR per transform">'
-            f"<table><tr><th>setting</th><th>MRR</th><th>note</th></tr>{body}</table>")
+            "<p>Sensitivity: how far a factor moves the latents from one end of its range to "
+            "the other, as a fraction of the distance between two images, for the target "
+            "encoder and for the predictor, and the cosine of the two changes. An encoder "
+            "near 0 is invariant to the factor; a predictor near 0 while the encoder is not "
+            "ignores that field of the action.</p>"
+            "<table><tr><th>setting</th><th>MRR</th><th>encoder</th><th>predictor</th>"
+            f"<th>alignment</th><th>note</th></tr>{body}</table>")
 
 
 # ---------------------------------------------------------------- probes / finetuning
