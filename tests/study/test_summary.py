@@ -145,3 +145,18 @@ def test_world_model_table_follows_the_equivariant_roles_conditioning(tmp_path):
     assert verdicts["jitter: deep predictor above shallow"] == "holds"
     cond = {c["claim"] for c in found["1_conditioning"]["comparisons"]}
     assert "sequence conditioning: MRR above no conditioning" in cond
+
+
+def test_a_finding_without_cells_says_so(tmp_path):
+    # A scale without the conditioning block (as cpu-color): no "none" cell beside the
+    # equivariant one, so finding 1 has nothing to compare and must say so, not print an
+    # empty table.
+    grid = {**GRID, "blocks": {"wm": {"conditioning": ["feature"], "depth": "all",
+                                      "strength": "all"}}}
+    study = parse_study(grid)
+    _write(tmp_path, study, {c.name: _cell_values(0.3, 0.8, 0.8, 0.7)
+                             for c in study.cells("s")})
+    table = summarise(study, "s", tmp_path)["table"].read_text()
+    section = table.split("### 1_conditioning")[1].split("###")[0]
+    assert "No comparison" in section and "| claim |" not in section
+    assert "| claim |" in table.split("### 2_depth_strength")[1]

@@ -318,6 +318,10 @@ def _markdown(study: Study, scale: str, rows: list[dict], found: dict[str, Any],
     for key, f in found.items():
         if key == "correlations":
             continue
+        if not f["comparisons"]:
+            lines += [f"### {key}", "", "No comparison: this scale's blocks have no cells "
+                      "for it.", ""]
+            continue
         lines += [f"### {key}", "", "| claim | a | b | a − b | test | p | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for c in f["comparisons"]:
