@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ from iwm.evaluation.mrr import (
     DESTRUCTIVE_OPS,
     FACTORS,
     MRRResult,
+    _range_end,
     bank_view_params,
     evaluate_mrr,
     mean_reciprocal_rank,
@@ -317,6 +319,20 @@ def test_sensitivity_finds_the_factor_an_encoder_is_invariant_to():
         assert s[factor].encoder > 1e-3, factor
     # The per-factor MRR says the same thing: the hue bank is all ties, the worst rank.
     assert result.per_transform["hue"] < 0.3 < result.per_transform["brightness"]
+
+
+def test_sensitivity_of_a_full_hue_circle_compares_opposite_hues():
+    # With hue 0.5 the range ends (-0.5 and +0.5 turn) are the same image: the measure
+    # must compare hues half a turn apart instead, or it would read 0 for any encoder.
+    model, views, masks = _setup(3)
+    views = ViewSampler(dataclasses.replace(views.params, hue=0.5), 3, SIZE)
+    images = _images(8, 3)
+    model.predictor = OraclePredictor(model, images, views)
+    result = evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
+    assert result.sensitivity["hue"].encoder > 1e-3
+    low, high = (_range_end(views.params, "hue", end, 2, torch.device("cpu"))
+                 for end in (-1, 1))
+    assert low.hue.tolist() == [-0.25, -0.25] and high.hue.tolist() == [0.25, 0.25]
 
 
 def test_no_sensitivity_without_per_transform_or_a_second_image():

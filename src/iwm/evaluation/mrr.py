@@ -200,10 +200,12 @@ def _forced_op(op: str, batch: int, params: ViewParams, generator: torch.Generat
 def _range_end(params: ViewParams, factor: str, end: int, batch: int,
                device: torch.device) -> JitterParams:
     """Jitter with ``factor`` at the low (``end`` -1) or high (+1) end of the range that
-    :meth:`ViewSampler.sample_jitter` draws it from, every other factor the identity."""
+    :meth:`ViewSampler.sample_jitter` draws it from, every other factor the identity.
+    Hue ends are at most a quarter turn each way: shifts of -0.5 and +0.5 turn are the
+    same image, and half a turn apart is as far apart as two hues get."""
     strength = getattr(params, factor)
-    value = end * strength if factor == "hue" else (max(0.0, 1.0 - strength) if end < 0
-                                                    else 1.0 + strength)
+    value = (end * min(strength, 0.25) if factor == "hue"
+             else max(0.0, 1.0 - strength) if end < 0 else 1.0 + strength)
     out = JitterParams.identity(batch, device)
     setattr(out, factor, torch.full((batch,), value, device=device))
     out.applied = torch.ones(batch, dtype=torch.bool, device=device)
