@@ -92,6 +92,15 @@ def resolve_view_params(cfg: ViewsConfig) -> ViewParams:
     return dataclasses.replace(STRENGTHS[cfg.strength], **overrides)
 
 
+def jitter_range(params: ViewParams, factor: str) -> tuple[float, float]:
+    """The interval :meth:`ViewSampler.sample_jitter` draws ``factor`` from: a torchvision
+    factor in [max(0, 1 - s), 1 + s], or a hue shift in [-s, s] turns."""
+    strength = getattr(params, factor)
+    if factor == "hue":
+        return -strength, strength
+    return max(0.0, 1.0 - strength), 1.0 + strength
+
+
 def blur_kernel_size(image_size: int) -> int:
     """About 10% of the side, odd (a centred kernel), at least 3 (smaller is a no-op)."""
     return max(3, int(round(0.1 * image_size)) | 1)
@@ -149,18 +158,18 @@ class ViewSampler:
         u = self._uniform((5, batch_size), generator, device)
         applied = u[0] < p.jitter_p
 
-        def factor(strength: float, v: Tensor) -> Tensor:
-            lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+        def factor(name: str, v: Tensor) -> Tensor:
+            lo, hi = jitter_range(p, name)
             return torch.where(applied, lo + (hi - lo) * v, torch.ones_like(v))
 
         hue = torch.where(applied, p.hue * (2.0 * u[4] - 1.0), torch.zeros_like(u[4]))
-        saturation = factor(p.saturation, u[3])
+        saturation = factor("saturation", u[3])
         if self.channels == 1:
             saturation = torch.ones_like(saturation)
             hue = torch.zeros_like(hue)
         return JitterParams(
-            brightness=factor(p.brightness, u[1]),
-            contrast=factor(p.contrast, u[2]),
+            brightness=factor("brightness", u[1]),
+            contrast=factor("contrast", u[2]),
             saturation=saturation,
             hue=hue,
             applied=applied,

@@ -24,7 +24,7 @@ from iwm.config import MaskConfig
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
 from iwm.data.masks import Masks, MultiBlockMaskGenerator
 from iwm.data.shard import take_rows
-from iwm.data.views import STRENGTHS, ViewParams, ViewSampler
+from iwm.data.views import STRENGTHS, ViewParams, ViewSampler, jitter_range
 from iwm.evaluation.results import write_result
 from iwm.models.iwm import IWM
 from iwm.models.tokens import gather_tokens
@@ -203,9 +203,10 @@ def _range_end(params: ViewParams, factor: str, end: int, batch: int,
     :meth:`ViewSampler.sample_jitter` draws it from, every other factor the identity.
     Hue ends are at most a quarter turn each way: shifts of -0.5 and +0.5 turn are the
     same image, and half a turn apart is as far apart as two hues get."""
-    strength = getattr(params, factor)
-    value = (end * min(strength, 0.25) if factor == "hue"
-             else max(0.0, 1.0 - strength) if end < 0 else 1.0 + strength)
+    lo, hi = jitter_range(params, factor)
+    if factor == "hue":
+        lo, hi = max(lo, -0.25), min(hi, 0.25)
+    value = lo if end < 0 else hi
     out = JitterParams.identity(batch, device)
     setattr(out, factor, torch.full((batch,), value, device=device))
     out.applied = torch.ones(batch, dtype=torch.bool, device=device)
