@@ -16,6 +16,7 @@ from iwm.evaluation.mrr import (
     MRRResult,
     _range_end,
     bank_view_params,
+    chance_mrr_stderr,
     evaluate_mrr,
     mean_reciprocal_rank,
     run_mrr,
@@ -191,6 +192,9 @@ def test_oracle_predictor_scores_one_everywhere(channels, distance):
                           normalize=normalize)
     assert result.mrr == 1.0
     assert all(v == 1.0 for v in result.per_transform.values() if v is not None)
+    # Every rank is 1: nothing varies over the images.
+    assert result.stderr == 0.0
+    assert all(v == 0.0 for v in result.per_transform_stderr.values() if v is not None)
 
 
 def test_each_setting_asks_for_the_right_action():
@@ -261,6 +265,22 @@ def test_action_blind_predictor_is_near_chance():
     chance = harmonic(BANK) / BANK
     assert result.mrr < 0.5
     assert abs(result.mrr - chance) < 0.12
+    # Its measured standard error is the one of random ranks, and it is at chance by it.
+    assert result.stderr == pytest.approx(chance_mrr_stderr(BANK, 64), rel=0.3)
+    assert abs(result.mrr - chance) < 4 * result.stderr
+
+
+def test_chance_stderr_is_the_spread_of_random_ranks():
+    # 1/rank for ranks uniform on 1..K, n images at a time: the MRRs' std over many draws.
+    gen = torch.Generator().manual_seed(0)
+    for k, n in ((64, 256), (16, 8)):
+        ranks = torch.randint(1, k + 1, (4000, n), generator=gen).float()
+        mrrs = (1 / ranks).mean(1)
+        assert mrrs.mean().item() == pytest.approx(harmonic(k) / k, rel=0.01)
+        assert chance_mrr_stderr(k, n) == pytest.approx(mrrs.std().item(), rel=0.05)
+    assert chance_mrr_stderr(1, 10) == 0.0  # one entry: always rank 1
+    with pytest.raises(ValueError, match="at least 1"):
+        chance_mrr_stderr(64, 0)
 
 
 def test_result_fields_and_per_transform_entries():
@@ -270,8 +290,10 @@ def test_result_fields_and_per_transform_entries():
     assert (result.bank, result.n_images, result.distance) == (4, 3, "cosine")
     assert 0.25 <= result.mrr <= 1.0
     assert set(result.per_transform) == set(FACTORS) | set(DESTRUCTIVE_OPS)
+    assert set(result.per_transform_stderr) == set(result.per_transform)
     for name in ("saturation", "hue", "grayscale"):
         assert result.per_transform[name] is None
+        assert result.per_transform_stderr[name] is None
         assert "1-channel" in result.notes[name]
     for name in ("brightness", "contrast", "blur", "solarize"):
         assert 0.25 <= result.per_transform[name] <= 1.0
@@ -379,7 +401,7 @@ def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
     })
     out = run_mrr(run, n_images=6, bank_size=4, device="cpu", batch_size=4)
     saved = json.loads((run / "results" / "mrr.json").read_text())
-    for key in ("mrr", "bank", "n_images", "per_transform", "distance"):
+    for key in ("mrr", "stderr", "bank", "n_images", "per_transform", "distance"):
         assert saved[key] == out[key]
     assert (saved["n_images"], saved["bank"], saved["distance"]) == (6, 4, "cosine")
     assert saved["per_transform"]["hue"] is None and saved["step"] == 3

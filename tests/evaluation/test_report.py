@@ -73,8 +73,9 @@ def test_report_of_a_bare_run(fresh_run):
 def test_report_with_results(fresh_run):
     results = fresh_run / "results"
     results.mkdir()
-    mrr = {"mrr": 0.4321, "bank": 8, "n_images": 4, "distance": "cosine",
+    mrr = {"mrr": 0.4321, "stderr": 0.0123, "bank": 8, "n_images": 4, "distance": "cosine",
            "per_transform": {"brightness": 0.6543, "saturation": None},
+           "per_transform_stderr": {"brightness": 0.0456, "saturation": None},
            "notes": {"saturation": "no-op on 1-channel images"}, "seed": 0}
     (results / "mrr.json").write_text(json.dumps(mrr))
     (results / "probe_linear.json").write_text(json.dumps(
@@ -103,6 +104,11 @@ def test_report_with_results(fresh_run):
                    "0.5500", "mnist 0.6000", "unexpected=kept"):
         assert number in text, number
     assert "no-op on 1-channel images" in text
+    # Each MRR beside its standard error, and chance (H_8 / 8) with its own for 4 images.
+    assert "<td>all</td><td class=num>0.4321</td><td class=num>0.0123</td>" in text
+    assert "<td>brightness</td><td class=num>0.6543</td><td class=num>0.0456</td>" in text
+    assert "<td>saturation</td><td class=num>None</td><td class=num>–</td>" in text
+    assert re.search(r"chance is 0\.340 ± 0\.1\d\d", text)
     assert "probe_broken" in text and "unreadable" in text
     assert re.search(r"<td>probe_linear_raw_pixels</td><td>accuracy</td><td class=num>0.7131"
                      r"</td>.*?raw pixels \(baseline\)", text)

@@ -85,14 +85,17 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:
-    from iwm.evaluation.mrr import run_mrr
+    from iwm.evaluation.mrr import chance_mrr, chance_mrr_stderr, run_mrr
 
     r = run_mrr(Path(args.run), n_images=args.images, bank_size=args.bank,
                 distance=args.distance, device=args.device, seed=args.seed,
                 context=args.context)
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_transform"].items() if v is not None)
-    print(f"MRR {r['mrr']:.4f} (bank {r['bank']}, {r['n_images']} images, {r['distance']}); "
-          f"per transform: {parts} -> {r['path']}")
+    chance = chance_mrr(r["bank"])
+    noise = chance_mrr_stderr(r["bank"], r["n_images"])
+    print(f"MRR {r['mrr']:.4f} ± {r['stderr']:.4f} (bank {r['bank']}, {r['n_images']} images, "
+          f"{r['distance']}; chance {chance:.4f} ± {noise:.4f}); per transform: {parts} "
+          f"-> {r['path']}")
     if r["sensitivity"]:
         print("latent change over each factor's range, relative to the distance between "
               "images (encoder / predictor / alignment):")

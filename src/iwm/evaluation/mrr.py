@@ -11,6 +11,7 @@ per-transform scores) is in docs/evaluation.md, "The MRR protocol".
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ __all__ = [
     "FactorSensitivity",
     "MRRResult",
     "bank_view_params",
+    "chance_mrr_stderr",
     "evaluate_mrr",
     "mean_reciprocal_rank",
     "pairwise_scores",
@@ -76,13 +78,17 @@ class FactorSensitivity:
 @dataclass
 class MRRResult:
     """MRR of a world model; ``per_transform`` values are ``None`` where not meaningful
-    (the reason is in ``notes``); ``sensitivity`` has the factors that were scored."""
+    (the reason is in ``notes``); ``sensitivity`` has the factors that were scored. Compare
+    a value with :func:`chance_mrr` in units of its stderr or of :func:`chance_mrr_stderr`."""
 
     mrr: float
+    stderr: float
+    """Standard error of ``mrr`` over the images (std of 1/rank / sqrt(n))."""
     bank: int
     n_images: int
     distance: str
     per_transform: dict[str, float | None]
+    per_transform_stderr: dict[str, float | None]
     notes: dict[str, str] = field(default_factory=dict)
     sensitivity: dict[str, FactorSensitivity] = field(default_factory=dict)
 
@@ -93,6 +99,20 @@ class MRRResult:
 def chance_mrr(bank_size: int) -> float:
     """The MRR of a predictor that ignores the action: H_K / K (see "Chance level")."""
     return sum(1 / r for r in range(1, bank_size + 1)) / bank_size
+
+
+def chance_mrr_stderr(bank_size: int, n_images: int) -> float:
+    """Standard error of the MRR over ``n_images`` of a predictor that ignores the action.
+
+    Its rank is uniform on 1..K, so one image's 1/rank has mean H_K / K and second moment
+    H2_K / K (H2_K = sum of 1/r^2); an MRR is "above chance" by how many of these it sits
+    above :func:`chance_mrr`.
+    """
+    if bank_size < 1 or n_images < 1:
+        raise ValueError(f"bank_size={bank_size}, n_images={n_images}: must be at least 1")
+    mean = chance_mrr(bank_size)
+    second = sum(1 / r**2 for r in range(1, bank_size + 1)) / bank_size
+    return math.sqrt(max(second - mean**2, 0.0) / n_images)
 
 
 def check_distance(distance: str) -> None:
@@ -403,13 +423,20 @@ def _sensitivities(sens: dict[str, Tensor], notes: dict[str, str]
 def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str], bank_size: int,
                distance: str, sens: dict[str, Tensor]) -> MRRResult:
     order = ["all", *FACTORS, *DESTRUCTIVE_OPS]
-    per = {name: None if (r := ranks[name]) is None else float(r.mean())
-           for name in order if name in ranks and name != "all"}
+    names = [name for name in order if name in ranks and name != "all"]
+    per = {name: None if (r := ranks[name]) is None else float(r.mean()) for name in names}
+    per_err = {name: None if (r := ranks[name]) is None else _stderr(r) for name in names}
     all_ranks = ranks["all"]
     assert all_ranks is not None
-    return MRRResult(mrr=float(all_ranks.mean()), bank=bank_size, n_images=all_ranks.numel(),
-                     distance=distance, per_transform=per, notes=notes,
+    return MRRResult(mrr=float(all_ranks.mean()), stderr=_stderr(all_ranks), bank=bank_size,
+                     n_images=all_ranks.numel(), distance=distance, per_transform=per,
+                     per_transform_stderr=per_err, notes=notes,
                      sensitivity=_sensitivities(sens, notes))
+
+
+def _stderr(reciprocal_ranks: Tensor) -> float:
+    n = reciprocal_ranks.numel()
+    return float(reciprocal_ranks.float().std()) / math.sqrt(n) if n > 1 else float("nan")
 
 
 def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_generator: MaskFn,

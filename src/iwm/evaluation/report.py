@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from iwm.errors import IWMError
-from iwm.evaluation.mrr import chance_mrr
+from iwm.evaluation.mrr import chance_mrr, chance_mrr_stderr
 from iwm.evaluation.retrieval import RetrievalExample, jitter_description, score_label
 from iwm.training.metrics import read_metrics
 
@@ -233,6 +233,13 @@ def plot_mrr(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _chance_text(result: dict) -> str:
+    bank, n = result.get("bank"), result.get("n_images")
+    if not (isinstance(bank, int) and isinstance(n, int) and bank > 0 and n > 0):
+        return "unknown (no bank size in mrr.json)"
+    return f"{chance_mrr(bank):.3f} ± {chance_mrr_stderr(bank, n):.3f}"
+
+
 def _mrr_section(run_dir: Path, out_dir: Path) -> str:
     path = run_dir / "results" / "mrr.json"
     if not path.exists():
@@ -247,6 +254,11 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
     rows = [("all", result.get("mrr"))] + list((result.get("per_transform") or {}).items())
     notes = result.get("notes") or {}
     sens = result.get("sensitivity") or {}
+    errors = {"all": result.get("stderr"), **(result.get("per_transform_stderr") or {})}
+
+    def err_cell(name: str) -> str:
+        v = errors.get(name)
+        return f"<td class=num>{'–' if v is None else _esc(_fmt(v))}</td>"
 
     def sens_cells(name: str) -> str:
         v = sens.get(name) if isinstance(sens, dict) else None
@@ -255,7 +267,7 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
                        for k in ("encoder", "predictor", "alignment"))
 
     body = "".join(
-        f"<tr><td>{_esc(name)}</td><td class=num>{_esc(_fmt(value))}</td>"
+        f"<tr><td>{_esc(name)}</td><td class=num>{_esc(_fmt(value))}</td>{err_cell(name)}"
         f"{sens_cells(name)}<td>{_esc(notes.get(name, ''))}</td></tr>" for name, value in rows)
     extra = ", ".join(f"{k} {_fmt(result[k])}" for k in ("seed", "step", "seconds")
                       if k in result)
@@ -269,7 +281,9 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
             "encoder and for the predictor, and the cosine of the two changes. An encoder "
             "near 0 is invariant to the factor; a predictor near 0 while the encoder is not "
             "ignores that field of the action.</p>"
-            "<table><tr><th>setting</th><th>MRR</th><th>encoder</th><th>predictor</th>"
+            f"<p>± s.e.: standard error over the images; chance is {_chance_text(result)}.</p>"
+            "<table><tr><th>setting</th><th>MRR</th><th>± s.e.</th><th>encoder</th>"
+            "<th>predictor</th>"
             f"<th>alignment</th><th>note</th></tr>{body}</table>")
 
 
