@@ -303,6 +303,9 @@ def test_result_fields_and_per_transform_entries():
     model, views, masks = _setup(3)
     result = evaluate_mrr(model, views, _images(2, 3), masks, bank_size=4, normalize=normalize)
     assert all(v is not None for v in result.per_transform.values())
+    # One image has no spread: no error rather than a NaN that JSON cannot hold.
+    result = evaluate_mrr(model, views, _images(1, 3), masks, bank_size=4, normalize=normalize)
+    assert result.stderr is None and set(result.per_transform_stderr.values()) == {None}
     assert model.training  # restored after the call
 
 

@@ -93,7 +93,8 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_transform"].items() if v is not None)
     chance = chance_mrr(r["bank"])
     noise = chance_mrr_stderr(r["bank"], r["n_images"])
-    print(f"MRR {r['mrr']:.4f} ± {r['stderr']:.4f} (bank {r['bank']}, {r['n_images']} images, "
+    err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
+    print(f"MRR {r['mrr']:.4f}{err} (bank {r['bank']}, {r['n_images']} images, "
           f"{r['distance']}; chance {chance:.4f} ± {noise:.4f}); per transform: {parts} "
           f"-> {r['path']}")
     if r["sensitivity"]:

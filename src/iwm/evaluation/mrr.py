@@ -82,8 +82,9 @@ class MRRResult:
     a value with :func:`chance_mrr` in units of its stderr or of :func:`chance_mrr_stderr`."""
 
     mrr: float
-    stderr: float
-    """Standard error of ``mrr`` over the images (std of 1/rank / sqrt(n))."""
+    stderr: float | None
+    """Standard error of ``mrr`` over the images (std of 1/rank / sqrt(n)); None from
+    one image, where there is no spread to measure (and NaN is not valid JSON)."""
     bank: int
     n_images: int
     distance: str
@@ -434,9 +435,9 @@ def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str], bank_size
                      sensitivity=_sensitivities(sens, notes))
 
 
-def _stderr(reciprocal_ranks: Tensor) -> float:
+def _stderr(reciprocal_ranks: Tensor) -> float | None:
     n = reciprocal_ranks.numel()
-    return float(reciprocal_ranks.float().std()) / math.sqrt(n) if n > 1 else float("nan")
+    return float(reciprocal_ranks.float().std()) / math.sqrt(n) if n > 1 else None
 
 
 def evaluate_mrr(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_generator: MaskFn,
