@@ -30,6 +30,8 @@ RULES = [
     ("data.crop_scale=[0.5,0.2]", "data.crop_scale=[0.5, 0.2]: needs 0 < min <= max <= 1"),
     ("data.crop_ratio=[0,1]", "data.crop_ratio=[0.0, 1.0]: needs 0 < min <= max"),
     ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
+    ("data.holdout=1.0", "data.holdout=1.0: needs 0 <= value < 1"),
+    ("data.holdout=-0.1", "data.holdout=-0.1: needs 0 <= value < 1"),
     # views
     ("views.strength=extreme",
      "views.strength='extreme': must be one of none, jitter, destructive, strong"),

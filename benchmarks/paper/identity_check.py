@@ -29,7 +29,7 @@ def identity_cosines(run: str, n_images: int) -> dict[str, float]:
     pretrained = load(run)
     model = pretrained.model.eval()
     cfg = pretrained.config
-    data = get_dataset(cfg.data.name, "test", cfg.data.root)
+    data = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
     images, _ = next(iter(iter_eval_batches(data, n_images, cfg.data.image_size, "cpu",
                                             limit=n_images)))
     tokens = model.target_encoder.forward_tokens(pretrained.normalize(images))

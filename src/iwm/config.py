@@ -132,10 +132,14 @@ class DataConfig(_Section):
     """Use only the first N training images (quick experiments)."""
     num_workers: int = 4
     """Decoding workers for streamed (image-folder) data sets."""
+    holdout: float = 0.1
+    """Fraction of an image folder without split sub-folders held out as its test split,
+    chosen by a hash of each file's path (0: train on everything, no test split)."""
 
     def check(self) -> None:
         super().check()
         self._at_least_one("image_size")
+        self._fraction("holdout")
         self._scale_range("crop_scale")
         self._ratio_range("crop_ratio")
         if self.num_workers < 0:

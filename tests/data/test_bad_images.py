@@ -109,7 +109,7 @@ def _messy_folder(root: Path) -> Path:
 def test_folder_reports_empty_classes_and_other_files_once(tmp_path):
     root = _messy_folder(tmp_path / "messy")
     with pytest.warns(UserWarning) as record:
-        folder = open_image_folder(root)
+        folder = open_image_folder(root, holdout=0)
     [message] = [str(w.message) for w in record]
     assert "1 class folders without images (empty)" in message
     assert "1 files that are not images by their extension ignored (e.g. notes.txt)" in message
@@ -119,7 +119,7 @@ def test_folder_reports_empty_classes_and_other_files_once(tmp_path):
 
 def test_training_source_skips_counts_and_reports_once_per_epoch(tmp_path):
     with pytest.warns(UserWarning):
-        folder = open_image_folder(_messy_folder(tmp_path / "messy"))
+        folder = open_image_folder(_messy_folder(tmp_path / "messy"), holdout=0)
     # Images smaller than the crop (2x3 px) are upsampled like any other.
     src = StreamingBatchSource(folder, batch_size=7, image_size=16, seed=0, num_workers=0)
     for epoch in range(2):
@@ -137,7 +137,7 @@ def test_training_source_skips_counts_and_reports_once_per_epoch(tmp_path):
 
 def test_folder_of_only_broken_files_fails_at_the_start(tmp_path):
     _broken(tmp_path / "bad" / "c")
-    folder = open_image_folder(tmp_path / "bad")
+    folder = open_image_folder(tmp_path / "bad", holdout=0)
     src = StreamingBatchSource(folder, batch_size=2, image_size=16, num_workers=0)
     with pytest.raises(DataError, match="none of 4 sampled images could be read") as info:
         _ = src.mean  # what the trainer asks for first, before any step
@@ -149,7 +149,7 @@ def test_mostly_broken_folder_is_a_one_line_error_from_a_worker(tmp_path):
         (tmp_path / "bad" / "c").mkdir(parents=True, exist_ok=True)
         (tmp_path / "bad" / "c" / f"{i:02d}.png").write_text("junk")
     Image.fromarray(RGB).save(tmp_path / "bad" / "c" / "zz_good.png")
-    folder = open_image_folder(tmp_path / "bad")
+    folder = open_image_folder(tmp_path / "bad", holdout=0)
     # One batch holds every file, so it holds one followed by MAX_SUBSTITUTES broken ones.
     src = StreamingBatchSource(folder, batch_size=len(folder), image_size=16, num_workers=1)
     with pytest.raises(DataError, match=f"{MAX_SUBSTITUTES} unreadable images in a row") as info:

@@ -17,6 +17,7 @@ from iwm.data.datasets import (
     get_dataset,
     open_image_folder,
     read_idx,
+    require_labels,
 )
 from iwm.errors import DataError
 
@@ -142,12 +143,79 @@ def test_image_folder_class_missing_from_test_keeps_labels(image_folder):
     assert test.classes == ["cat", "dog"] and set(test.labels.tolist()) == {1}
 
 
-def test_image_folder_without_splits(image_folder):
-    flat = image_folder / "train"  # class folders directly
-    ds = open_image_folder(flat, "train")
-    assert ds.classes == ["cat", "dog"] and len(ds) == 14
-    with pytest.raises(DataError, match="no 'test' sub-folder"):
-        open_image_folder(flat, "test")
+def test_image_folder_without_splits_holds_a_slice_out(image_folder):
+    flat = image_folder / "train"  # class folders directly, 14 images
+    train = open_image_folder(flat, "train")
+    test = open_image_folder(flat, "test")
+    assert train.classes == test.classes == ["cat", "dog"]
+    assert len(test) >= 1 and len(train) + len(test) == 14
+    assert not set(train.samples) & set(test.samples)  # (path, label): labels agree too
+    assert open_image_folder(flat, "val").samples == test.samples
+    everything = open_image_folder(flat, "train", holdout=0)
+    assert len(everything) == 14 and set(everything.samples) == {*train.samples,
+                                                                 *test.samples}
+    with pytest.raises(DataError, match="no test split .*data.holdout=0"):
+        open_image_folder(flat, "test", holdout=0)
+    with pytest.raises(DataError, match="unknown split 'unlabeled'.*train, test, val"):
+        open_image_folder(flat, "unlabeled")
+
+
+def _touch_images(folder, names):
+    # Indexing goes by extension only, so empty files are images enough (and fast).
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).touch()
+
+
+@pytest.mark.parametrize("holdout", [0.1, 0.3])
+def test_holdout_slice_statistics(tmp_path, holdout):
+    names = [f"img_{i:04d}.png" for i in range(2000)]
+    _touch_images(tmp_path / "photos", names)
+    train = open_image_folder(tmp_path / "photos", "train", holdout)
+    test = open_image_folder(tmp_path / "photos", "test", holdout)
+    train_files = {p for p, _ in train.samples}
+    test_files = {p for p, _ in test.samples}
+    assert not train_files & test_files
+    assert train_files | test_files == {str(tmp_path / "photos" / n) for n in names}
+    # Binomial std of the fraction: sqrt(p (1 - p) / 2000) <= 0.011.
+    assert abs(len(test) / 2000 - holdout) < 0.035
+    assert test.classes == train.classes == ["photos"]
+    again = open_image_folder(tmp_path / "photos", "test", holdout)
+    assert again.samples == test.samples  # deterministic
+
+
+def test_holdout_is_stable_when_files_are_added_and_the_folder_moves(tmp_path):
+    names = [f"{i}.jpg" for i in range(300)]
+    _touch_images(tmp_path / "a", names)
+    before = {p for p, _ in open_image_folder(tmp_path / "a", "test").samples}
+    _touch_images(tmp_path / "a", [f"new_{i}.jpg" for i in range(100)])
+    after = {p for p, _ in open_image_folder(tmp_path / "a", "test").samples}
+    assert before <= after  # old files keep their split; only new ones can join
+    assert all("new_" in p for p in after - before)
+    # By the path inside the folder, so a copy elsewhere splits the same way.
+    _touch_images(tmp_path / "elsewhere" / "b", names)
+    moved = open_image_folder(tmp_path / "elsewhere" / "b", "test").samples
+    assert {p.rsplit("/", 1)[1] for p, _ in moved} == {p.rsplit("/", 1)[1] for p in before}
+
+
+def test_tiny_folders_keep_both_splits(tmp_path):
+    _touch_images(tmp_path / "two", ["a.png", "b.png"])
+    for holdout in (0.01, 0.5, 0.99):
+        train = open_image_folder(tmp_path / "two", "train", holdout)
+        test = open_image_folder(tmp_path / "two", "test", holdout)
+        assert len(train) == len(test) == 1 and train.samples != test.samples
+    _touch_images(tmp_path / "one", ["a.png"])
+    with pytest.raises(DataError, match="only 1 image.*need 2.*data.holdout=0"):
+        open_image_folder(tmp_path / "one", "train")
+    assert len(open_image_folder(tmp_path / "one", "train", holdout=0)) == 1
+
+
+def test_require_labels(tmp_path, image_folder):
+    _touch_images(tmp_path / "photos", ["a.png", "b.png"])
+    with pytest.raises(DataError, match="^a probe needs labelled images: imagefolder:.*photos "
+                                        "has a single class; put its images in <class>/"):
+        require_labels(open_image_folder(tmp_path / "photos"), "a probe")
+    require_labels(open_image_folder(image_folder), "a probe")  # two classes: fine
 
 
 def test_train_folder_without_test_folder(image_folder):
@@ -166,7 +234,7 @@ def test_image_folder_val_alias(image_folder):
 def test_flat_folder_is_one_class(tmp_path):
     for i in range(3):
         Image.new("RGB", (5, 5), (i, i, i)).save(tmp_path / f"{i}.png")
-    ds = open_image_folder(tmp_path, "train")
+    ds = open_image_folder(tmp_path, "train", holdout=0)
     assert ds.classes == [tmp_path.name] and len(ds) == 3
 
 

@@ -94,7 +94,8 @@ def test_tensor_source_rejects_mismatched_state_and_small_sets():
 
 @pytest.fixture
 def coloured_folder(tmp_path):
-    """24 constant-colour PNGs (of several sizes) in 3 classes; colour encodes the index."""
+    """24 constant-colour PNGs (of several sizes) in 3 classes; colour encodes the index.
+    Opened with holdout=0: these tests count on every file being in the split."""
     root = tmp_path / "coloured"
     for i in range(24):
         d = root / f"class{i % 3}"
@@ -109,7 +110,7 @@ def _colour_ids(crops: torch.Tensor) -> list[int]:
 
 
 def test_streaming_source_epoch_and_labels(coloured_folder):
-    folder = open_image_folder(coloured_folder)
+    folder = open_image_folder(coloured_folder, holdout=0)
     src = StreamingBatchSource(folder, 5, 8, **AUGMENT, seed=0, num_workers=0)
     assert src.steps_per_epoch == 4
     seen = []
@@ -126,7 +127,7 @@ def test_streaming_source_epoch_and_labels(coloured_folder):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_streaming_source_resume(coloured_folder, workers):
-    folder = open_image_folder(coloured_folder)
+    folder = open_image_folder(coloured_folder, holdout=0)
     kw = dict(**AUGMENT, num_workers=workers)
     expected = _take(StreamingBatchSource(folder, 4, 6, seed=5, **kw), 9)[5:]
     run = StreamingBatchSource(folder, 4, 6, seed=5, **kw)
@@ -140,7 +141,7 @@ def test_streaming_source_resume(coloured_folder, workers):
 
 
 def test_streaming_source_same_seed_same_batches(coloured_folder):
-    folder = open_image_folder(coloured_folder)
+    folder = open_image_folder(coloured_folder, holdout=0)
     a = _take(StreamingBatchSource(folder, 4, 6, **AUGMENT, seed=1, num_workers=0), 3)
     b = _take(StreamingBatchSource(folder, 4, 6, **AUGMENT, seed=1, num_workers=0), 3)
     _assert_same(a, b)
@@ -148,7 +149,7 @@ def test_streaming_source_same_seed_same_batches(coloured_folder):
 
 def test_streaming_source_skips_unreadable_files(coloured_folder):
     (coloured_folder / "class0" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
-    folder = open_image_folder(coloured_folder)
+    folder = open_image_folder(coloured_folder, holdout=0)
     assert len(folder) == 25
     src = StreamingBatchSource(folder, 5, 8, **IDENTITY, seed=0, num_workers=0)
     with pytest.warns(UserWarning, match="zz_broken.png"):
@@ -160,7 +161,7 @@ def test_streaming_source_skips_unreadable_files(coloured_folder):
 
 
 def test_streaming_source_empty_folder(coloured_folder):
-    folder = open_image_folder(coloured_folder)
+    folder = open_image_folder(coloured_folder, holdout=0)
     folder.samples = []
     with pytest.raises(DataError, match="no images"):
         StreamingBatchSource(folder, 4, 8, num_workers=0)
@@ -201,7 +202,7 @@ def test_eval_batches_image_set():
 
 def test_eval_batches_folder(coloured_folder):
     (coloured_folder / "class1" / "zz_broken.png").write_bytes(b"junk")
-    folder = open_image_folder(coloured_folder)
+    folder = open_image_folder(coloured_folder, holdout=0)
     with pytest.warns(UserWarning, match="zz_broken"):
         batches = list(iter_eval_batches(folder, 10, 8))
     assert sum(x.shape[0] for x, _ in batches) == 24
@@ -221,8 +222,8 @@ def test_sources_on_cuda(coloured_folder):
     fresh = TensorBatchSource(data, 16, 8, **AUGMENT, device="cuda", seed=0)
     fresh.load_state_dict(state)
     _assert_same([fresh.next()], [ref])
-    stream = StreamingBatchSource(open_image_folder(coloured_folder), 4, 8, device="cuda",
-                                  num_workers=1)
+    stream = StreamingBatchSource(open_image_folder(coloured_folder, holdout=0), 4, 8,
+                                  device="cuda", num_workers=1)
     x, y = stream.next()
     assert x.device.type == "cuda" and x.dtype == torch.float32
     stream.close()

@@ -283,7 +283,7 @@ def test_stop_signal_checkpoints_and_exits_75(signame, data, forked_cli, tmp_pat
         # Streamed with a DataLoader worker, and the signal goes to the whole process group
         # as SLURM sends it: the worker must not die of it.
         folder = _image_folder(tmp_path / "images")
-        extra += [f"data.name=imagefolder:{folder}", "data.num_workers=1",
+        extra += [f"data.name=imagefolder:{folder}", "data.holdout=0", "data.num_workers=1",
                   "train.batch_size=8"]
     proc = forked_cli.start(["pretrain", "iwm-inv-tiny", *SMALL, *extra, "--run-dir", str(run)],
                             log, own_group=True)

@@ -69,7 +69,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
                                     f"train.device={dev}", *(overrides or [])])
     run_dir = out / f"{DEMO_PRESET}-{datetime.now():%Y%m%d-%H%M%S}"
     print(f"[1/6] data: {cfg.data.name}")
-    train = get_dataset(cfg.data.name, "train", cfg.data.root)
+    train = get_dataset(cfg.data.name, "train", cfg.data.root, holdout=cfg.data.holdout)
     print(f"      {len(train)} training images")
 
     print(f"[2/6] pretraining {DEMO_PRESET} ({cfg.model.encoder}, predictor "

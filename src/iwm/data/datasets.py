@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import hashlib
 import math
 import os
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iwm.config import DataConfig
 from iwm.data.fetch import data_root, find_animal_mnist, find_fashion_mnist, find_mnist
 from iwm.data.shapes import SHAPES_CLASSES, SHAPES_SPLITS, load_shapes
 from iwm.errors import DataError
@@ -55,6 +57,8 @@ _SPLIT_ALIASES = {
 }
 STATS_SAMPLE = 256
 """Images a :class:`FolderSet` decodes to estimate its mean and std."""
+DEFAULT_HOLDOUT = DataConfig.holdout
+"""``data.holdout``'s default, for callers without a config."""
 
 
 @dataclass
@@ -419,13 +423,14 @@ def dataset_names() -> list[str]:
     return [*_LOADERS, f"{FOLDER_PREFIX}<path>"]
 
 
-def get_dataset(name: str, split: str, root: str | None = None,
-                download: bool = True) -> ImageSet | FolderSet:
+def get_dataset(name: str, split: str, root: str | None = None, download: bool = True,
+                holdout: float = DEFAULT_HOLDOUT) -> ImageSet | FolderSet:
     """Load data set ``name`` (see :func:`dataset_names`), split ``train`` or ``test``
-    (STL-10 also ``unlabeled``, ``train+unlabeled``)."""
+    (STL-10 also ``unlabeled``, ``train+unlabeled``). ``holdout`` (``data.holdout``) is the
+    test fraction of an image folder without split sub-folders; other sets ignore it."""
     key = name.strip()
     if key.lower().startswith(FOLDER_PREFIX):
-        return open_image_folder(key[len(FOLDER_PREFIX):], split)
+        return open_image_folder(key[len(FOLDER_PREFIX):], split, holdout)
     key = key.lower()
     if key not in _LOADERS:
         close = difflib.get_close_matches(key, list(_LOADERS), n=1)
@@ -436,6 +441,16 @@ def get_dataset(name: str, split: str, root: str | None = None,
     if split not in _SPLITS[key]:
         raise DataError(f"{key}: unknown split '{split}'; splits: {', '.join(_SPLITS[key])}")
     return _LOADERS[key](key, split, root, download)
+
+
+def require_labels(dataset: ImageSet | FolderSet, what: str) -> None:
+    """DataError unless ``dataset`` has at least two classes to tell apart; ``what`` names
+    the evaluation that needs them (a one-class image folder trains and has an MRR, but
+    gives a probe nothing to learn)."""
+    if len(dataset.classes) < 2:
+        raise DataError(f"{what} needs labelled images: {dataset.name} has a single class; "
+                        "put its images in <class>/ sub-folders (at least two; the folder "
+                        "names are the labels)")
 
 
 # ---------------------------------------------------------------- image folders
@@ -469,30 +484,62 @@ def image_files(folder: Path, recursive: bool, exts: frozenset[str],
     return sorted(p for p in visible if p.suffix.lower() in exts)
 
 
-def _resolve_split(base: Path, split: str) -> tuple[Path, list[Path]]:
-    """The folder of ``split`` and all split folders of ``base`` (for class names)."""
+def _resolve_split(base: Path, split: str) -> tuple[Path, list[Path], str | None]:
+    """The folder of ``split``, all split folders of ``base`` (for class names) and, for a
+    folder without split sub-folders, the side of its held-out slice that ``split`` is
+    ("train" or "test"; None where the split has a folder of its own)."""
     split_dirs = [base / s for s in SPLIT_FOLDERS if (base / s).is_dir()]
     for candidate in _SPLIT_ALIASES.get(split, (split,)):
         if (base / candidate).is_dir():
-            return base / candidate, split_dirs or [base / candidate]
-    if split == "train" and not split_dirs:
-        return base, [base]
-    have = ", ".join(d.name for d in split_dirs) or "none"
+            return base / candidate, split_dirs or [base / candidate], None
+    if not split_dirs and split in _SPLIT_ALIASES:
+        return base, [base], "train" if split == "train" else "test"
+    if not split_dirs:
+        raise DataError(f"{base}: unknown split '{split}' of a folder without split "
+                        f"sub-folders; splits: {', '.join(_SPLIT_ALIASES)}")
+    have = ", ".join(d.name for d in split_dirs)
     raise DataError(
-        f"{base}: no '{split}' sub-folder (split folders found: {have}); an image folder "
-        f"without split sub-folders can only be used as the train split"
+        f"{base}: no '{split}' sub-folder (split folders found: {have}); add "
+        f"{base / split}/<class>/ images, as in the other split folders"
     )
 
 
-def open_image_folder(path: str | os.PathLike[str], split: str = "train") -> FolderSet:
+def _path_hash(relative: str) -> float:
+    """A path's place in [0, 1): fixed by the path alone, so a file keeps its split when
+    others are added or removed, on every machine and Python (unlike ``hash``)."""
+    digest = hashlib.blake2b(relative.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def held_out(samples: list[tuple[str, int]], base: Path, holdout: float,
+             name: str) -> set[str]:
+    """The files of ``samples`` (all under ``base``) in the held-out (test) slice: those
+    whose :func:`_path_hash` of the path relative to ``base`` is below ``holdout``, but at
+    least one and never all (the ones of lowest hash), so a tiny folder still has both
+    splits. DataError for a folder of fewer than 2 images."""
+    if len(samples) < 2:
+        raise DataError(f"{name}: only {len(samples)} image, but a train split and a "
+                        "held-out test slice need 2; add images, or set data.holdout=0 to "
+                        "train on it with no test split")
+    ranked = sorted((_path_hash(Path(p).relative_to(base).as_posix()), p) for p, _ in samples)
+    below = sum(h < holdout for h, _ in ranked)
+    return {p for _, p in ranked[:min(max(below, 1), len(ranked) - 1)]}
+
+
+def open_image_folder(path: str | os.PathLike[str], split: str = "train",
+                      holdout: float = DEFAULT_HOLDOUT) -> FolderSet:
     """Index an image folder: ``<path>/<split>/<class>/**/<image>`` or, without split
-    folders, ``<path>/<class>/...`` as the train split. A folder of images with no class
-    sub-folders is one class."""
+    folders, ``<path>/<class>/...``, whose ``holdout`` fraction (:func:`held_out`) is the
+    test split (also ``val``) and the rest the train split. A folder of images with no
+    class sub-folders is one class."""
     base = Path(path).expanduser()
     name = f"{FOLDER_PREFIX}{path}"
     if not base.is_dir():
         raise DataError(f"{name}: {base} is not a folder")
-    folder, split_dirs = _resolve_split(base, split)
+    folder, split_dirs, side = _resolve_split(base, split)
+    if side == "test" and holdout == 0:
+        raise DataError(f"{name}: no test split (data.holdout=0 and no test/ or val/ "
+                        "sub-folder); set data.holdout=0.1 to hold out a slice of it")
     # Class names from every split folder, so that a class missing from one split does
     # not shift the labels of the others.
     classes = sorted({d.name for s in split_dirs for d in _visible_dirs(s)})
@@ -515,6 +562,9 @@ def open_image_folder(path: str | os.PathLike[str], split: str = "train") -> Fol
             f"{name}: no images in {folder} (expected <class>/<image> files in a format "
             f"Pillow can read, e.g. .png, .jpg)"
         )
+    if side is not None and holdout > 0:
+        test = held_out(samples, base, holdout, name)
+        samples = [s for s in samples if (s[0] in test) == (side == "test")]
     # Reported once, when the folder is indexed. An empty class keeps its label (so labels
     # agree between splits) but gets no samples; a non-image file is ignored.
     notes = []

@@ -410,7 +410,7 @@ def make_source(cfg: DataConfig, batch_size: int, device: torch.device | str, se
     ``cfg.limit`` is applied either way. ``batch_size`` is the global batch, of which the
     source returns ``shard``'s rows."""
     if dataset is None:
-        dataset = get_dataset(cfg.name, "train", cfg.root)
+        dataset = get_dataset(cfg.name, "train", cfg.root, holdout=cfg.holdout)
     data = dataset.subset(cfg.limit)
     common: dict[str, Any] = dict(
         batch_size=batch_size, image_size=cfg.image_size, crop_scale=cfg.crop_scale,

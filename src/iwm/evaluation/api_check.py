@@ -173,7 +173,7 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     dev = resolve_device(device)
     pretrained = iwm.load(run_dir, device=dev)
     cfg = pretrained.config
-    dataset = get_dataset(cfg.data.name, "test", cfg.data.root)
+    dataset = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
     # On the CPU so the jitters and true indices do not depend on the device.
     generator = torch.Generator().manual_seed(seed)
     collected: dict[str, list[Tensor]] = {}

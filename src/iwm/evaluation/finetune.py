@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from iwm.api import Pretrained
 from iwm.config import Config
 from iwm.data.actions import ACTION_DIM, null_action
-from iwm.data.datasets import FolderSet, ImageSet, get_dataset
+from iwm.data.datasets import FolderSet, ImageSet, get_dataset, require_labels
 from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
@@ -190,8 +190,10 @@ class TaskData:
 
 
 def load_task(name: str, cfg: Config, kind: str) -> TaskData:
-    train = get_dataset(name, "train", cfg.data.root)
-    test = get_dataset(name, "test", cfg.data.root)
+    train = get_dataset(name, "train", cfg.data.root, holdout=cfg.data.holdout)
+    if kind == "classification":  # segmentation's labels come from the images
+        require_labels(train, "classification finetuning")
+    test = get_dataset(name, "test", cfg.data.root, holdout=cfg.data.holdout)
     n = cfg.finetune.seg_classes if kind == "segmentation" else len(train.classes)
     return TaskData(train.name or name, train, test, n)
 

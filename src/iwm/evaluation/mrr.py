@@ -502,7 +502,7 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     pretrained = load(run_dir, device=dev)
     cfg, model = pretrained.config, pretrained.model
     model.eval()  # load() returns it in eval mode; a run dir is never resumed from here
-    dataset = get_dataset(cfg.data.name, "test", cfg.data.root)
+    dataset = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
     views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
     masks = protocol_masks(model.encoder.grid, cfg.mask, context)
     # On the CPU so the masks, banks and true indices do not depend on the device.

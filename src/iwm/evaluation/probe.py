@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from iwm.config import Config
-from iwm.data.datasets import get_dataset
+from iwm.data.datasets import get_dataset, require_labels
 from iwm.data.normalize import Normalizer
 from iwm.data.sources import iter_eval_batches
 from iwm.errors import ConfigError
@@ -36,7 +36,8 @@ def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
                fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """``fn`` of every batch of a split's centre views (no augmentation), concatenated on
     the CPU, and the labels."""
-    dataset = get_dataset(cfg.data.name, split, cfg.data.root)
+    dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
+    require_labels(dataset, "a probe")
     outs, labels = [], []
     with torch.no_grad():
         for images, y in iter_eval_batches(dataset, cfg.probe.batch_size,

@@ -471,7 +471,7 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
     from iwm.evaluation.retrieval import retrieval_examples
 
     cfg, model = pretrained.config, pretrained.model
-    dataset = get_dataset(cfg.data.name, "test", cfg.data.root)
+    dataset = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
     batch = next(iter_eval_batches(dataset, n_images, cfg.data.image_size, pretrained.device,
                                    limit=n_images), None)
     if batch is None:

@@ -136,7 +136,7 @@ def run_baselines(scale: Scale, seed: int, out: Path, device: str = "auto") -> d
     start = time.perf_counter()
     dev = resolve_device(device)
     cfg = load_config(scale.preset, [*scale.overrides, *scale.evaluations.probe])
-    train = get_dataset(cfg.data.name, "train", cfg.data.root)
+    train = get_dataset(cfg.data.name, "train", cfg.data.root, holdout=cfg.data.holdout)
     raw = probe_pixels(cfg, dev)
     torch.manual_seed(seed)
     model = build_model(cfg, train.channels).to(dev)

@@ -97,7 +97,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     # One permutation and one stream of crops for the global batch, of which each rank
     # takes its rows: together the ranks see exactly what one process would.
     batches = make_source(cfg.data, cfg.train.batch_size, device, seed=cfg.train.seed,
-                          dataset=get_dataset(cfg.data.name, "train", cfg.data.root),
+                          dataset=get_dataset(cfg.data.name, "train", cfg.data.root,
+                                              holdout=cfg.data.holdout),
                           shard=Shard(dist.rank, dist.world_size))
     trainer = Trainer.create(cfg, channels=batches.channels, mean=batches.mean,
                              std=batches.std, device=device,
