@@ -16,6 +16,8 @@ from iwm.config import load_config
 from iwm.data.actions import JitterParams
 from iwm.data.masks import MultiBlockMaskGenerator
 from iwm.data.views import ViewSampler, resolve_view_params
+from iwm.errors import DataError, IWMError
+from iwm.evaluation import report
 from iwm.evaluation.mrr import evaluate_mrr
 from iwm.evaluation.report import build_report
 from iwm.evaluation.retrieval import jitter_description, retrieval_examples
@@ -132,10 +134,37 @@ def test_report_without_checkpoint_or_metrics(fresh_run, tmp_path):
     assert "needs a checkpoint" in text and "predictor_depth: 2" in text
     assert _check_links(page) == ["curves.png"]
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    page = _build(empty)
+    started = tmp_path / "started"  # a run that has written its config, nothing else
+    started.mkdir()
+    shutil.copy(fresh_run / "config.yaml", started / "config.yaml")
+    page = _build(started)
     assert "no metrics yet" in page.read_text() and _check_links(page) == []
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    data = tmp_path / "photos"  # e.g. the image folder the run trained on
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "a.png").write_bytes(b"")
+    with pytest.raises(IWMError, match="is not a run directory .*iwm pretrain wrote") as info:
+        _build(data)
+    assert "\n" not in str(info.value)
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == ["cat",
+                                                                               "cat/a.png"]
+
+
+def test_a_failing_section_leaves_a_note_and_the_rest_of_the_page(fresh_run, monkeypatch):
+    def gone(*args, **kwargs):
+        raise DataError("imagefolder:/data/photos: /data/photos is not a folder")
+
+    monkeypatch.setattr(report, "compute_retrieval", gone)
+    with pytest.warns(UserWarning, match="^report: 'The world model at work: retrieval' left "
+                                         "out: imagefolder:/data/photos: .* is not a folder$"):
+        page = _build(fresh_run)
+    text = page.read_text()
+    assert "could not be made: imagefolder:/data/photos: /data/photos is not a folder" in text
+    for heading in SECTIONS:
+        assert f"<h2>{heading}</h2>" in text
+    assert _check_links(page) == ["curves.png"]  # the curves, whatever else failed
 
 
 def test_cli_report(fresh_run, capsys):
@@ -143,6 +172,10 @@ def test_cli_report(fresh_run, capsys):
     assert str(fresh_run / "report" / "index.html") in capsys.readouterr().out
     assert main(["report", str(fresh_run / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+    assert main(["report", str(fresh_run / "checkpoints")]) == 2  # a folder, not a run
+    err = capsys.readouterr().err
+    assert "is not a run directory" in err and err.count("\n") == 1
+    assert not (fresh_run / "checkpoints" / "report").exists()
     assert main(["report", str(fresh_run), "--bank", "1"]) == 2
 
 

@@ -16,7 +16,10 @@ the folder can be copied or served as is; no network, scripts or external CSS):
 - the run's config.
 
 A section whose inputs do not exist says so (and which command creates them) rather than
-failing, so a report can be made of a run that is still training.
+failing, so a report can be made of a run that is still training; a section that fails
+(its data moved, a one-class folder) is replaced by a note saying why, with a one-line
+warning, so the curves are always written. A folder that is not a run (nor an exported
+model) is refused before anything is written into it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -580,6 +584,18 @@ def _config_from_file(run_dir: Path) -> Any:
         return None
 
 
+def _guarded(heading: str, build: Callable[[], str]) -> tuple[str, str]:
+    """``(heading, build())``, or a note saying why in place of a section that failed: one
+    evaluation that cannot run (data moved, no labels, a bug) must not cost the page."""
+    try:
+        return heading, build()
+    except Exception as e:  # noqa: BLE001 - whatever it was, the page says so and goes on
+        why = " ".join((str(e) if isinstance(e, IWMError) else f"{type(e).__name__}: {e}")
+                       .split())
+        warnings.warn(f"report: '{heading}' left out: {why}", stacklevel=3)
+        return heading, _missing(f"could not be made: {_esc(why)}")
+
+
 def _page(title: str, sections: Iterable[tuple[str, str]], header: str) -> str:
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
              f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
@@ -597,9 +613,17 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
     its ``index.html``. ``n_images``, ``bank_size``, ``top_k`` and ``seed`` size the
     retrieval grid."""
     start = time.perf_counter()
+    from iwm.interop.folder import is_export_dir
+    from iwm.training.run_dir import CONFIG_FILE, is_run_dir
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise IWMError(f"{run_dir}: no such run directory")
+    # Checked before the report folder is made: inside a data folder it would be a class.
+    if not (is_run_dir(run_dir) or is_export_dir(run_dir)):
+        raise IWMError(f"{run_dir} is not a run directory (no {CONFIG_FILE} or checkpoints/); "
+                       "give the folder iwm pretrain wrote (--run-dir, or "
+                       "train.out_dir/train.run_name)")
     if n_images < 1 or bank_size < 2 or top_k < 1:
         raise IWMError(f"retrieval grid: images={n_images} (>= 1), bank={bank_size} (>= 2), "
                        f"top_k={top_k} (>= 1)")
@@ -614,11 +638,12 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
     cfg = pretrained.config if pretrained is not None else _config_from_file(run_dir)
     config = _config_text(run_dir, cfg)
     sections = [
-        ("Training curves", _curves_section(run_dir, out_dir, rows)),
-        ("World-model quality (MRR)", _mrr_section(run_dir, out_dir)),
-        ("Probes and finetuning", _results_section(run_dir)),
-        ("The world model at work: retrieval",
-         _retrieval_section(pretrained, problem, out_dir, n_images, bank_size, top_k, seed)),
+        _guarded("Training curves", lambda: _curves_section(run_dir, out_dir, rows)),
+        _guarded("World-model quality (MRR)", lambda: _mrr_section(run_dir, out_dir)),
+        _guarded("Probes and finetuning", lambda: _results_section(run_dir)),
+        _guarded("The world model at work: retrieval",
+                 lambda: _retrieval_section(pretrained, problem, out_dir, n_images, bank_size,
+                                            top_k, seed)),
         ("Config", f"<pre>{_esc(config)}</pre>" if config is not None
          else _missing("no config.yaml and no checkpoint")),
     ]

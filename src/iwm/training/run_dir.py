@@ -14,6 +14,7 @@ from pathlib import Path
 
 from iwm.config import Config, load_config, save_config
 from iwm.errors import ConfigError, StorageError
+from iwm.training.checkpoint import CHECKPOINT_DIR
 
 CONFIG_FILE = "config.yaml"
 
@@ -22,6 +23,11 @@ def new_run_dir(cfg: Config, config_name: str) -> Path:
     """``train.out_dir / train.run_name``, or a time-stamped name when none is set."""
     name = cfg.train.run_name or f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(cfg.train.out_dir) / name
+
+
+def is_run_dir(path: Path) -> bool:
+    """True for a folder ``iwm pretrain`` wrote (its config, or a checkpoints folder)."""
+    return (path / CONFIG_FILE).is_file() or (path / CHECKPOINT_DIR).is_dir()
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
