@@ -4,10 +4,13 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import FAKE_TEST
 from iwm.cli.main import main
+from iwm.data.datasets import open_image_folder
 
 TINY = ["train.batch_size=16", "train.epochs=0.5", "train.progress=false",
         "model.predictor_depth=2"]
@@ -65,6 +68,46 @@ def test_pretrain_probe_and_mrr_end_to_end(tmp_path, capsys):
     mrr = json.loads((run / "results" / "mrr.json").read_text())
     assert {"mrr", "bank", "n_images", "per_transform"} <= mrr.keys()
     assert mrr["bank"] == 8 and mrr["n_images"] == 4
+
+
+def test_flat_image_folder_end_to_end(tmp_path, capsys):
+    # A folder of images, no split or class sub-folders: the evaluations use its held-out
+    # slice, the label-free ones work, the probe says what it needs.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(
+            photos / f"{i:02d}.png")
+    held_out = len(open_image_folder(photos, "test"))
+    run = tmp_path / "run"
+    data = [f"data.name=imagefolder:{photos}", "data.num_workers=0"]
+    assert main(["pretrain", "iwm-inv-tiny", *TINY, *data, "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", "mrr", str(run), "--bank", "4", "--images", "4"]) == 0
+    assert json.loads((run / "results" / "mrr.json").read_text())["n_images"] == min(4, held_out)
+    assert main(["eval", "api-check", str(run), "--bank", "4", "--images", "4"]) == 0
+    assert main(["probe", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "a probe needs labelled images" in err and "<class>/ sub-folders" in err
+    assert err.count("\n") == 1
+
+    assert main(["report", str(run), "--bank", "4", "--images", "2"]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert 'src="retrieval.png"' in page and 'src="mrr.png"' in page
+    assert "could not be made" not in page
+    assert main(["report", str(photos)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in photos.iterdir()) == [f"{i:02d}.png" for i in range(40)]
+
+    photos.rename(tmp_path / "moved")  # the data gone: the page still has its curves
+    with pytest.warns(UserWarning, match="report: 'The world model at work: retrieval' left "
+                                         "out: imagefolder:.* is not a folder$") as record:
+        assert main(["report", str(run), "--bank", "4", "--images", "2"]) == 0
+    assert "\n" not in str(record[0].message)
+    page = (run / "report" / "index.html").read_text()
+    assert 'src="curves.png"' in page and "could not be made" in page
 
 
 def test_resume_from_run_directory_extends_training(tmp_path):
