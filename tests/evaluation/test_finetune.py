@@ -10,7 +10,7 @@ import torch
 import iwm
 from iwm.cli.main import main
 from iwm.config import load_config
-from iwm.errors import ConfigError
+from iwm.errors import ConfigError, DataError
 from iwm.evaluation.finetune import (
     PROTOCOLS,
     build_backbone,
@@ -195,3 +195,16 @@ def test_channel_conversion():
     luma = 0.2989 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
     torch.testing.assert_close(match_channels(rgb, 1)[:, 0], luma)
     assert match_channels(rgb, 3) is rgb
+
+
+def test_classification_of_a_one_class_folder_says_it_needs_labels(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):  # indexing goes by extension: empty files are enough
+        (photos / f"{i}.png").touch()
+    cfg = load_config("iwm-inv-tiny")
+    with pytest.raises(DataError, match="^classification finetuning needs labelled images"):
+        load_task(f"imagefolder:{photos}", cfg, "classification")
+    # Segmentation's labels come from the pixels: one class is fine.
+    task = load_task(f"imagefolder:{photos}", cfg, "segmentation")
+    assert len(task.train) + len(task.test) == 4
