@@ -150,13 +150,15 @@ def test_image_folder_without_splits_holds_a_slice_out(image_folder):
     assert train.classes == test.classes == ["cat", "dog"]
     assert len(test) >= 1 and len(train) + len(test) == 14
     assert not set(train.samples) & set(test.samples)  # (path, label): labels agree too
-    assert open_image_folder(flat, "val").samples == test.samples
+    for alias in ("val", "valid", "validation"):
+        assert open_image_folder(flat, alias).samples == test.samples
     everything = open_image_folder(flat, "train", holdout=0)
     assert len(everything) == 14 and set(everything.samples) == {*train.samples,
                                                                  *test.samples}
     with pytest.raises(DataError, match="no test split .*data.holdout=0"):
         open_image_folder(flat, "test", holdout=0)
-    with pytest.raises(DataError, match="unknown split 'unlabeled'.*train, test, val"):
+    with pytest.raises(DataError, match="unknown split 'unlabeled'.*train, val, valid, "
+                                        "validation, test"):
         open_image_folder(flat, "unlabeled")
 
 

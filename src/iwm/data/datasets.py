@@ -492,11 +492,11 @@ def _resolve_split(base: Path, split: str) -> tuple[Path, list[Path], str | None
     for candidate in _SPLIT_ALIASES.get(split, (split,)):
         if (base / candidate).is_dir():
             return base / candidate, split_dirs or [base / candidate], None
-    if not split_dirs and split in _SPLIT_ALIASES:
+    if not split_dirs and split in SPLIT_FOLDERS:
         return base, [base], "train" if split == "train" else "test"
     if not split_dirs:
         raise DataError(f"{base}: unknown split '{split}' of a folder without split "
-                        f"sub-folders; splits: {', '.join(_SPLIT_ALIASES)}")
+                        f"sub-folders; splits: {', '.join(SPLIT_FOLDERS)}")
     have = ", ".join(d.name for d in split_dirs)
     raise DataError(
         f"{base}: no '{split}' sub-folder (split folders found: {have}); add "
@@ -530,8 +530,8 @@ def open_image_folder(path: str | os.PathLike[str], split: str = "train",
                       holdout: float = DEFAULT_HOLDOUT) -> FolderSet:
     """Index an image folder: ``<path>/<split>/<class>/**/<image>`` or, without split
     folders, ``<path>/<class>/...``, whose ``holdout`` fraction (:func:`held_out`) is the
-    test split (also ``val``) and the rest the train split. A folder of images with no
-    class sub-folders is one class."""
+    test split (also ``val``, ``valid``, ``validation``) and the rest the train split. A
+    folder of images with no class sub-folders is one class."""
     base = Path(path).expanduser()
     name = f"{FOLDER_PREFIX}{path}"
     if not base.is_dir():
