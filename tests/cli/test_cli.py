@@ -118,6 +118,20 @@ def test_resume_from_run_directory_extends_training(tmp_path):
     assert steps[-1] == "step_000004.pt"
 
 
+def test_resume_of_what_is_not_a_run_says_so_and_what_to_do(tmp_path, capsys):
+    missing = tmp_path / "runs" / "nosuch"
+    assert main(["pretrain", str(missing), "--resume"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"iwm: error: --resume: {missing} is not a run directory (no such "
+                    "folder); pass the folder of an earlier run (e.g. runs/NAME), or a preset "
+                    "or YAML file with --run-dir DIR")
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", str(tmp_path / "empty"), "--resume"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert f"{tmp_path / 'empty'} is not a run directory (no config.yaml in it): pass " in line
+    assert not (tmp_path / "empty" / "checkpoints").exists()
+
+
 def test_probe_of_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["probe", str(tmp_path / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err

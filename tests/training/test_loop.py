@@ -152,3 +152,53 @@ def test_input_wait_is_the_share_of_time_spent_getting_batches(tmp_path, monkeyp
     assert [r["step"] for r in slow] == [1, 2]
     assert all(0.2 < r["input_wait"] <= 1 for r in slow)
     assert max(r["input_wait"] for r in fast) < min(r["input_wait"] for r in slow)
+
+
+# ---------------------------------------------------------------- what it says
+
+
+TALK = ["train.batch_size=16", "train.log_every=2", "model.predictor_depth=1",
+        "train.epochs=1.5"]  # 6 steps; progress on (the default)
+
+
+def test_without_a_terminal_it_logs_one_line_per_log_every(tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(load_config("iwm-inv-tiny", TALK), run)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert captured.out == "" and "\r" not in err
+    lines = err.splitlines()
+    assert lines[0] == (f"iwm: run directory: {run}; watch it with `tensorboard --logdir "
+                        f"{run / 'tensorboard'}`")
+    assert lines[1].startswith("iwm: data: fashion-mnist (64 images, 10 classes, 1 channel, "
+                               "28x28); random crops")
+    assert "4 steps per epoch, 6 steps (1.5 epochs of batch 16)" in lines[1]
+    steps = [line for line in lines if line.startswith("iwm: pretrain ")]
+    assert [line.split()[3] for line in steps] == ["2/6", "4/6", "6/6"]
+    for line in steps:
+        assert all(f" {key} " in line for key in ("loss", "lr", "img/s", "elapsed", "left"))
+
+
+def test_progress_false_silences_it(tmp_path, capsys):
+    pretrain(load_config("iwm-inv-tiny", [*TALK, "train.progress=false"]), tmp_path / "run")
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_says_where_from_and_a_finished_run_stays_as_it_is(tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(load_config("iwm-inv-tiny", [*TALK, "train.epochs=0.5"]), run)
+    capsys.readouterr()
+    pretrain(load_config("iwm-inv-tiny", TALK), run, resume=True)
+    err = capsys.readouterr().err
+    assert f"iwm: resumed from step 2 (checkpoint {run / 'checkpoints' / 'step_000002.pt'})" \
+        in err.splitlines()
+    assert [line.split()[3] for line in err.splitlines()
+            if line.startswith("iwm: pretrain ")] == ["4/6", "6/6"]  # from step 2, not 0
+
+    rows, checkpoints = read_metrics(run), list_checkpoints(run)
+    pretrain(load_config("iwm-inv-tiny", TALK), run, resume=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == (f"iwm: {run} is already complete at step 6/6 (raise train.epochs to "
+                         f"train further, e.g. `iwm pretrain {run} --resume train.epochs=3`)")
+    assert not any(line.startswith("iwm: pretrain ") for line in lines)
+    assert read_metrics(run) == rows and list_checkpoints(run) == checkpoints

@@ -34,6 +34,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
         slurm = parse_slurm_options(args.slurm)  # before the config: a typo fails fast
     target = Path(args.config)
+    if args.resume and not (target.exists() or args.config in preset_names()):
+        raise IWMError(f"--resume: {target} is not a run directory (no such folder); pass "
+                       "the folder of an earlier run (e.g. runs/NAME), or a preset or YAML "
+                       "file with --run-dir DIR")
     if args.resume and target.is_dir():
         # `iwm pretrain RUN --resume`: the run directory carries its own config.
         cfg, run_dir = load_run_config(target, args.overrides), target

@@ -23,6 +23,10 @@ Faults, and what each costs:
   damaged it); rows the metrics logged after it are replaced by the resumed run's;
 * full disk / unwritable run directory: :class:`~iwm.errors.CheckpointError` or
   :class:`~iwm.errors.StorageError`, the previous checkpoint untouched.
+
+What it says (main process only, all of it silenced by ``train.progress=false``, through
+:mod:`iwm.console`): the run directory and data at the start, then a progress bar on a
+terminal or a plain line every ``train.log_every`` steps otherwise.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from iwm.config import Config
-from iwm.data.datasets import get_dataset
+from iwm.console import Progress, say
+from iwm.data.datasets import FolderSet, get_dataset
 from iwm.data.shard import Shard
 from iwm.data.sources import BatchSource, make_source
 from iwm.errors import ConfigError, Preempted
@@ -59,7 +63,7 @@ from iwm.training.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from iwm.training.metrics import MetricsLogger
+from iwm.training.metrics import TENSORBOARD_DIR, MetricsLogger
 from iwm.training.run_dir import CONFIG_FILE, save_run_config, writing
 from iwm.training.signals import StopRequests
 from iwm.training.state import restore_training_state, training_state
@@ -69,10 +73,10 @@ from iwm.training.step import Trainer, check_nonfinite
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     """Pretrain the model ``cfg`` describes into ``run_dir``; returns ``run_dir``.
 
-    ``resume`` continues from the newest loadable checkpoint of ``run_dir``. Raises
-    :class:`~iwm.errors.Preempted` after writing a checkpoint if SIGTERM or SIGUSR1 arrives
-    (see :mod:`iwm.training.signals`), and :class:`~iwm.errors.IWMError` subclasses for
-    everything the user can fix.
+    ``resume`` continues from the newest loadable checkpoint of ``run_dir`` (a run already
+    at its last step is left as it is). Raises :class:`~iwm.errors.Preempted` after writing
+    a checkpoint if SIGTERM or SIGUSR1 arrives (see :mod:`iwm.training.signals`), and
+    :class:`~iwm.errors.IWMError` subclasses for everything the user can fix.
     """
     dist, device = init_distributed(cfg.train.device)
     try:
@@ -103,12 +107,24 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
     trainer = Trainer.create(cfg, channels=batches.channels, mean=batches.mean,
                              std=batches.std, device=device,
                              steps_per_epoch=batches.steps_per_epoch, dist=dist)
-    start_step = _resume(run_dir, trainer, batches, dist, device) if resume else 0
+    talk = cfg.train.progress and dist.is_main
+    start_step = _resume(run_dir, trainer, batches, dist, device, talk) if resume else 0
     if dist.is_main:
         save_run_config(cfg, run_dir)
     total_steps = trainer.schedules.total_steps
-    bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
-               disable=not (cfg.train.progress and dist.is_main), dynamic_ncols=True)
+    if start_step >= total_steps:
+        batches.close()
+        more = _epochs_text(2 * cfg.train.epochs)
+        say(f"{run_dir} is already complete at step {start_step}/{total_steps} (raise "
+            f"train.epochs to train further, e.g. `iwm pretrain {run_dir} --resume "
+            f"train.epochs={more}`)", talk)
+        return
+    if talk:
+        say(f"run directory: {run_dir}; watch it with `tensorboard --logdir "
+            f"{run_dir / TENSORBOARD_DIR}`")
+        say(_data_summary(cfg, batches, total_steps))
+    bar = Progress(total_steps, "pretrain", unit="step", initial=start_step, enabled=talk,
+                   auto=False)
     with writing("metrics to", run_dir):
         # Resuming drops the rows a killed run logged after its checkpoint (the resumed
         # run logs those steps again); also when it had no checkpoint at all (step 0).
@@ -140,18 +156,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                 row = _metrics(trainer, batches, step, out, grad_norm, meter, skipped)
                 with writing("metrics to", logger.path):
                     logger.log(done, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                img_s=f"{row['images_per_s']:.0f}")
+                bar.log({"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
+                         "img/s": f"{row['images_per_s']:.0f}"})
             # Before saving: a checkpoint never holds a run that should have stopped.
             check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
             if save_now or stopping:
                 _save(run_dir, trainer, batches, dist, done)
             if stopping and not last:
+                written = (f"checkpoint {checkpoint_path(run_dir, done)} written; continue "
+                           f"with `iwm pretrain {run_dir} --resume`")
                 name = stop.signal.name if stop.signal else "a stop signal"
-                raise Preempted(
-                    f"stopped by {name} at step {done}/{total_steps}, checkpoint "
-                    f"{checkpoint_path(run_dir, done)} written; continue with "
-                    f"`iwm pretrain {run_dir} --resume`", step=done)
+                raise Preempted(f"stopped by {name} at step {done}/{total_steps}, {written}",
+                                step=done)
 
 
 def _seed_global_rngs(seed: int) -> None:
@@ -162,8 +178,44 @@ def _seed_global_rngs(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _epochs_text(epochs: float) -> str:
+    return f"{epochs:g}"
+
+
+def _data_summary(cfg: Config, batches: BatchSource, total_steps: int) -> str:
+    """One line: what is trained on, at which size, for how many steps."""
+    data, size = batches.dataset, cfg.data.image_size
+    channels = f"{data.channels} channel{'s' if data.channels != 1 else ''}"
+    facts = [f"{len(data)} images", f"{len(data.classes)} classes", channels]
+    crops = (f"random crops of {cfg.data.crop_scale[0]:.0%}-{cfg.data.crop_scale[1]:.0%} of "
+             f"the area, resized to {size}x{size} (data.image_size)")
+    if isinstance(data, FolderSet):
+        native = _first_image_size(data)
+        if native is not None and native != (size, size):
+            facts.append(f"the first {native[1]}x{native[0]}")
+            crops += "; images of another size are resized to it"
+    else:
+        height, width = data.images.shape[-2:]
+        facts.append(f"{width}x{height}")
+    return (f"data: {cfg.data.name} ({', '.join(facts)}); {crops}; "
+            f"{batches.steps_per_epoch} steps per epoch, {total_steps} steps "
+            f"({_epochs_text(cfg.train.epochs)} epochs of batch {cfg.train.batch_size})")
+
+
+def _first_image_size(data: FolderSet) -> tuple[int, int] | None:
+    """(height, width) of the folder's first image, from its header (cheap), if readable."""
+    from PIL import Image
+
+    try:
+        with Image.open(data.samples[0][0]) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - a summary only; training reports bad files itself
+        return None
+    return height, width
+
+
 def _resume(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,
-            device: torch.device) -> int:
+            device: torch.device, talk: bool) -> int:
     """Restore the newest loadable checkpoint of ``run_dir``; the step to start from."""
     loaded = load_latest_checkpoint(run_dir, map_location=device)
     if loaded is None:
@@ -180,7 +232,9 @@ def _resume(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInf
         # this, a second such kill after resuming would leave two. An older fallback
         # (newest damaged) is kept: it may be the only good one.
         prune_checkpoints(run_dir, trainer.cfg.train.keep_checkpoints)
-    return restore_training_state(state, trainer, batches, dist, str(path))
+    step = restore_training_state(state, trainer, batches, dist, str(path))
+    say(f"resumed from step {step} (checkpoint {path})", talk)
+    return step
 
 
 def _stop_requested(stop: StopRequests, dist: DistInfo, device: torch.device,
@@ -243,7 +297,7 @@ def _save(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,
 
 
 @contextlib.contextmanager
-def _closing(bar: tqdm, batches: BatchSource, logger: MetricsLogger) -> Iterator[None]:
+def _closing(bar: Progress, batches: BatchSource, logger: MetricsLogger) -> Iterator[None]:
     """Close what the loop opened, however it ends; failing to close the metrics file is
     an error only when nothing failed before."""
     try:

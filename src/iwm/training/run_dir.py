@@ -34,7 +34,9 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     """The config a run was started with, ``overrides`` applied."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE} in it): pass "
+                          "the folder `iwm pretrain` wrote (it holds config.yaml and "
+                          "checkpoints/), or start a new run from a preset or YAML file")
     return load_config(path, overrides)
 
 
