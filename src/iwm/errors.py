@@ -30,17 +30,37 @@ class TrainingError(IWMError):
     """Training cannot go on as configured, e.g. the loss keeps coming out NaN/inf."""
 
 
-class Preempted(Exception):  # noqa: N818 - a request that was honoured, not an error
-    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+class Stopped(Exception):  # noqa: N818 - a request that was honoured, not an error
+    """Training stopped on request after writing a checkpoint; ``--resume`` continues it.
 
-    Not an :class:`IWMError`: nothing is wrong. The CLI prints the message and exits with
-    :attr:`exit_code` 75 (``EX_TEMPFAIL`` of sysexits.h, "try again later"), so a requeue
-    script can tell "preempted: requeue, ``--resume`` continues" from a failure (1, 2).
+    Not an :class:`IWMError`: nothing is wrong. The CLI prints the message (one line) and
+    exits with :attr:`exit_code`, which tells the two kinds of stop apart.
     """
 
-    exit_code = 75
+    exit_code = 1
 
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
         """The step the checkpoint holds."""
+
+
+class Preempted(Stopped):
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+
+    Exit status :attr:`exit_code` 75 (``EX_TEMPFAIL`` of sysexits.h, "try again later"),
+    so a requeue script can tell "preempted: requeue, ``--resume`` continues" from a
+    failure (1, 2) and from a user's Ctrl-C (:class:`Interrupted`, 130).
+    """
+
+    exit_code = 75
+
+
+class Interrupted(Stopped):
+    """Training stopped on Ctrl-C (SIGINT) after writing a checkpoint.
+
+    Exit status :attr:`exit_code` 130 (128 + SIGINT, what a shell reports for Ctrl-C), not
+    75: the user stopped the run, a requeue script must not start it again.
+    """
+
+    exit_code = 130

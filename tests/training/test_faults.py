@@ -307,6 +307,66 @@ def test_stop_signal_checkpoints_and_exits_75(signame, data, forked_cli, tmp_pat
 
 
 def test_stop_signals_are_restored_after_training(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     pretrain(_cfg("train.epochs=0.25"), tmp_path / "run")
-    assert signal.getsignal(signal.SIGTERM) == before
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resume_continues(forked_cli, tmp_path, capsys):
+    run, log = tmp_path / "run", tmp_path / "child.log"
+    # An image folder streamed by a worker, and SIGINT to the whole process group, as a
+    # terminal sends Ctrl-C: the worker must not quit on it.
+    folder = _image_folder(tmp_path / "images")
+    proc = forked_cli.start(["pretrain", "iwm-inv-tiny", *SMALL, "train.epochs=1000",
+                             f"data.name=imagefolder:{folder}", "data.num_workers=1",
+                             "train.batch_size=8", "--run-dir", str(run)], log, own_group=True)
+    _wait_for_rows(run, proc, log)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.join(60)
+    text = log.read_text()
+    assert proc.exitcode == 130, text  # not 75: a requeue script must not restart it
+    assert "Traceback" not in text and "press Ctrl-C again to quit at once" in text
+    [(step, path)] = list_checkpoints(run)  # only the one written on Ctrl-C
+    assert load_checkpoint(path)["step"] == step
+    assert text.strip().splitlines()[-1] == (
+        f"iwm: interrupted at step {step}/4000, checkpoint {path} written; continue with "
+        f"`iwm pretrain {run} --resume`")
+
+    capsys.readouterr()
+    steps_per_epoch = 32 // 8
+    assert main(["pretrain", str(run), "--resume", "train.progress=true",
+                 f"train.epochs={(step + 2) / steps_per_epoch}"]) == 0
+    assert f"iwm: resumed from step {step} (checkpoint {path})" in capsys.readouterr().err
+    assert list_checkpoints(run)[-1][0] == step + 2
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, step + 3))
+
+
+def _slow_saves() -> None:
+    """In the child: every checkpoint save takes a minute, as on a slow file system."""
+    from iwm.training import loop
+
+    def save(*args: object) -> None:
+        time.sleep(60)
+
+    loop.save_checkpoint = save  # type: ignore[assignment]
+
+
+def test_a_second_ctrl_c_quits_at_once(forked_cli, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "child.log"
+    proc = forked_cli.start(["pretrain", "iwm-inv-tiny", *SMALL, "train.epochs=1000",
+                             "--run-dir", str(run)], log, own_group=True, hook=_slow_saves)
+    _wait_for_rows(run, proc, log)
+    os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while "press Ctrl-C again" not in log.read_text():  # the first one was handled
+        assert proc.is_alive() and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the (minute-long) save the first Ctrl-C asked for
+    started = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    proc.join(30)
+    text = log.read_text()
+    assert proc.exitcode == 130, text
+    assert time.monotonic() - started < 30  # did not wait for the save
+    assert text.strip().splitlines()[-1] == "iwm: interrupted" and "Traceback" not in text
+    assert list_checkpoints(run) == []

@@ -3,7 +3,8 @@
 User errors (:class:`iwm.errors.IWMError`) print one line and exit with status 2;
 ``--debug`` shows the traceback instead. A run stopped by SIGTERM/SIGUSR1 after writing
 its checkpoint exits with status 75 (:class:`iwm.errors.Preempted`; requeue it and
-``--resume``).
+``--resume``), one stopped by Ctrl-C after writing it with 130
+(:class:`iwm.errors.Interrupted`), as does a second Ctrl-C that quits at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from iwm.config import load_config, preset_names, resolve_config_path
-from iwm.errors import IWMError, Preempted
+from iwm.errors import Interrupted, IWMError, Preempted, Stopped
 
 if TYPE_CHECKING:
     from iwm.study.grid import Study
@@ -219,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 done; 2 bad input (config, data, checkpoint, disk); "
                f"{Preempted.exit_code} stopped by SIGTERM or SIGUSR1 after finishing the step "
                "and writing a checkpoint (e.g. SLURM preemption: requeue the job and run "
-               "`iwm pretrain RUN --resume`); 130 Ctrl-C.")
+               "`iwm pretrain RUN --resume`); "
+               f"{Interrupted.exit_code} Ctrl-C (the first one finishes the step and writes a "
+               "checkpoint, a second quits at once).")
     p.add_argument("config", help="preset name (see `iwm config`), YAML file, or a run "
                                   "directory with --resume")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=2")
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         args.fn(args)
-    except Preempted as e:
+    except Stopped as e:
         # Not an error, even with --debug: a requeue script must see this status.
         print(f"iwm: {e}", file=sys.stderr)
         return e.exit_code

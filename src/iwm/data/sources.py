@@ -249,15 +249,18 @@ class _CropDataset(Dataset):
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SIGTERM, SIGUSR1 and SIGUSR2 do not end a worker.
+    """DataLoader ``worker_init_fn``: SIGTERM, SIGUSR1, SIGUSR2 and SIGINT do not end a
+    worker.
 
-    A cluster preempting a job signals every process of it, workers included, and torch's
-    workers die of SIGTERM; but the training process answers it by finishing its step and
-    writing a checkpoint (:mod:`iwm.training.signals`), for which it needs its workers. They
-    still stop when the training process shuts them down, or exits (they watch it).
+    A cluster preempting a job signals every process of it, workers included, and so does
+    Ctrl-C in a terminal (the whole foreground process group); torch's workers die of
+    SIGTERM and quit on SIGINT. But the training process answers either by finishing its
+    step and writing a checkpoint (:mod:`iwm.training.signals`), for which it needs its
+    workers. They still stop when the training process shuts them down, or exits (they
+    watch it).
     """
     # SIGUSR2: submitit's time-limit signal, which a SLURM job turns into the same stop.
-    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 

@@ -17,7 +17,8 @@ Faults, and what each costs:
   of those after the limit is reached;
 * SIGTERM / SIGUSR1: the current step finishes, a checkpoint is written and
   :class:`~iwm.errors.Preempted` is raised (CLI exit status 75), see
-  :mod:`iwm.training.signals`;
+  :mod:`iwm.training.signals`; Ctrl-C (SIGINT) the same, but
+  :class:`~iwm.errors.Interrupted` (exit status 130), and a second Ctrl-C quits at once;
 * SIGKILL / power loss: checkpoints are atomic, so the newest one is whole and ``--resume``
   continues from it (falling back to an older one, with a warning, if something else
   damaged it); rows the metrics logged after it are replaced by the resumed run's;
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -48,7 +50,7 @@ from iwm.console import Progress, say
 from iwm.data.datasets import FolderSet, get_dataset
 from iwm.data.shard import Shard
 from iwm.data.sources import BatchSource, make_source
-from iwm.errors import ConfigError, Preempted
+from iwm.errors import ConfigError, Interrupted, Preempted
 from iwm.models.iwm import StepOutput
 from iwm.training.checkpoint import (
     checkpoint_path,
@@ -75,8 +77,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     ``resume`` continues from the newest loadable checkpoint of ``run_dir`` (a run already
     at its last step is left as it is). Raises :class:`~iwm.errors.Preempted` after writing
-    a checkpoint if SIGTERM or SIGUSR1 arrives (see :mod:`iwm.training.signals`), and
-    :class:`~iwm.errors.IWMError` subclasses for everything the user can fix.
+    a checkpoint if SIGTERM or SIGUSR1 arrives, :class:`~iwm.errors.Interrupted` for a
+    Ctrl-C (see :mod:`iwm.training.signals`), and :class:`~iwm.errors.IWMError` subclasses
+    for everything the user can fix.
     """
     dist, device = init_distributed(cfg.train.device)
     try:
@@ -91,7 +94,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
     cfg.train.check_batch_split(dist.world_size)
     # From before the first (slow) set-up step, so that a stop requested during set-up is
     # honoured after the first training step instead of killing the process.
-    with StopRequests() as stop:
+    with StopRequests(note=dist.is_main) as stop:
         _train(cfg, run_dir, resume, dist, device, stop)
 
 
@@ -165,6 +168,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             if stopping and not last:
                 written = (f"checkpoint {checkpoint_path(run_dir, done)} written; continue "
                            f"with `iwm pretrain {run_dir} --resume`")
+                if stop.signal == signal.SIGINT:
+                    raise Interrupted(f"interrupted at step {done}/{total_steps}, {written}",
+                                      step=done)
                 name = stop.signal.name if stop.signal else "a stop signal"
                 raise Preempted(f"stopped by {name} at step {done}/{total_steps}, {written}",
                                 step=done)
