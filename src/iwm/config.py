@@ -130,8 +130,9 @@ class DataConfig(_Section):
     hflip: bool = True
     limit: int | None = None
     """Use only the first N training images (quick experiments)."""
-    num_workers: int = 4
-    """Decoding workers for streamed (image-folder) data sets."""
+    num_workers: int | None = None
+    """Decoding workers for streamed (image-folder) data sets; null (auto) = one fewer than
+    the CPUs this process may use, at most 4 (0 on one CPU)."""
     holdout: float = 0.1
     """Fraction of an image folder without split sub-folders held out as its test split,
     chosen by a hash of each file's path (0: train on everything, no test split)."""
@@ -142,7 +143,7 @@ class DataConfig(_Section):
         self._fraction("holdout")
         self._scale_range("crop_scale")
         self._ratio_range("crop_ratio")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0 "
                               "(0 decodes in the training process)")
 

@@ -227,3 +227,40 @@ def test_sources_on_cuda(coloured_folder):
     x, y = stream.next()
     assert x.device.type == "cuda" and x.dtype == torch.float32
     stream.close()
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8, 64])
+def test_auto_workers_leave_the_training_process_a_cpu(cpus, monkeypatch):
+    import os
+
+    from iwm.data.sources import MAX_AUTO_WORKERS, resolve_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert resolve_num_workers(None) == min(MAX_AUTO_WORKERS, cpus - 1)
+    assert resolve_num_workers(3) == 3  # an explicit count is the user's
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert resolve_num_workers(None) == min(MAX_AUTO_WORKERS, cpus - 1)
+    assert DataConfig().num_workers is None  # auto is the default
+
+
+def _worker_warnings(folder, num_workers) -> list[str]:
+    import warnings
+
+    cfg = DataConfig(name=f"imagefolder:{folder}", image_size=8, num_workers=num_workers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        src = make_source(cfg, batch_size=4, device="cpu", seed=0)
+        src.next()  # starts the workers, where torch checks their number
+        src.close()
+    # torch: "This DataLoader will create N worker processes in total. Our suggested max
+    # number of worker in current system is M, ..."
+    return [str(w.message) for w in caught if "suggested max number of worker" in str(w.message)]
+
+
+def test_default_workers_draw_no_excessive_worker_warning_here(image_folder):
+    from iwm.data.sources import available_cpus
+
+    assert _worker_warnings(image_folder, None) == []
+    # The check can see the warning: one worker more than the CPUs draws it.
+    assert _worker_warnings(image_folder, available_cpus() + 1)

@@ -11,6 +11,7 @@ run would have, on any device, however many batches the loader had prefetched.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import warnings
 from collections.abc import Iterator
@@ -420,7 +421,29 @@ def make_source(cfg: DataConfig, batch_size: int, device: torch.device | str, se
         crop_ratio=cfg.crop_ratio, hflip=cfg.hflip, device=device, seed=seed, shard=shard)
     if isinstance(data, ImageSet):
         return TensorBatchSource(data, **common)
-    return StreamingBatchSource(data, num_workers=cfg.num_workers, **common)
+    return StreamingBatchSource(data, num_workers=resolve_num_workers(cfg.num_workers),
+                                **common)
+
+
+MAX_AUTO_WORKERS = 4
+"""The most decoding workers ``data.num_workers: null`` (auto) starts."""
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a SLURM or container
+    allocation), else all of the machine's: what torch's DataLoader compares workers to."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(requested: int | None) -> int:
+    """``data.num_workers``: as given, or for None (auto) one fewer than the available CPUs
+    (the training process keeps one), at most :data:`MAX_AUTO_WORKERS`; 0 on one CPU. Never
+    more than the CPUs, beyond which torch warns that workers may be slow or freeze."""
+    if requested is not None:
+        return requested
+    return min(MAX_AUTO_WORKERS, available_cpus() - 1)
 
 
 # ---------------------------------------------------------------- evaluation

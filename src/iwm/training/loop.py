@@ -49,7 +49,7 @@ from iwm.config import Config
 from iwm.console import Progress, say
 from iwm.data.datasets import FolderSet, get_dataset
 from iwm.data.shard import Shard
-from iwm.data.sources import BatchSource, make_source
+from iwm.data.sources import BatchSource, StreamingBatchSource, make_source, resolve_num_workers
 from iwm.errors import ConfigError, Interrupted, Preempted
 from iwm.models.iwm import StepOutput
 from iwm.training.checkpoint import (
@@ -203,6 +203,8 @@ def _data_summary(cfg: Config, batches: BatchSource, total_steps: int) -> str:
     else:
         height, width = data.images.shape[-2:]
         facts.append(f"{width}x{height}")
+    if isinstance(batches, StreamingBatchSource):
+        facts.append(f"{resolve_num_workers(cfg.data.num_workers)} decoding workers")
     return (f"data: {cfg.data.name} ({', '.join(facts)}); {crops}; "
             f"{batches.steps_per_epoch} steps per epoch, {total_steps} steps "
             f"({_epochs_text(cfg.train.epochs)} epochs of batch {cfg.train.batch_size})")
