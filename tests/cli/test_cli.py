@@ -60,14 +60,23 @@ def test_pretrain_probe_and_mrr_end_to_end(tmp_path, capsys):
     assert main(["pretrain", "iwm-inv-tiny", *TINY, "--run-dir", str(run)]) == 2
     assert "--resume" in capsys.readouterr().err
 
-    assert main(["probe", str(run), "probe.max_iter=20"]) == 0
+    assert main(["probe", str(run), "probe.max_iter=20", "probe.batch_size=16"]) == 0
     probe = json.loads((run / "results" / "probe_linear.json").read_text())
     assert 0.0 <= probe["accuracy"] <= 1.0 and probe["n_test"] == 16
+    # Progress of the feature extraction: plain lines in a log (no terminal here), the
+    # last of each split at 100%.
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line.split()[:5] for line in err.splitlines()]
+    assert ["iwm:", "features", "of", "train", "batch"] in lines
+    assert err.count("features of train batch 4/4 ") == 1
+    assert err.count("features of test batch 1/1 ") == 1
 
     assert main(["eval", "mrr", str(run), "--bank", "8", "--images", "4"]) == 0
     mrr = json.loads((run / "results" / "mrr.json").read_text())
     assert {"mrr", "bank", "n_images", "per_transform"} <= mrr.keys()
     assert mrr["bank"] == 8 and mrr["n_images"] == 4
+    assert "iwm: eval mrr batch 1/1 elapsed " in capsys.readouterr().err
 
 
 def test_flat_image_folder_end_to_end(tmp_path, capsys):

@@ -191,6 +191,9 @@ def run(tmp_path_factory) -> Path:
 def test_run_api_check_writes_its_result_and_the_cli_prints_it(run, monkeypatch, capsys):
     monkeypatch.setenv("IWM_DATA", str(run.parent / "fmnist"))
     r = run_api_check(run, n_images=6, k=4, device="cpu", batch_size=4)
+    err = capsys.readouterr().err
+    assert [line.split()[4] for line in err.splitlines()
+            if line.startswith("iwm: eval api-check batch ")] == ["1/2", "2/2"]
     saved = json.loads((run / "results" / "api_check.json").read_text())
     assert r["path"] == str(run / "results" / "api_check.json")
     assert saved["n_images"] == 6 and saved["bank"] == 4  # 2 batches, 4 + 2 images

@@ -155,12 +155,14 @@ def world_model_api_check(pretrained: Pretrained, images: Tensor, k: int = 64,
 
 
 def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0,
-                  device: str = "auto", batch_size: int = 64) -> dict:
+                  device: str = "auto", batch_size: int = 64, progress: bool = True) -> dict:
     """:func:`world_model_api_check` of a run on its data set's first ``n_images`` test
     images (centre views, as :func:`~iwm.evaluation.mrr.run_mrr` takes them), each
     ``batch_size`` of them with a bank of its own. Writes and returns
-    ``RUN/results/api_check.json`` (the returned dict also has ``path``)."""
+    ``RUN/results/api_check.json`` (the returned dict also has ``path``); ``progress``: see
+    :mod:`iwm.console`."""
     import iwm
+    from iwm.console import batches_of, track
     from iwm.data.datasets import get_dataset
     from iwm.data.sources import iter_eval_batches
     from iwm.training.distributed import resolve_device
@@ -178,8 +180,9 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     collected: dict[str, list[Tensor]] = {}
     notes: dict[str, str] = {}
-    for images, _ in iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev,
-                                       limit=n_images):
+    batches = iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev, limit=n_images)
+    total = batches_of(min(n_images, len(dataset)), batch_size)
+    for images, _ in track(batches, total, "eval api-check", enabled=progress):
         ranks, batch_notes = _all_reciprocal_ranks(pretrained, images, k, generator)
         notes.update(batch_notes)
         for name, rr in ranks.items():

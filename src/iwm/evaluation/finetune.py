@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iwm.api import Pretrained
 from iwm.config import Config
+from iwm.console import Progress, batches_of, track
 from iwm.data.actions import ACTION_DIM, null_action
 from iwm.data.datasets import FolderSet, ImageSet, get_dataset, require_labels
 from iwm.data.normalize import Normalizer
@@ -51,7 +50,7 @@ from iwm.training.step import autocast_dtype
 PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end")
 TASK_KINDS = ("classification", "segmentation")
 LOG_POINTS = 10
-"""Loss lines printed per run (when a logger is given)."""
+"""Loss reports per run (with ``progress``): lines in a log, the bar's postfix on a terminal."""
 
 
 def match_channels(images: Tensor, channels: int) -> Tensor:
@@ -230,7 +229,7 @@ def _step_schedule(steps: list[int], seed: int) -> list[int]:
 @torch.no_grad()
 def evaluate(backbone: Backbone, head: nn.Module, task: TaskData, task_index: int | None,
              kind: str, cfg: Config, normalize: Normalizer, channels: int,
-             device: torch.device) -> dict[str, Any]:
+             device: torch.device, progress: bool = False) -> dict[str, Any]:
     """Test-set accuracy (classification) or mIoU (segmentation), centre views."""
     backbone.eval()
     head.eval()
@@ -238,9 +237,12 @@ def evaluate(backbone: Backbone, head: nn.Module, task: TaskData, task_index: in
     correct = torch.zeros((), dtype=torch.long, device=device)
     conf = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long, device=device)
     n = 0
-    for images, labels in iter_eval_batches(task.test, cfg.finetune.batch_size,
-                                            cfg.data.image_size, device,
-                                            limit=cfg.finetune.test_limit):
+    batches = iter_eval_batches(task.test, cfg.finetune.batch_size, cfg.data.image_size,
+                                device, limit=cfg.finetune.test_limit)
+    limit = cfg.finetune.test_limit
+    total = batches_of(len(task.test) if limit is None else min(limit, len(task.test)),
+                       cfg.finetune.batch_size)
+    for images, labels in track(batches, total, f"test {task.name}", enabled=progress):
         images = match_channels(images, channels)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = head(backbone(normalize(images), task_index))
@@ -262,9 +264,10 @@ def evaluate(backbone: Backbone, head: nn.Module, task: TaskData, task_index: in
 
 def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[TaskData],
              kind: str = "classification",
-             log: Callable[[str], None] | None = None) -> FinetuneOutcome:
+             progress: bool = False) -> FinetuneOutcome:
     """Train ``protocol`` on ``tasks`` (one: single task; several: multitask with task
-    tokens) and evaluate; ``cfg`` supplies ``finetune.*``, ``data.*`` and ``model.*``."""
+    tokens) and evaluate; ``cfg`` supplies ``finetune.*``, ``data.*`` and ``model.*``.
+    ``progress``: of the steps and the evaluation, see :mod:`iwm.console`."""
     if kind not in TASK_KINDS:
         raise ConfigError(f"task {kind!r}: must be one of {', '.join(TASK_KINDS)}")
     if not tasks:
@@ -301,6 +304,7 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
 
     backbone.train()
     heads.train()
+    bar = Progress(total, f"finetune {protocol}", unit="step", enabled=progress, auto=False)
     for step, i in enumerate(schedule):
         images, labels = sources[i].next()
         images = match_channels(images, channels)
@@ -318,9 +322,10 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
             flops_per_image[i] = counter.get_total_flops() / len(images)
         optimizer.step()
         scheduler.step()
-        if log is not None and (step + 1) % max(1, total // LOG_POINTS) == 0:
-            log(f"{protocol} step {step + 1}/{total} task {tasks[i].name} "
-                f"loss {loss.item():.4f}")
+        bar.update()
+        if progress and ((step + 1) % max(1, total // LOG_POINTS) == 0 or step + 1 == total):
+            bar.log({"task": tasks[i].name, "loss": f"{loss.item():.4f}"})
+    bar.close()
 
     for source in sources:
         if isinstance(source, StreamingBatchSource):
@@ -332,7 +337,7 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
     for i, t in enumerate(tasks):
         per_task[t.name] = {
             **evaluate(backbone, heads[i], t, i if multitask else None, kind, cfg, normalize,
-                       channels, device),
+                       channels, device, progress),
             "n_train": len(sources[i].dataset), "steps": steps[i]}
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
@@ -361,14 +366,10 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
     return FinetuneOutcome(backbone, heads, optimizer, result)
 
 
-def _log_stderr(message: str) -> None:
-    print(f"iwm: {message}", file=sys.stderr, flush=True)
-
-
 def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
                  kind: str = "classification", overrides: list[str] | None = None,
                  device: str = "auto", compare_separate: bool = False,
-                 log: Callable[[str], None] | None = _log_stderr) -> dict[str, Any]:
+                 progress: bool = True) -> dict[str, Any]:
     """``iwm finetune``: writes and returns ``RUN/results/finetune_<protocol>.json``
     (``segment_<protocol>.json`` for segmentation; ``*_multitask.json`` for several tasks,
     with the separately tuned predictors under ``separate`` if ``compare_separate``)."""
@@ -384,9 +385,9 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
     if len(set(names)) != len(names):
         raise ConfigError(f"--tasks {','.join(names)}: a task is listed twice")
     data = [load_task(name, cfg, kind) for name in names]
-    out = finetune(pretrained, protocol, cfg, data, kind, log).result
+    out = finetune(pretrained, protocol, cfg, data, kind, progress).result
     if compare_separate and len(data) > 1:
-        runs = [finetune(pretrained, protocol, cfg, [t], kind, log).result for t in data]
+        runs = [finetune(pretrained, protocol, cfg, [t], kind, progress).result for t in data]
         metric = "accuracy" if kind == "classification" else "miou"
         out["separate"] = {
             "tasks": {r["dataset"]: {metric: r[metric]} for r in runs},

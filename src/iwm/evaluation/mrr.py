@@ -482,14 +482,15 @@ def protocol_masks(grid: tuple[int, int], cfg: MaskConfig, context: str = "own"
 
 def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: str = "cosine",
             device: str = "auto", seed: int = 0, batch_size: int = 64, chunk_size: int = 512,
-            per_transform: bool = True, context: str = "own") -> dict:
+            per_transform: bool = True, context: str = "own", progress: bool = True) -> dict:
     """MRR of a trained run on its data set's first ``n_images`` test images (centre views).
 
     Writes and returns ``RUN/results/mrr.json`` (the returned dict also has ``path``).
     ``batch_size`` images share one draw of masks; their banks are encoded ``chunk_size``
-    views at a time, with :func:`protocol_masks`.
+    views at a time, with :func:`protocol_masks`. ``progress``: see :mod:`iwm.console`.
     """
     from iwm.api import load
+    from iwm.console import Progress, batches_of
     from iwm.data.datasets import get_dataset
     from iwm.data.sources import iter_eval_batches
     from iwm.data.views import resolve_view_params
@@ -512,6 +513,8 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     sens_parts: dict[str, list[Tensor]] = {}
     notes: dict[str, str] = {}
     seen = 0
+    bar = Progress(batches_of(min(n_images, len(dataset)), batch_size), "eval mrr",
+                   enabled=progress)
     for images, _ in iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev):
         images = images[:n_images - seen]
         ranks, batch_notes, sens = _reciprocal_ranks(
@@ -526,8 +529,10 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
             else:
                 collected.setdefault(name, [])
         seen += images.shape[0]
+        bar.update()
         if seen >= n_images:
             break
+    bar.close()
     if seen == 0:
         raise ValueError(f"{cfg.data.name}: the test split has no images")
     ranks_all = {name: torch.cat(parts) if parts else None for name, parts in collected.items()}

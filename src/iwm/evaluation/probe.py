@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from iwm.config import Config
+from iwm.console import batches_of, track
 from iwm.data.datasets import get_dataset, require_labels
 from iwm.data.normalize import Normalizer
 from iwm.data.sources import iter_eval_batches
@@ -33,15 +34,19 @@ PROBE_KINDS = ("linear", "attentive", "knn")
 
 
 def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
-               fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+               fn: Callable[[Tensor], Tensor], progress: bool = True
+               ) -> tuple[Tensor, Tensor]:
     """``fn`` of every batch of a split's centre views (no augmentation), concatenated on
     the CPU, and the labels."""
     dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
     require_labels(dataset, "a probe")
+    batches = iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size, device,
+                                limit=limit)
+    total = batches_of(len(dataset) if limit is None else min(limit, len(dataset)),
+                       cfg.probe.batch_size)
     outs, labels = [], []
     with torch.no_grad():
-        for images, y in iter_eval_batches(dataset, cfg.probe.batch_size,
-                                           cfg.data.image_size, device, limit=limit):
+        for images, y in track(batches, total, f"features of {split}", enabled=progress):
             outs.append(fn(images).cpu())
             labels.append(y.cpu())
     return torch.cat(outs), torch.cat(labels)
@@ -49,7 +54,7 @@ def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
 
 def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split: str,
                      limit: int | None, device: torch.device,
-                     pool: bool = True) -> tuple[Tensor, Tensor]:
+                     pool: bool = True, progress: bool = True) -> tuple[Tensor, Tensor]:
     """Frozen features and labels of a data split (no augmentation), on the CPU: average-pooled
     (N, D) float32, or with ``pool=False`` every token (N, T, D) in float16 (half the memory;
     the consumer upcasts each minibatch)."""
@@ -59,12 +64,14 @@ def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split
         tokens = encoder.forward_tokens(normalize(images))
         return tokens.mean(1).float() if pool else tokens.half()
 
-    return _map_split(cfg, split, limit, device, features)
+    return _map_split(cfg, split, limit, device, features, progress)
 
 
 def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
-                  device: torch.device, kind: str = "linear") -> ProbeResult:
-    """Probe a frozen encoder with ``cfg.probe`` settings; top-1 accuracy on the test split."""
+                  device: torch.device, kind: str = "linear",
+                  progress: bool = True) -> ProbeResult:
+    """Probe a frozen encoder with ``cfg.probe`` settings; top-1 accuracy on the test split.
+    ``progress``: of the feature extraction, see :mod:`iwm.console`."""
     if kind not in PROBE_KINDS:
         raise ConfigError(f"probe kind {kind!r}: must be one of {', '.join(PROBE_KINDS)}")
     p = cfg.probe
@@ -74,9 +81,9 @@ def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
                           f"encoder width {encoder.embed_dim}")
     pool = kind != "attentive"
     train_x, train_y = extract_features(encoder, normalize, cfg, "train", p.train_limit, device,
-                                        pool)
+                                        pool, progress)
     test_x, test_y = extract_features(encoder, normalize, cfg, "test", p.test_limit, device,
-                                      pool)
+                                      pool, progress)
     if kind == "attentive":
         return train_attentive_probe(
             train_x, train_y, test_x, test_y, epochs=p.attentive_epochs, lr=p.attentive_lr,
@@ -108,7 +115,7 @@ def run_linear_probe(run_dir: Path, overrides: list[str] | None = None,
 
 
 def run_probe(run_dir: Path, kind: str = "linear", overrides: list[str] | None = None,
-              device: str = "auto") -> dict:
+              device: str = "auto", progress: bool = True) -> dict:
     """Probe the run's encoder; writes and returns ``RUN/results/probe_<kind>.json``."""
     from iwm.api import load
     from iwm.config import load_config
@@ -118,7 +125,7 @@ def run_probe(run_dir: Path, kind: str = "linear", overrides: list[str] | None =
     cfg = load_config(pretrained.config.to_dict(), overrides)
     encoder = pretrained.encoder if cfg.probe.encoder == "target" else pretrained.context_encoder
     start = time.perf_counter()
-    result = probe_encoder(encoder, pretrained.normalize, cfg, dev, kind)
+    result = probe_encoder(encoder, pretrained.normalize, cfg, dev, kind, progress)
     out = {**asdict(result), "kind": kind, "encoder": cfg.probe.encoder,
            "step": pretrained.step, "seconds": time.perf_counter() - start,
            "probe_config": asdict(cfg.probe)}  # k, T, epochs, limits...: to reproduce it

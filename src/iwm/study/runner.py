@@ -86,13 +86,14 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
     results = run_dir / "results"
     mrr = _cached(results / "mrr.json", lambda: run_mrr(
         run_dir, n_images=ev.mrr_images, bank_size=ev.mrr_bank, device=device, seed=seed,
-        per_transform=False))
-    probe = _cached(results / "probe_linear.json",
-                    lambda: run_probe(run_dir, "linear", list(ev.probe), device=device))
+        per_transform=False, progress=False))
+    probe = _cached(results / "probe_linear.json", lambda: run_probe(
+        run_dir, "linear", list(ev.probe), device=device, progress=False))
     ft_overrides = [*ev.finetune, f"finetune.seed={seed}"]
     finetuned = {
         protocol: _cached(results / f"finetune_{protocol}.json", functools.partial(
-            run_finetune, run_dir, protocol, overrides=ft_overrides, device=device, log=None))
+            run_finetune, run_dir, protocol, overrides=ft_overrides, device=device,
+            progress=False))
         for protocol in ("predictor", "random-predictor")}
     out_json: dict[str, Any] = {
         "cell": cell.name, "seed": seed, "levels": cell.levels, "preset": cell.preset,
@@ -109,7 +110,7 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
     if roles and len(ev.multitask_tasks) > 1:
         multi = _cached(results / "finetune_multitask.json", lambda: run_finetune(
             run_dir, "predictor", list(ev.multitask_tasks), overrides=ft_overrides,
-            device=device, compare_separate=True, log=None))
+            device=device, compare_separate=True, progress=False))
         out_json["multitask"] = {
             "tasks": {k: v["accuracy"] for k, v in multi["tasks"].items()},
             "mean": multi["mean_accuracy"], "trainable_params": multi["trainable_params"],
