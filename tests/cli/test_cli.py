@@ -97,6 +97,7 @@ def test_flat_image_folder_end_to_end(tmp_path, capsys):
     assert main(["eval", "mrr", str(run), "--bank", "4", "--images", "4"]) == 0
     assert json.loads((run / "results" / "mrr.json").read_text())["n_images"] == min(4, held_out)
     assert main(["eval", "api-check", str(run), "--bank", "4", "--images", "4"]) == 0
+    capsys.readouterr()  # the evaluations' progress lines
     assert main(["probe", str(run)]) == 2
     err = capsys.readouterr().err
     assert "a probe needs labelled images" in err and "<class>/ sub-folders" in err
