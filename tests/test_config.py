@@ -18,6 +18,7 @@ from iwm.config import (
     TrainConfig,
     ViewsConfig,
     load_config,
+    preset_description,
     preset_names,
 )
 from iwm.errors import ConfigError
@@ -176,6 +177,20 @@ def test_the_batch_split_counts_processes_and_micro_batches():
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads(name):
     assert load_config(name).to_dict()["data"]
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_says_what_it_is_in_one_sentence(name):
+    text = preset_description(name)
+    # A whole sentence, and only the first: `iwm config` gives each preset one line.
+    assert text.endswith(".") and ". " not in text and 20 < len(text) < 300
+
+
+def test_preset_description_is_the_leading_comments_first_sentence(monkeypatch, tmp_path):
+    monkeypatch.setattr("iwm.config.PRESET_DIR", tmp_path)
+    (tmp_path / "p.yaml").write_text("# A thing on two\n#  lines. Then more.\n# Even more.\n"
+                                     "data: {image_size: 28}  # not this\n")
+    assert preset_description("p") == "A thing on two lines."
 
 
 def test_no_source_gives_the_defaults():

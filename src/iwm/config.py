@@ -541,6 +541,17 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset_description(name: str) -> str:
+    """What a preset is, for ``iwm config``: the first sentence of its YAML's leading
+    comment block, so the file stays the one place that describes it."""
+    lines = []
+    for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return re.split(r"(?<=\.)\s+", " ".join(lines), maxsplit=1)[0]
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A YAML path, or the name of a packaged preset (``iwm-inv-tiny``)."""
     path = Path(name_or_path)

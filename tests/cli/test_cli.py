@@ -1,5 +1,6 @@
 """The iwm command: errors are one line without traceback; commands chain end to end."""
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import FAKE_TEST
-from iwm.cli.main import main
+from iwm.cli.main import build_parser, main
+from iwm.config import preset_description, preset_names
 from iwm.data.datasets import open_image_folder
 
 TINY = ["train.batch_size=16", "train.epochs=0.5", "train.progress=false",
@@ -23,7 +25,12 @@ def fake_fashion_mnist(fake_mnist_dir, monkeypatch):
 
 def test_config_lists_presets_and_prints_resolved_values(capsys):
     assert main(["config"]) == 0
-    assert "iwm-equi-tiny" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()[1:]
+    # One line per preset: its name, then what its YAML's opening comment says it is.
+    assert [line.split()[0] for line in lines] == preset_names()
+    inv = next(line for line in lines if line.split()[0] == "iwm-inv-tiny")
+    assert inv.split(None, 1)[1] == preset_description("iwm-inv-tiny")
+    assert "invariant encoder" in inv
     assert main(["config", "iwm-inv-tiny", "model.predictor_depth=9"]) == 0
     assert "predictor_depth: 9" in capsys.readouterr().out
 
@@ -44,6 +51,31 @@ def test_bad_config_is_one_line_error(override, message, capsys, tmp_path):
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"iwm {version('iwm')}\n"
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "iwm"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_of_every_command_has_help():
+    missing = [f"{name}: {action.option_strings or action.dest}"
+               for name, parser in _parsers(build_parser())
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert missing == []
 
 
 def test_debug_flag_shows_the_exception():

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from iwm.config import load_config, preset_names, resolve_config_path
+from iwm.config import load_config, preset_description, preset_names, resolve_config_path
 from iwm.errors import Interrupted, IWMError, Preempted, Stopped
+from iwm.version import __version__
 
 if TYPE_CHECKING:
     from iwm.study.grid import Study
@@ -204,14 +205,28 @@ def _cmd_study_table(args: argparse.Namespace) -> None:
 
 def _cmd_config(args: argparse.Namespace) -> None:
     if args.config is None:
-        print("presets: " + ", ".join(preset_names()))
+        names = preset_names()
+        width = max(map(len, names))
+        print("presets (`iwm config NAME` prints one resolved, `iwm pretrain NAME` trains it):")
+        for name in names:
+            print(f"  {name:<{width}}  {preset_description(name)}")
         return
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 
+DEVICE_HELP = ("where to compute: auto (cuda if available, else mps, else cpu), cpu, cuda, "
+               "cuda:N or mps (default: auto)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iwm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"iwm {__version__}",
+                        help="print the installed iwm version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -238,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probe of a run's frozen encoder")
     p.add_argument("run", help="run directory")
     p.add_argument("overrides", nargs="*", help="probe.* overrides, e.g. probe.train_limit=10000")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(fn=_cmd_probe)
 
     p = sub.add_parser("eval", help="evaluate a run")
@@ -248,13 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or checkpoint")
     p.add_argument("--bank", type=int, default=256, help="transformations ranked per image")
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
-    p.add_argument("--distance", choices=("cosine", "l2"), default="cosine")
+    p.add_argument("--distance", choices=("cosine", "l2"), default="cosine",
+                   help="how predictions are compared with the bank (default: cosine)")
     p.add_argument("--context", choices=("own", "batch-min"), default="own",
                    help="own: each image's whole context; batch-min: every context thinned "
                         "to the smallest of its batch of 64 (the protocol before 2026-11-29, "
                         "for comparisons)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled images and transformations (default: 0)")
+    _add_device(p)
     p.set_defaults(fn=_cmd_eval_mrr)
     p = evals.add_parser("api-check", help="the world model asked through the Python API "
                                            "(iwm.Action, encode, apply): MRR of the true "
@@ -262,17 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (results go to RUN/results/)")
     p.add_argument("--bank", type=int, default=64, help="jitters ranked per image")
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled images and transformations (default: 0)")
+    _add_device(p)
     p.set_defaults(fn=_cmd_eval_api_check)
     p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "
                                        "attentive or kNN")
     p.add_argument("run", help="run directory")
     p.add_argument("overrides", nargs="*", help="probe.* overrides, e.g. probe.knn_k=10")
-    p.add_argument("--kind", choices=("linear", "attentive", "knn"), default="linear")
+    p.add_argument("--kind", choices=("linear", "attentive", "knn"), default="linear",
+                   help="probe head: linear, attentive (cross-attention pooling) or kNN "
+                        "(default: linear)")
     p.add_argument("--encoder", choices=("target", "context"),
                    help="encoder to probe (default: probe.encoder, i.e. target = EMA)")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(fn=_cmd_eval_probe)
 
     p = sub.add_parser("finetune", help="finetune a run's encoder and/or predictor with a "
@@ -282,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*",
                    help="config overrides, e.g. finetune.epochs=2 train.precision=bf16")
     p.add_argument("--protocol", required=True,
-                   choices=("encoder", "random-predictor", "predictor", "end-to-end"))
+                   choices=("encoder", "random-predictor", "predictor", "end-to-end"),
+                   help="encoder: tune the target encoder; random-predictor / predictor: a "
+                        "frozen encoder under a fresh / the pretrained predictor; end-to-end: "
+                        "both (docs/method.md)")
     p.add_argument("--tasks", help="comma-separated data sets (default: the run's); several "
                                    "= multitask tuning with task tokens")
     p.add_argument("--task", choices=("classification", "segmentation"),
@@ -290,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "linear segmentation")
     p.add_argument("--compare-separate", action="store_true",
                    help="with several --tasks, also tune one predictor per task")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(fn=_cmd_finetune)
 
     p = sub.add_parser("demo", help="the main job: pretrain a tiny IWM on Fashion-MNIST, "
@@ -298,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides on top of the demo's")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("export", help="write a run for other tools: the encoder for timm, or "
@@ -317,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "recursively; any format Pillow reads)")
     p.add_argument("--out", required=True, help="features.npy (+ features.paths.txt) or "
                                                 "features.parquet (needs pyarrow)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images encoded at once (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(fn=_cmd_embed)
 
     p = sub.add_parser("report", help="an HTML page of a run: curves, MRR, probe/finetune "
@@ -328,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN/report)")
     p.add_argument("--images", type=int, default=6, help="test images in the retrieval grid")
     p.add_argument("--bank", type=int, default=32, help="transformations ranked per image")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled images and transformations (default: 0)")
+    _add_device(p)
     p.set_defaults(fn=_cmd_report)
 
     p = sub.add_parser("study", help="a seeded grid of pretraining runs and evaluations, "
@@ -353,13 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int,
                            help="cells at once, each in its own process (default: the "
                                 "scale's)")
-            p.add_argument("--device", default="auto")
+            _add_device(p)
             p.add_argument("--no-summary", action="store_true",
                            help="do not write the table afterwards")
 
     p = sub.add_parser("config", help="list presets, or print a resolved config")
     p.add_argument("config", nargs="?", help="preset name or YAML file")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=2")
     p.set_defaults(fn=_cmd_config)
     return parser
 
