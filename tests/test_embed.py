@@ -78,6 +78,16 @@ def test_cli_writes_npy_and_the_paths_sidecar(run, images, tmp_path, capsys):
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["d.webp", "c.bmp", "e.tiff", "a.png"]
 
 
+def test_a_timm_export_embeds_as_its_run(run, images, tmp_path):
+    timm_dir = tmp_path / "timm"
+    assert main(["export", str(run), "--format", "timm", "--out", str(timm_dir)]) == 0
+    for source, name in ((run, "run.npy"), (timm_dir, "timm.npy")):
+        assert main(["embed", str(source), str(images), "--out", str(tmp_path / name)]) == 0
+    # The export holds the run's EMA target encoder, so the features are the run's.
+    np.testing.assert_array_equal(np.load(tmp_path / "timm.npy"), np.load(tmp_path / "run.npy"))
+    assert (tmp_path / "timm.paths.txt").read_text() == (tmp_path / "run.paths.txt").read_text()
+
+
 def test_parquet_without_pyarrow_is_a_one_line_error(run, images, tmp_path, capsys,
                                                      monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail

@@ -7,15 +7,24 @@ from typing import TYPE_CHECKING, Any
 from iwm.version import __version__
 
 if TYPE_CHECKING:
-    from iwm.api import Action, Pretrained, from_pretrained, load
+    from iwm.api import (
+        Action,
+        Pretrained,
+        PretrainedEncoder,
+        from_pretrained,
+        load,
+        load_encoder,
+    )
 
-__all__ = ["Action", "Pretrained", "from_pretrained", "load", "__version__"]
+__all__ = ["Action", "Pretrained", "PretrainedEncoder", "from_pretrained", "load",
+           "load_encoder", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `iwm.api` pulls in timm (and through it torch._dynamo, seconds of imports),
     # which the CLI's quick paths (`iwm config`, argument errors) should not pay for.
-    if name in ("Action", "Pretrained", "from_pretrained", "load"):
+    if name in ("Action", "Pretrained", "PretrainedEncoder", "from_pretrained", "load",
+                "load_encoder"):
         import iwm.api
 
         return getattr(iwm.api, name)

@@ -2,11 +2,17 @@
 
     >>> import iwm
     >>> model = iwm.load("runs/iwm-inv-tiny")          # run directory or checkpoint file
+    >>> images = model.load_images(["a.jpg", "b.png"])  # (B, C, H, W) in [0, 1], model-sized
     >>> tokens = model.encode(images)                  # (B, N, D) target-encoder tokens
     >>> pred = model.predict(tokens, masks, action)    # latents of the transformed image
     >>> pred = model.apply(tokens, iwm.Action(brightness=1.3))   # the same, named action
     >>> scores, idx = model.retrieve(pred, bank_tokens, k=5)    # nearest bank entries
     >>> model.save_pretrained("out")                   # config.json + model.safetensors
+    >>> encoder = iwm.load_encoder("timm-export")      # the encoder alone: encode, load_images
+
+Inputs are checked at the door: images must be (B, C, H, W) of the model's channels and
+size, floats in [0, 1] (uint8 is taken as 0..255 and divided by 255), and latents the
+encoder's (B, N, D); anything else is a one-line ValueError saying what was expected.
 """
 
 from __future__ import annotations
@@ -21,21 +27,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iwm.config import Config, load_config
-from iwm.data.actions import DestructiveParams, JitterParams, build_action
+from iwm.data.actions import ACTION_DIM, DestructiveParams, JitterParams, build_action
 from iwm.data.masks import Masks
 from iwm.data.normalize import Normalizer
 from iwm.errors import CheckpointError
 from iwm.interop.folder import (
     is_export_dir,
+    is_timm_export_dir,
     normalization_lists,
     read_pretrained,
+    read_timm_export,
     write_pretrained,
 )
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, build_model
 from iwm.models.predictor import Predictor
 from iwm.models.tokens import gather_tokens
-from iwm.models.vit import Encoder
+from iwm.models.vit import Encoder, create_encoder
 from iwm.training.checkpoint import latest_checkpoint, load_checkpoint
 
 
@@ -94,31 +102,28 @@ def _pooled_direction(x: Tensor, name: str) -> Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def _check_tokens(x: Tensor, name: str, tokens: int, dim: int) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 3 or tuple(x.shape[1:]) != (tokens, dim):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected encoder tokens (B, {tokens}, {dim}), got {got}; "
+                         "pass model.encode(images) of this model")
+
+
 @dataclass
-class Pretrained:
-    """A trained IWM model in eval mode, with the normalisation it was trained with."""
+class PretrainedEncoder:
+    """A trained EMA target encoder in eval mode, with the input size, channels and
+    normalisation it was trained with: what :func:`load_encoder` returns, e.g. from a timm
+    export. :class:`Pretrained` (the whole model) is one too."""
 
     config: Config
-    model: IWM
+    encoder: Encoder
+    """The EMA target encoder: the one the paper evaluates and finetunes."""
     normalize: Normalizer
     step: int
 
     @property
-    def encoder(self) -> Encoder:
-        """The EMA target encoder: the one the paper evaluates and finetunes."""
-        return self.model.target_encoder
-
-    @property
-    def context_encoder(self) -> Encoder:
-        return self.model.encoder
-
-    @property
-    def predictor(self) -> Predictor:
-        return self.model.predictor
-
-    @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.encoder.parameters()).device
 
     @property
     def in_chans(self) -> int:
@@ -127,6 +132,76 @@ class Pretrained:
     @property
     def image_size(self) -> int:
         return self.config.data.image_size
+
+    @property
+    def num_tokens(self) -> int:
+        height, width = self.encoder.grid
+        return height * width
+
+    def to(self, device: str | torch.device) -> PretrainedEncoder:
+        self.encoder.to(device)
+        self.normalize = Normalizer(self.normalize.mean.to(device), self.normalize.std.to(device))
+        return self
+
+    def check_images(self, images: Tensor) -> Tensor:
+        """``images`` as the encoder takes them, float in [0, 1]; a one-line ValueError for
+        another shape, channel count, dtype or value range."""
+        channels, size = self.in_chans, self.image_size
+        fix = (f"resize to {size} x {size} px with {channels} channel(s), or read files with "
+               "model.load_images(paths)")
+        if not isinstance(images, Tensor):
+            raise ValueError(f"images: expected a tensor (B, {channels}, {size}, {size}), got "
+                             f"{type(images).__name__}; {fix}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != (channels, size, size):
+            hint = "; add a batch dimension: images[None]" if images.ndim == 3 else ""
+            raise ValueError(f"images: expected (B, {channels}, {size}, {size}), got "
+                             f"{tuple(images.shape)}; {fix}{hint}")
+        if images.dtype == torch.uint8:
+            return images.float() / 255
+        if not images.is_floating_point():
+            raise ValueError(f"images: dtype {images.dtype}; expected floats in [0, 1] (or "
+                             "uint8 0..255)")
+        low, high = (float(v) for v in torch.aminmax(images))
+        if low < 0 or high > 1:
+            raise ValueError(f"images must be floats in [0, 1], these span [{low:.4g}, "
+                             f"{high:.4g}]; divide uint8 images by 255 (or clamp(0, 1) after "
+                             "a resize that overshoots)")
+        return images
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, pooled: bool = False) -> Tensor:
+        """Images (B, C, H, W), float in [0, 1] or uint8 -> tokens (B, N, D) or pooled (B, D)."""
+        images = self.check_images(images)
+        tokens = self.encoder.forward_tokens(self.normalize(images.to(self.device)))
+        return tokens.mean(1) if pooled else tokens
+
+    def load_images(self, paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
+                    ) -> Tensor:
+        """Image files (any format Pillow reads) -> (B, C, H, W) floats in [0, 1] on the
+        model's device, ready for :meth:`encode`: converted to the model's channels (luma
+        for 1-channel models), central square resized to :attr:`image_size` (the way
+        ``iwm embed`` and the probes see images). A :class:`~iwm.errors.DataError` names a
+        file that cannot be read."""
+        from iwm.interop.embed import read_images
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        return read_images(list(paths), self.image_size, self.in_chans).to(self.device)
+
+
+@dataclass
+class Pretrained(PretrainedEncoder):
+    """A trained IWM model in eval mode, with the normalisation it was trained with."""
+
+    model: IWM
+
+    @property
+    def context_encoder(self) -> Encoder:
+        return self.model.encoder
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.model.predictor
 
     @classmethod
     def create(cls, config: Config, in_chans: int, normalization: Mapping[str, Sequence[float]],
@@ -140,22 +215,23 @@ class Pretrained:
                 raise CheckpointError(f"{where}: does not match its own config: {mismatch}")
             model.load_state_dict(state)
         model.eval()
-        normalize = Normalizer.create(tuple(normalization["mean"]), tuple(normalization["std"]),
-                                      torch.device("cpu"))
-        return cls(config, model, normalize, int(step))
+        return cls(config, model.target_encoder, _normalizer(normalization), int(step), model)
 
     def to(self, device: str | torch.device) -> Pretrained:
-        self.model.to(device)
-        self.normalize = Normalizer(self.normalize.mean.to(device), self.normalize.std.to(device))
+        self.model.to(device)  # the target encoder with it
+        super().to(device)
         return self
 
-    @torch.no_grad()
-    def encode(self, images: Tensor, pooled: bool = False) -> Tensor:
-        """Images (B, C, H, W), float in [0, 1] or uint8 -> tokens (B, N, D) or pooled (B, D)."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 255
-        tokens = self.encoder.forward_tokens(self.normalize(images.to(self.device)))
-        return tokens.mean(1) if pooled else tokens
+    def encoder_only(self) -> PretrainedEncoder:
+        """The target encoder alone, without the context encoder and predictor."""
+        return PretrainedEncoder(self.config, self.encoder, self.normalize, self.step)
+
+    def _check_action(self, action: Tensor | None, batch: int) -> None:
+        if action is not None and (not isinstance(action, Tensor)
+                                   or tuple(action.shape) != (batch, ACTION_DIM)):
+            got = tuple(action.shape) if isinstance(action, Tensor) else type(action).__name__
+            raise ValueError(f"action: expected ({batch}, {ACTION_DIM}), got {got}; pass "
+                             "iwm.Action(...) or Action(...).to_tensor(batch_size)")
 
     @torch.no_grad()
     def predict(self, latents: Tensor, masks: Masks | None = None,
@@ -167,6 +243,8 @@ class Pretrained:
         way the predictor is reused downstream. ``action`` (B, ACTION_DIM) defaults to the
         null action (identity transformation).
         """
+        _check_tokens(latents, "latents", self.num_tokens, self.encoder.embed_dim)
+        self._check_action(action, latents.shape[0])
         if masks is None:
             return self.predictor.predict_all(latents, action=action)
         return self.predictor.predict_blocks(gather_tokens(latents, masks.context), masks,
@@ -185,8 +263,10 @@ class Pretrained:
         the size of a training target block, :meth:`Predictor.predict_by_halves`). On a
         trained demo run this scored 0.147 in ``iwm eval api-check`` against 0.094 when
         every query also saw its own source token (:meth:`predict` without masks)."""
+        _check_tokens(latents, "latents", self.num_tokens, self.encoder.embed_dim)
         if isinstance(action, Action):
             action = action.to_tensor(latents.shape[0], latents.device)
+        self._check_action(action, latents.shape[0])
         if masks is not None:
             return self.predict(latents, masks, action)
         return self.predictor.predict_by_halves(latents, action=action,
@@ -212,6 +292,9 @@ class Pretrained:
         """
         query = _pooled_direction(pred, "pred")
         keys = _pooled_direction(bank, "bank").to(query.device)
+        if query.shape[1] != keys.shape[1]:
+            raise ValueError(f"pred has width {query.shape[1]} but bank {keys.shape[1]}; "
+                             "encode the bank with the same model")
         # One matmul against a bank shared by all queries; mrr.pairwise_scores instead
         # scores per-query banks (B, K, D) and would need the bank copied B times.
         scores, indices = (query @ keys.T).topk(min(k, keys.shape[0]), dim=1)
@@ -224,6 +307,11 @@ class Pretrained:
             directory, self.model.state_dict(), config=self.config.to_dict(),
             in_chans=self.in_chans, step=self.step,
             normalization=normalization_lists(self.normalize.mean, self.normalize.std))
+
+
+def _normalizer(normalization: Mapping[str, Sequence[float]]) -> Normalizer:
+    return Normalizer.create(tuple(normalization["mean"]), tuple(normalization["std"]),
+                             torch.device("cpu"))
 
 
 def resolve_checkpoint(run_or_checkpoint: str | os.PathLike[str]) -> Path:
@@ -261,3 +349,23 @@ def from_pretrained(directory: str | os.PathLike[str],
     meta, state = read_pretrained(directory)
     return Pretrained.create(load_config(meta["config"]), meta["in_chans"], meta["normalization"],
                              state, meta["step"], where=directory).to(device)
+
+
+def load_encoder(source: str | os.PathLike[str],
+                 device: str | torch.device = "cpu") -> PretrainedEncoder:
+    """The EMA target encoder alone, from anything :func:`load` reads or from an
+    ``iwm export --format timm`` folder (which holds only that encoder)."""
+    if not is_timm_export_dir(source):
+        return load(source, device).encoder_only()
+    meta, state = read_timm_export(source)
+    config = load_config(meta["iwm"]["config"])
+    encoder = create_encoder(config.model.encoder, img_size=config.data.image_size,
+                             patch_size=config.model.patch_size,
+                             in_chans=int(meta["model_args"]["in_chans"]))
+    mismatch = state_shapes_mismatch(encoder.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{source}: does not match its own config: {mismatch}")
+    encoder.load_state_dict(state)
+    encoder.eval()
+    return PretrainedEncoder(config, encoder, _normalizer(meta["pretrained_cfg"]),
+                             int(meta["iwm"]["step"])).to(device)

@@ -449,6 +449,19 @@ def resolve_num_workers(requested: int | None) -> int:
 # ---------------------------------------------------------------- evaluation
 
 
+def eval_view(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The evaluation view of one decoded image: uint8 (C, H, W) -> its central square
+    resized (antialiased) to uint8 (C, size, size). The same as resizing the shorter side
+    to ``size`` and cropping the centre."""
+    from torchvision.transforms.v2 import functional as TF
+
+    side = min(img.shape[1:])
+    img = TF.center_crop(img, [side, side])
+    if side != size:
+        img = TF.resize(img, [size, size], antialias=True)
+    return img
+
+
 class _EvalDataset(Dataset):
     def __init__(self, folder: FolderSet, size: int) -> None:
         self.folder = folder
@@ -458,17 +471,11 @@ class _EvalDataset(Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | str:
-        from torchvision.transforms.v2 import functional as TF
-
         try:
             img = self.folder.load(index)
         except DataError as e:
             return str(e)
-        side = min(img.shape[1:])
-        img = TF.center_crop(img, [side, side])
-        if side != self.size:
-            img = TF.resize(img, [self.size, self.size], antialias=True)
-        return img, self.folder.samples[index][1]
+        return eval_view(img, self.size), self.folder.samples[index][1]
 
 
 def _eval_collate(items: list[tuple[torch.Tensor, int] | str]

@@ -1,10 +1,12 @@
 """Features of image files on disk (``iwm embed``): pooled target-encoder features.
 
 Images go through the evaluation pipeline of the linear probe
-(:func:`iwm.data.sources.iter_eval_batches`: central square, resized to the run's image
-size), are converted to the run's channel count (RGB -> luma for 1-channel runs) and
-normalised as in training. Unreadable files are skipped with a warning, so the output
-lists the files it actually holds.
+(:func:`iwm.data.sources.eval_view`: central square, resized to the run's image size),
+are converted to the run's channel count (RGB -> luma for 1-channel runs, :func:`to_channels`)
+and normalised as in training; :meth:`iwm.PretrainedEncoder.load_images` reads files the
+same way (:func:`read_images`). Unreadable files are skipped with a warning, so the
+output lists the files it actually holds. Any source :func:`iwm.load_encoder` reads will
+do, the timm export included: only the target encoder is used.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iwm.data.datasets import FolderSet, image_extensions, image_files
+from iwm.data.datasets import FolderSet, image_extensions, image_files, load_image
 from iwm.data.photometric import to_grayscale
-from iwm.data.sources import iter_eval_batches
+from iwm.data.sources import eval_view, iter_eval_batches
 from iwm.errors import DataError, IWMError
 
 if TYPE_CHECKING:
-    from iwm.api import Pretrained
+    from iwm.api import PretrainedEncoder
 
 OUTPUT_SUFFIXES = (".npy", ".parquet")
 
@@ -71,15 +73,35 @@ def check_output(out: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise IWMError(f"the model takes {channels}-channel images; only 1 (grayscale) and 3 "
+                       "(RGB) can be made from image files")
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Decoded RGB images (B, 3, H, W) -> the model's channels: luma for 1, as is for 3."""
+    return to_grayscale(images)[:, :1] if channels == 1 else images
+
+
+def read_images(files: Sequence[str | os.PathLike[str]], image_size: int,
+                channels: int) -> torch.Tensor:
+    """Image files -> (B, channels, image_size, image_size) floats in [0, 1] on the CPU,
+    each file's evaluation view; a :class:`DataError` for a file that cannot be read."""
+    check_channels(channels)
+    if not files:
+        raise ValueError("no image files given")
+    views = torch.stack([eval_view(load_image(f), image_size) for f in files])
+    return to_channels(views.float().div_(255), channels)
+
+
 @torch.no_grad()
-def embed_images(model: Pretrained, files: Sequence[Path], batch_size: int = 64,
+def embed_images(model: PretrainedEncoder, files: Sequence[Path], batch_size: int = 64,
                  num_workers: int = 0, progress: bool = True) -> tuple[np.ndarray, list[Path]]:
     """Pooled features (N, D) float32 of ``files``, and the N files read (unreadable ones
     are skipped)."""
     channels = model.in_chans
-    if channels not in (1, 3):
-        raise IWMError(f"the model takes {channels}-channel images; only 1 (grayscale) and 3 "
-                       "(RGB) can be made from image files")
+    check_channels(channels)
     # Each file's "label" is its index, so the batches say which files survived decoding.
     data = FolderSet(Path("."), [(str(f), i) for i, f in enumerate(files)], ["images"],
                      name="embed")
@@ -91,9 +113,7 @@ def embed_images(model: Pretrained, files: Sequence[Path], batch_size: int = 64,
     with tqdm(total=math.ceil(len(files) / batch_size), desc="embed", unit="batch",
               disable=not progress, dynamic_ncols=True) as bar:
         for images, index in batches:
-            if channels == 1:
-                images = to_grayscale(images)[:, :1]
-            feats.append(model.encode(images, pooled=True).float().cpu())
+            feats.append(model.encode(to_channels(images, channels), pooled=True).float().cpu())
             kept += index.tolist()
             bar.update(1)
     if not kept:
@@ -127,12 +147,12 @@ def embed_files(run_or_checkpoint: str | os.PathLike[str],
                 batch_size: int = 64, device: str = "auto", num_workers: int = 0,
                 progress: bool = True) -> dict:
     """``iwm embed``: load the model, embed ``inputs``, write ``out``; returns a summary."""
-    from iwm.api import load
+    from iwm.api import load_encoder
     from iwm.training.distributed import resolve_device
 
     out = check_output(out)  # fail before loading anything
     files = collect_images(inputs)
-    model = load(run_or_checkpoint, device=resolve_device(device))
+    model = load_encoder(run_or_checkpoint, device=resolve_device(device))
     features, kept = embed_images(model, files, batch_size, num_workers, progress)
     written = write_features(out, features, kept)
     return {"n_images": len(kept), "n_skipped": len(files) - len(kept),

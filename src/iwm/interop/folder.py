@@ -1,9 +1,9 @@
 """The exported folder: ``config.json`` + ``model.safetensors`` (the Hugging Face layout).
 
 Both exports write it (:mod:`iwm.interop.export` for timm, :meth:`iwm.Pretrained.save_pretrained`
-for the whole model), and :func:`iwm.load` / :func:`iwm.from_pretrained` read whole-model
-folders back. It sits below both :mod:`iwm.api` and :mod:`iwm.interop.export` so that
-neither has to import the other for the format.
+for the whole model). :func:`iwm.load` / :func:`iwm.from_pretrained` read whole-model
+folders back, :func:`iwm.load_encoder` either kind. It sits below both :mod:`iwm.api`
+and :mod:`iwm.interop.export` so that neither has to import the other for the format.
 """
 
 from __future__ import annotations
@@ -71,25 +71,59 @@ def is_export_dir(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
 
 
-def read_pretrained(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(config.json contents, state dict)`` of a folder written by :func:`write_pretrained`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(directory)
+def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not a folder written by "
-                              "save_pretrained or `iwm export --format safetensors`)")
+                              "save_pretrained or `iwm export`)")
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        if isinstance(meta, dict) and "architecture" in meta:
-            raise CheckpointError(
-                f"{folder}: a timm export (encoder only); load it with "
-                f"timm.create_model('local-dir:{folder}', pretrained=True)")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not an iwm export (not a JSON object)")
+    return meta
+
+
+def _read_weights(folder: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
+    try:
+        return load_file(weights)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{weights}: cannot read ({e})") from None
+
+
+def is_timm_export(meta: dict[str, Any]) -> bool:
+    """True for the ``config.json`` of ``iwm export --format timm`` (timm's hub format)."""
+    return meta.get("format") != FORMAT and "architecture" in meta
+
+
+def is_timm_export_dir(path: str | os.PathLike[str]) -> bool:
+    """True for a folder written by ``iwm export --format timm``."""
+    if not is_export_dir(path):
+        return False
+    try:
+        meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # the reader reports it
+    return isinstance(meta, dict) and is_timm_export(meta)
+
+
+def read_pretrained(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config.json contents, state dict)`` of a folder written by :func:`write_pretrained`."""
+    folder = Path(directory)
+    meta = _read_config(folder)
+    path = folder / CONFIG_FILE
+    if is_timm_export(meta):
+        raise CheckpointError(
+            f"{folder}: a timm export holds the encoder only; iwm.load needs the whole model "
+            "(`iwm export RUN --format safetensors`), or read this one with iwm.load_encoder")
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an iwm export (no \"format\": \"{FORMAT}\")")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than "
@@ -97,11 +131,26 @@ def read_pretrained(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], 
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
-    try:
-        state = load_file(weights)
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{weights}: cannot read ({e})") from None
-    return meta, state
+    return meta, _read_weights(folder)
+
+
+def read_timm_export(directory: str | os.PathLike[str]
+                     ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config.json contents, encoder state dict)`` of an ``iwm export --format timm``
+    folder; the ``iwm`` section must hold the run's config and step."""
+    folder = Path(directory)
+    meta = _read_config(folder)
+    path = folder / CONFIG_FILE
+    if not is_timm_export(meta):
+        raise CheckpointError(f"{path}: not a timm export (no \"architecture\")")
+    section = meta.get("iwm")
+    missing = [f"iwm.{k}" for k in ("config", "step")
+               if not isinstance(section, dict) or k not in section]
+    missing += [f"model_args.{k}" for k in ("in_chans",)
+                if k not in meta.get("model_args", {})]
+    missing += [f"pretrained_cfg.{k}" for k in ("mean", "std")
+                if k not in meta.get("pretrained_cfg", {})]
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing)} (not written by "
+                              "`iwm export --format timm`?)")
+    return meta, _read_weights(folder)
