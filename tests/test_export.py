@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import iwm
 from iwm.cli.main import main
 from iwm.errors import CheckpointError, ConfigError
-from iwm.interop.export import export_timm
+from iwm.interop.export import export, export_timm, timm_architecture
 from iwm.models.vit import ENCODERS, create_encoder
 from tiny_run import make_tiny_run
 
@@ -60,8 +60,57 @@ def test_timm_export_loads_as_a_local_folder_with_its_preprocessing(run, tmp_pat
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(encoder(model.normalize(x)), model.encode(x, pooled=True))
-    with pytest.raises(CheckpointError, match="timm export"):
+    with pytest.raises(CheckpointError, match="timm export.*--format safetensors") as err:
         iwm.load(out)
+    assert "\n" not in str(err.value)
+
+
+def test_timm_config_states_the_real_architecture(model, tmp_path):
+    cfg = json.loads((export_timm(model, tmp_path / "timm") / "config.json").read_text())
+    args, real = cfg["model_args"], model.encoder
+    # vit_micro (patch 4, 128 wide, 6 deep, 4 heads, 28 px, 1 channel) is not in timm's
+    # registry: the registered base is named, and model_args carry every real dimension.
+    assert timm.is_model(cfg["architecture"])
+    assert (args["patch_size"], args["img_size"], args["in_chans"]) == (4, 28, 1)
+    assert (args["embed_dim"], args["depth"], args["num_heads"]) == (128, 6, 4)
+    assert args["patch_size"] == real.patch_embed.patch_size[0] == model.config.model.patch_size
+    assert args["embed_dim"] == real.embed_dim == cfg["num_features"]
+    assert args["depth"] == len(real.blocks)
+    assert args["num_heads"] == real.blocks[0].attn.num_heads
+    note = cfg["iwm"]["architecture_note"]
+    assert cfg["architecture"] in note and "patch 4, width 128, depth 6, 4 heads" in note
+    # And timm builds exactly that from the folder.
+    built = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    assert built.patch_embed.patch_size == (4, 4) and built.embed_dim == 128
+    assert len(built.blocks) == 6 and built.blocks[0].attn.num_heads == 4
+    assert {k: v.shape for k, v in built.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()}
+
+
+@pytest.mark.parametrize("encoder, patch, size, name", [
+    ("vit_micro", 4, 28, "vit_tiny_patch16_224"),
+    ("vit_base", 16, 224, "vit_base_patch16_224"),
+    ("vit_small", 8, 224, "vit_small_patch8_224"),
+    ("vit_base", 4, 32, "vit_base_patch16_224"),
+])
+def test_timm_architecture_is_the_exact_name_when_registered(encoder, patch, size, name):
+    assert timm_architecture(encoder, patch, size) == name
+
+
+def test_load_encoder_reads_a_timm_export_as_the_runs_target_encoder(model, tmp_path):
+    out = export_timm(model, tmp_path / "timm")
+    encoder = iwm.load_encoder(out)
+    assert isinstance(encoder, iwm.PretrainedEncoder) and not isinstance(encoder, iwm.Pretrained)
+    assert (encoder.step, encoder.in_chans, encoder.image_size) == (model.step, 1, 28)
+    assert encoder.config == model.config
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(encoder.encode(x), model.encode(x), rtol=0, atol=0)
+    # The encoder is all a timm export needs, so it exports again, unchanged.
+    again = export(out, "timm", tmp_path / "again")
+    assert load_file(again / "model.safetensors").keys() == load_file(
+        out / "model.safetensors").keys()
+    assert json.loads((again / "config.json").read_text()) == json.loads(
+        (out / "config.json").read_text())
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
