@@ -39,6 +39,7 @@ from iwm.interop.folder import (
     read_timm_export,
     write_pretrained,
 )
+from iwm.interop.images import read_images
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, build_model
 from iwm.models.predictor import Predictor
@@ -182,8 +183,6 @@ class PretrainedEncoder:
         for 1-channel models), central square resized to :attr:`image_size` (the way
         ``iwm embed`` and the probes see images). A :class:`~iwm.errors.DataError` names a
         file that cannot be read."""
-        from iwm.interop.embed import read_images
-
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         return read_images(list(paths), self.image_size, self.in_chans).to(self.device)

@@ -2,11 +2,12 @@
 
 Images go through the evaluation pipeline of the linear probe
 (:func:`iwm.data.sources.eval_view`: central square, resized to the run's image size),
-are converted to the run's channel count (RGB -> luma for 1-channel runs, :func:`to_channels`)
-and normalised as in training; :meth:`iwm.PretrainedEncoder.load_images` reads files the
-same way (:func:`read_images`). Unreadable files are skipped with a warning, so the
-output lists the files it actually holds. Any source :func:`iwm.load_encoder` reads will
-do, the timm export included: only the target encoder is used.
+are converted to the run's channel count (RGB -> luma for 1-channel runs,
+:func:`iwm.interop.images.to_channels`) and normalised as in training;
+:meth:`iwm.PretrainedEncoder.load_images` reads files the same way. Unreadable files are
+skipped with a warning, so the output lists the files it actually holds. Any source
+:func:`iwm.load_encoder` reads will do, the timm export included: only the target encoder
+is used.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iwm.data.datasets import FolderSet, image_extensions, image_files, load_image
-from iwm.data.photometric import to_grayscale
-from iwm.data.sources import eval_view, iter_eval_batches
+from iwm.data.datasets import FolderSet, image_extensions, image_files
+from iwm.data.sources import iter_eval_batches
 from iwm.errors import DataError, IWMError
+from iwm.interop.images import check_channels, to_channels
 
 if TYPE_CHECKING:
     from iwm.api import PretrainedEncoder
@@ -71,28 +72,6 @@ def check_output(out: str | os.PathLike[str]) -> Path:
             raise IWMError(f"--out {path}: writing .parquet needs pyarrow (pip install "
                            "pyarrow); or write .npy instead") from None
     return path
-
-
-def check_channels(channels: int) -> None:
-    if channels not in (1, 3):
-        raise IWMError(f"the model takes {channels}-channel images; only 1 (grayscale) and 3 "
-                       "(RGB) can be made from image files")
-
-
-def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """Decoded RGB images (B, 3, H, W) -> the model's channels: luma for 1, as is for 3."""
-    return to_grayscale(images)[:, :1] if channels == 1 else images
-
-
-def read_images(files: Sequence[str | os.PathLike[str]], image_size: int,
-                channels: int) -> torch.Tensor:
-    """Image files -> (B, channels, image_size, image_size) floats in [0, 1] on the CPU,
-    each file's evaluation view; a :class:`DataError` for a file that cannot be read."""
-    check_channels(channels)
-    if not files:
-        raise ValueError("no image files given")
-    views = torch.stack([eval_view(load_image(f), image_size) for f in files])
-    return to_channels(views.float().div_(255), channels)
 
 
 @torch.no_grad()
