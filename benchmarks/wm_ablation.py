@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from iwm.config import load_config
-from iwm.evaluation.mrr import chance_mrr, run_mrr
+from iwm.evaluation.mrr import run_mrr
 from iwm.evaluation.probe import run_linear_probe
+from iwm.evaluation.ranking import chance_mrr
 from iwm.training.loop import pretrain
 
 

@@ -22,8 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from iwm.config import load_config  # noqa: E402
-from iwm.evaluation.mrr import chance_mrr, run_mrr  # noqa: E402
+from iwm.evaluation.mrr import run_mrr  # noqa: E402
 from iwm.evaluation.probe import run_linear_probe  # noqa: E402
+from iwm.evaluation.ranking import chance_mrr  # noqa: E402
 from iwm.training.checkpoint import list_checkpoints  # noqa: E402
 from iwm.training.loop import pretrain  # noqa: E402
 

@@ -7,7 +7,7 @@ import torch
 import iwm
 from iwm.config import load_config
 from iwm.data.actions import ACTION_DIM
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskSampler
 from iwm.errors import CheckpointError, DataError
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from iwm.training.loop import pretrain
@@ -62,7 +62,7 @@ def test_encode_uses_the_target_encoder_and_normalisation(run):
 def test_predict_with_masks_and_null_action(run):
     model = iwm.load(run)
     tokens = model.encode(torch.rand(2, 1, 28, 28))
-    masks = MultiBlockMaskGenerator((7, 7), model.config.mask)(2, torch.Generator())
+    masks = MultiBlockMaskSampler((7, 7), model.config.mask)(2, torch.Generator())
     pred = model.predict(tokens, masks, torch.zeros(2, ACTION_DIM))
     assert pred.shape == (*masks.targets.shape, 128)
     torch.testing.assert_close(model.predict(tokens, masks), pred)  # None = null action

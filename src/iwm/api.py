@@ -235,12 +235,15 @@ class Pretrained(PretrainedEncoder):
     @torch.no_grad()
     def predict(self, latents: Tensor, masks: Masks | None = None,
                 action: Tensor | None = None) -> Tensor:
-        """Run the world model on encoder tokens ``latents`` (B, N, D).
+        """The raw predictor on encoder tokens ``latents`` (B, N, D), as training and
+        downstream reuse call it; for "what would this image look like after the action"
+        use :meth:`apply`.
 
         With ``masks``, the context tokens predict each target block: (B, T, Kt, D).
-        Without, every token is context and every position is predicted: (B, N, D) — the
-        way the predictor is reused downstream. ``action`` (B, ACTION_DIM) defaults to the
-        null action (identity transformation).
+        Without, every token is context and every position is predicted in one pass, each
+        query seeing its own source token: (B, N, D), the way predictor finetuning reuses
+        it. ``action`` is a raw (B, ACTION_DIM) vector (:func:`iwm.data.actions.build_action`
+        layout); None is the null action (identity transformation).
         """
         _check_tokens(latents, "latents", self.num_tokens, self.encoder.embed_dim)
         self._check_action(action, latents.shape[0])
@@ -252,10 +255,13 @@ class Pretrained(PretrainedEncoder):
     @torch.no_grad()
     def apply(self, latents: Tensor, action: Action | Tensor | None,
               masks: Masks | None = None) -> Tensor:
-        """The world model: latents (B, N, D) of a source image -> predicted latents of the
-        target ``action`` describes, at every position (B, N, D) when ``masks`` is None, else
-        at each target block as in :meth:`predict`. Predictions live in the layer-normed
-        target space (compare them with :meth:`retrieve`, which handles that).
+        """The world model asked a question: latents (B, N, D) of a source image -> the
+        predicted latents of that image transformed by ``action`` (an :class:`Action`, or a
+        raw vector as :meth:`predict` takes), at every position (B, N, D) when ``masks`` is
+        None, else at each target block as in :meth:`predict`. Unlike :meth:`predict`
+        without masks, no position is ever predicted from its own token. Predictions live in
+        the layer-normed target space (compare them with :meth:`retrieve`, which handles
+        that).
 
         Without masks every position is predicted the way training poses the question:
         from context that does not contain it (two passes over a checkerboard of squares

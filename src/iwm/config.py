@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from iwm.data.factors import JITTER_FACTORS
 from iwm.errors import ConfigError
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -177,7 +178,7 @@ def check_view_values(views: Any) -> None:
         value = getattr(views, key)
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"views.{key}={value}: a probability must be in [0, 1]")
-    for key in ("brightness", "contrast", "saturation", "hue"):
+    for key in JITTER_FACTORS:
         value = getattr(views, key)
         if value is not None and not value >= 0:  # also rejects NaN
             raise ConfigError(f"views.{key}={value}: a jitter strength must be >= 0")

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from iwm.config import MaskConfig
-from iwm.data.masks import Masks, MultiBlockMaskGenerator
+from iwm.data.masks import Masks, MultiBlockMaskSampler
 from iwm.errors import ConfigError
 
 GRIDS = [(14, 14), (8, 12)]
 
 
-def _gen(grid: tuple[int, int] = (14, 14), **kw) -> MultiBlockMaskGenerator:
-    return MultiBlockMaskGenerator(grid, MaskConfig(**kw))
+def _gen(grid: tuple[int, int] = (14, 14), **kw) -> MultiBlockMaskSampler:
+    return MultiBlockMaskSampler(grid, MaskConfig(**kw))
 
 
 def _rng(seed: int = 0) -> torch.Generator:
@@ -110,7 +110,7 @@ def test_wrapped_blocks_do_cross_edges():
 def test_target_blocks_are_rectangles_of_the_configured_size(grid, wrap):
     cfg = MaskConfig(wrap=wrap)
     n = grid[0] * grid[1]
-    _, targets = MultiBlockMaskGenerator(grid, cfg).sample_boolean(2000, _rng(5))
+    _, targets = MultiBlockMaskSampler(grid, cfg).sample_boolean(2000, _rng(5))
     h, w, size, rect = _geometry(targets, grid)
     assert rect.all()
     assert (h >= 1).all() and (h <= grid[0]).all() and (w >= 1).all() and (w <= grid[1]).all()
@@ -125,7 +125,7 @@ def test_target_blocks_are_rectangles_of_the_configured_size(grid, wrap):
 
 def test_block_sizes_vary_within_a_batch_and_within_a_sample():
     cfg = MaskConfig()
-    _, targets = MultiBlockMaskGenerator((14, 14), cfg).sample_boolean(256, _rng(6))
+    _, targets = MultiBlockMaskSampler((14, 14), cfg).sample_boolean(256, _rng(6))
     h, w, size, _ = _geometry(targets, (14, 14))
     scale = size.double() / 196
     lo, hi = cfg.target_scale
@@ -143,7 +143,7 @@ def test_block_sizes_vary_within_a_batch_and_within_a_sample():
 def test_per_batch_sizes_are_shared_by_the_batch_and_drawn_afresh_per_batch(wrap):
     cfg = MaskConfig(block_sizes="per_batch", wrap=wrap, min_context=0.3,
                      predictor_pass="per_block")
-    gen = MultiBlockMaskGenerator((14, 14), cfg)
+    gen = MultiBlockMaskSampler((14, 14), cfg)
     draws, real_draw = [], gen._draw
 
     def counting_draw(n, *args):
@@ -172,7 +172,7 @@ def test_per_batch_draws_the_same_sizes_as_per_block_would():
     # the sizes' mean and spread match per-block sampling's.
     sizes = {}
     for mode in ("per_block", "per_batch"):
-        gen = MultiBlockMaskGenerator((14, 14), MaskConfig(block_sizes=mode))
+        gen = MultiBlockMaskSampler((14, 14), MaskConfig(block_sizes=mode))
         rng = _rng(8)
         sizes[mode] = torch.cat([gen.sample_boolean(4, rng)[1].sum(-1).flatten()
                                  for _ in range(800)]).double()
@@ -185,7 +185,7 @@ def test_scale_uniform_aspect_log_uniform_and_independent():
     # A fine grid makes rounding negligible, so the realised sizes show the drawn laws.
     grid = (64, 64)
     cfg = MaskConfig(target_scale=(0.1, 0.3), target_aspect=(0.5, 3.0))
-    _, targets = MultiBlockMaskGenerator(grid, cfg).sample_boolean(1000, _rng(7))
+    _, targets = MultiBlockMaskSampler(grid, cfg).sample_boolean(1000, _rng(7))
     h, w, size, _ = _geometry(targets, grid)
     scale = (size.double() / (64 * 64)).flatten()
     log_aspect = (h.double() / w.double()).log().flatten()

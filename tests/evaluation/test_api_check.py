@@ -13,15 +13,15 @@ from torch import Tensor
 import iwm
 from iwm.cli.main import main
 from iwm.config import load_config
+from iwm.data.factors import JITTER_FACTORS
 from iwm.evaluation.api_check import (
-    FACTORS,
     RANGES,
     render,
     run_api_check,
     sample_jitters,
     world_model_api_check,
 )
-from iwm.evaluation.mrr import chance_mrr
+from iwm.evaluation.ranking import chance_mrr
 from tiny_run import make_tiny_run
 
 SIZE = 16  # 4 x 4 patches: the check's code path at a fraction of 28 x 28's cost
@@ -92,11 +92,11 @@ def test_an_oracle_world_model_scores_one(channels, monkeypatch):
     pretrained, images = tiny_pretrained(channels), images_for(channels, 12)
     answered = install_oracle(pretrained, images, monkeypatch)
     r = world_model_api_check(pretrained, images, k=K)
-    varied = FACTORS if channels == 3 else ("brightness", "contrast")
+    varied = JITTER_FACTORS if channels == 3 else ("brightness", "contrast")
     assert answered[0] == 12 * (1 + len(varied))  # one query per image and bank
     assert r.mrr == 1.0 and r.bank == K and r.n_images == 12
     assert r.chance == pytest.approx(chance_mrr(K))
-    for factor in FACTORS:
+    for factor in JITTER_FACTORS:
         if factor in varied:
             assert r.per_factor[factor] == 1.0, factor
         else:  # saturation and hue do nothing to grey images

@@ -8,19 +8,13 @@ from torch import Tensor, nn
 
 from iwm.config import load_config
 from iwm.data.actions import JitterParams
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.factors import DESTRUCTIVE_OPS, JITTER_FACTORS
+from iwm.data.masks import MultiBlockMaskSampler
 from iwm.data.views import ViewParams, ViewSampler, resolve_view_params
-from iwm.evaluation.mrr import (
-    DESTRUCTIVE_OPS,
-    FACTORS,
-    MRRResult,
-    _range_end,
-    bank_view_params,
-    chance_mrr_stderr,
-    evaluate_mrr,
-    mean_reciprocal_rank,
-    run_mrr,
-)
+from iwm.evaluation.bank import bank_view_params
+from iwm.evaluation.mrr import MRRResult, evaluate_mrr, run_mrr
+from iwm.evaluation.ranking import chance_mrr_stderr
+from iwm.evaluation.sensitivity import range_end
 from iwm.models.iwm import build_model
 from iwm.models.tokens import gather_tokens
 
@@ -36,105 +30,6 @@ def normalize(x: Tensor) -> Tensor:
     return (x - 0.5) / 0.25
 
 
-# ---------------------------------------------------------------- mean_reciprocal_rank
-
-
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
-def test_oracle_prediction_has_rank_one(distance):
-    gen = torch.Generator().manual_seed(0)
-    bank = torch.randn(4, 8, 5, 6, generator=gen)
-    true = torch.tensor([0, 3, 7, 5])
-    pred = bank[torch.arange(4), true]
-    rr = mean_reciprocal_rank(pred, bank, true, distance)
-    assert rr.shape == (4,)
-    torch.testing.assert_close(rr, torch.ones(4))
-
-
-def test_rank_of_another_entry_computed_by_hand():
-    # Cosine: unit-ish vectors at 0, 10, 20, 30, 40 degrees (norms differ: cosine ignores
-    # them). Prediction = the 0-degree entry; true = 30 degrees: entries at 0, 10, 20 and 30
-    # degrees are at least as close -> rank 4.
-    angles = torch.tensor([0.0, 10.0, 20.0, 30.0, 40.0]).deg2rad()
-    norms = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0])
-    bank = torch.stack([angles.cos(), angles.sin()], -1) * norms[:, None]
-    # Shuffle the entries so the rank cannot come from the storage order.
-    perm = torch.tensor([3, 0, 4, 2, 1])
-    bank = bank[perm].unsqueeze(0)
-    pred = bank[0, 1].unsqueeze(0)  # perm[1] = 0 degrees
-    true = torch.tensor([0])  # perm[0] = 30 degrees
-    torch.testing.assert_close(mean_reciprocal_rank(pred, bank, true, "cosine"),
-                               torch.tensor([0.25]))
-    # The same entry as "true" in reverse: 40 degrees (perm[2]) is the farthest -> 1/5.
-    torch.testing.assert_close(mean_reciprocal_rank(pred, bank, torch.tensor([2]), "cosine"),
-                               torch.tensor([0.2]))
-
-    # L2 on scalars 0..4 (shuffled), prediction 1.0, true = 3.0 (squared error 4):
-    # 0 (1), 1 (0), 2 (1) and 3 (4) are at least as close, 4 (9) is not -> rank 4.
-    values = torch.tensor([3.0, 0.0, 4.0, 2.0, 1.0]).view(1, 5, 1)
-    rr = mean_reciprocal_rank(torch.tensor([[1.0]]), values, torch.tensor([0]), "l2")
-    torch.testing.assert_close(rr, torch.tensor([0.25]))
-
-
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
-def test_ties_count_as_the_worst_rank(distance):
-    gen = torch.Generator().manual_seed(1)
-    # Every entry identical: a prediction equal to all of them must not get credit.
-    entry = torch.randn(1, 1, 3, 4, generator=gen)
-    bank = entry.expand(2, 6, 3, 4)
-    rr = mean_reciprocal_rank(bank[:, 0], bank, torch.tensor([0, 5]), distance)
-    torch.testing.assert_close(rr, torch.full((2,), 1 / 6))
-    # A two-way tie at the top: rank 2 for either of the tied entries.
-    bank = torch.randn(1, 5, 3, 4, generator=gen)
-    bank[0, 3] = bank[0, 1]
-    pred = bank[:, 1] + 1e-3
-    for true in (1, 3):
-        rr = mean_reciprocal_rank(pred, bank, torch.tensor([true]), distance)
-        torch.testing.assert_close(rr, torch.tensor([0.5]))
-
-
-def test_zero_or_nan_prediction_gets_the_worst_rank():
-    bank = torch.randn(2, 7, 3, 4, generator=torch.Generator().manual_seed(2))
-    true = torch.tensor([2, 6])
-    rr = mean_reciprocal_rank(torch.zeros(2, 3, 4), bank, true, "cosine")
-    torch.testing.assert_close(rr, torch.full((2,), 1 / 7))
-    rr = mean_reciprocal_rank(torch.full((2, 3, 4), math.nan), bank, true, "l2")
-    torch.testing.assert_close(rr, torch.full((2,), 1 / 7))
-
-
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
-def test_action_blind_prediction_averages_to_chance(distance):
-    # A prediction that does not depend on which entry is true, averaged over every
-    # possible true index, scores exactly H_K / K (without ties).
-    k = 9
-    gen = torch.Generator().manual_seed(3)
-    bank = torch.randn(3, k, 4, 5, generator=gen)
-    pred = torch.randn(3, 4, 5, generator=gen)
-    rr = torch.stack([mean_reciprocal_rank(pred, bank, torch.full((3,), i), distance)
-                      for i in range(k)])
-    torch.testing.assert_close(rr.mean(0), torch.full((3,), harmonic(k) / k))
-
-
-def test_padding_tokens_are_ignored():
-    gen = torch.Generator().manual_seed(4)
-    bank = torch.randn(2, 6, 5, 4, generator=gen)
-    pred = torch.randn(2, 5, 4, generator=gen)
-    valid = torch.tensor([[True, True, True, False, False], [True] * 5])
-    true = torch.tensor([1, 4])
-    for distance in ("cosine", "l2"):
-        base = mean_reciprocal_rank(pred, bank, true, distance, valid)
-        moved = bank.clone()
-        moved[0, :, 3:] = 100 * torch.randn(6, 2, 4, generator=gen)
-        torch.testing.assert_close(mean_reciprocal_rank(pred, moved, true, distance, valid), base)
-
-
-def test_rejects_unknown_distance_and_shape_mismatch():
-    bank = torch.zeros(2, 3, 4)
-    with pytest.raises(ValueError, match="distance"):
-        mean_reciprocal_rank(bank[:, 0], bank, torch.zeros(2, dtype=torch.long), "manhattan")
-    with pytest.raises(ValueError, match="does not match"):
-        mean_reciprocal_rank(torch.zeros(2, 5), bank, torch.zeros(2, dtype=torch.long))
-
-
 # ---------------------------------------------------------------- evaluate_mrr
 
 
@@ -146,7 +41,7 @@ def _setup(channels: int, conditioning: str = "feature", strength: str = "destru
     ])
     model = build_model(cfg, in_chans=channels)
     views = ViewSampler(resolve_view_params(cfg.views), channels, SIZE)
-    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    masks = MultiBlockMaskSampler(model.encoder.grid, cfg.mask)
     return model, views, masks
 
 
@@ -214,7 +109,7 @@ def test_each_setting_asks_for_the_right_action():
 
     model.predictor.forward = record
     evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
-    assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + 3 * len(FACTORS)
+    assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + 3 * len(JITTER_FACTORS)
     main = actions[0]
     assert bool((main[:, 4:] == 0).all())
     assert bool((main[:, :4] != 0).all())
@@ -226,8 +121,8 @@ def test_each_setting_asks_for_the_right_action():
         assert bool((flags == expected).all()), op
         assert bool((actions[i][:, 6] > 0).all()) == (op == "blur")
     params = views.params
-    for i, factor in enumerate(FACTORS):
-        col = FACTORS.index(factor)
+    for i, factor in enumerate(JITTER_FACTORS):
+        col = JITTER_FACTORS.index(factor)
         bank, low, high = actions[1 + len(DESTRUCTIVE_OPS) + 3 * i:][:3]
         for action in (bank, low, high):
             varied = action[:, :4] != 0
@@ -270,26 +165,13 @@ def test_action_blind_predictor_is_near_chance():
     assert abs(result.mrr - chance) < 4 * result.stderr
 
 
-def test_chance_stderr_is_the_spread_of_random_ranks():
-    # 1/rank for ranks uniform on 1..K, n images at a time: the MRRs' std over many draws.
-    gen = torch.Generator().manual_seed(0)
-    for k, n in ((64, 256), (16, 8)):
-        ranks = torch.randint(1, k + 1, (4000, n), generator=gen).float()
-        mrrs = (1 / ranks).mean(1)
-        assert mrrs.mean().item() == pytest.approx(harmonic(k) / k, rel=0.01)
-        assert chance_mrr_stderr(k, n) == pytest.approx(mrrs.std().item(), rel=0.05)
-    assert chance_mrr_stderr(1, 10) == 0.0  # one entry: always rank 1
-    with pytest.raises(ValueError, match="at least 1"):
-        chance_mrr_stderr(64, 0)
-
-
 def test_result_fields_and_per_transform_entries():
     model, views, masks = _setup(1, strength="jitter")
     result = evaluate_mrr(model, views, _images(3, 1), masks, bank_size=4, normalize=normalize)
     assert isinstance(result, MRRResult)
     assert (result.bank, result.n_images, result.distance) == (4, 3, "cosine")
     assert 0.25 <= result.mrr <= 1.0
-    assert set(result.per_transform) == set(FACTORS) | set(DESTRUCTIVE_OPS)
+    assert set(result.per_transform) == set(JITTER_FACTORS) | set(DESTRUCTIVE_OPS)
     assert set(result.per_transform_stderr) == set(result.per_transform)
     for name in ("saturation", "hue", "grayscale"):
         assert result.per_transform[name] is None
@@ -314,7 +196,7 @@ def test_sensitivity_of_an_oracle_matches_the_encoder():
     images = _images(8, 3)
     model.predictor = OraclePredictor(model, images, views)
     result = evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
-    assert set(result.sensitivity) == set(FACTORS)
+    assert set(result.sensitivity) == set(JITTER_FACTORS)
     for factor, s in result.sensitivity.items():
         assert s.encoder > 1e-4, factor
         assert s.predictor == pytest.approx(s.encoder, rel=1e-4), factor
@@ -355,7 +237,7 @@ def test_sensitivity_of_a_full_hue_circle_compares_opposite_hues():
     model.predictor = OraclePredictor(model, images, views)
     result = evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
     assert result.sensitivity["hue"].encoder > 1e-3
-    low, high = (_range_end(views.params, "hue", end, 2, torch.device("cpu"))
+    low, high = (range_end(views.params, "hue", end, 2, torch.device("cpu"))
                  for end in (-1, 1))
     assert low.hue.tolist() == [-0.25, -0.25] and high.hue.tolist() == [0.25, 0.25]
 

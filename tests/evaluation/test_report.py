@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from iwm.cli.main import main
 from iwm.config import load_config
 from iwm.data.actions import JitterParams
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskSampler
 from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import DataError, IWMError
 from iwm.evaluation import report
@@ -190,7 +190,7 @@ def _setup(channels: int = 3):
                                        "model.predictor_width=64", "views.strength=strong"])
     model = build_model(cfg, in_chans=channels)
     views = ViewSampler(resolve_view_params(cfg.views), channels, SIZE)
-    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    masks = MultiBlockMaskSampler(model.encoder.grid, cfg.mask)
     images = torch.rand(3, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     return model, views, masks, images
 

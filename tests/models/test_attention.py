@@ -6,7 +6,7 @@ from timm.models.vision_transformer import Attention
 
 from iwm.config import load_config
 from iwm.data.actions import ACTION_DIM
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskSampler
 from iwm.models.attention import resolve_attention, set_attention
 from iwm.models.iwm import build_model
 from iwm.training.step import Trainer
@@ -20,7 +20,7 @@ def _loss_and_grads(kernel, precision):
     depth = len(model.encoder.blocks)
     assert set_attention(model, kernel) == 2 * depth + 2  # encoder, target encoder, predictor
     gen = torch.Generator().manual_seed(0)
-    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)(8, gen)
+    masks = MultiBlockMaskSampler(model.encoder.grid, cfg.mask)(8, gen)
     assert not masks.target_valid.all()
     images = torch.randn(8, 1, 28, 28, generator=gen)
     action = torch.randn(8, ACTION_DIM, generator=gen)

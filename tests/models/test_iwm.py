@@ -3,7 +3,7 @@ import torch
 
 from iwm.config import load_config
 from iwm.data.actions import ACTION_DIM
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskSampler
 from iwm.models.iwm import build_model
 
 
@@ -13,7 +13,7 @@ def _setup(conditioning="feature"):
                                        "model.predictor_depth=2"])
     model = build_model(cfg, in_chans=1)
     gen = torch.Generator().manual_seed(0)
-    masks = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)(4, gen)
+    masks = MultiBlockMaskSampler(model.encoder.grid, cfg.mask)(4, gen)
     images = torch.randn(4, 1, 28, 28, generator=gen)
     action = torch.randn(4, ACTION_DIM, generator=gen)
     return model, images, action, masks
@@ -93,7 +93,7 @@ def test_each_image_is_trained_on_its_whole_context(context_tokens):
     cfg.mask = dataclasses.replace(cfg.mask, context_tokens=context_tokens)
     model = build_model(cfg, in_chans=1).eval()
     gen = torch.Generator().manual_seed(0)
-    sampler = MultiBlockMaskGenerator(model.encoder.grid, cfg.mask)
+    sampler = MultiBlockMaskSampler(model.encoder.grid, cfg.mask)
     boolean, targets = sampler.sample_boolean(8, gen)
     masks = sampler.to_masks(boolean, targets, gen)
     images = torch.randn(8, 1, 28, 28, generator=gen)

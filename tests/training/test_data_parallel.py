@@ -12,7 +12,7 @@ import torch
 
 from iwm.config import load_config
 from iwm.data.datasets import get_dataset
-from iwm.data.masks import MultiBlockMaskGenerator
+from iwm.data.masks import MultiBlockMaskSampler
 from iwm.data.shard import Shard, take_rows
 from iwm.data.sources import make_source
 from iwm.training.checkpoint import list_checkpoints, load_checkpoint
@@ -40,7 +40,7 @@ def test_gradient_accumulation_makes_the_whole_batch_update():
 
 def test_masks_are_drawn_for_the_global_batch():
     cfg = load_config("iwm-equi-tiny", TINY)
-    gen = MultiBlockMaskGenerator((7, 7), cfg.mask)
+    gen = MultiBlockMaskSampler((7, 7), cfg.mask)
     whole = gen(8, torch.Generator().manual_seed(0))
     halves = [take_rows(gen(8, torch.Generator().manual_seed(0)), Shard(i, 2).rows(4))
               for i in range(2)]

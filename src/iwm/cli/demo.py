@@ -17,9 +17,11 @@ import torch
 
 from iwm.config import load_config
 from iwm.data.datasets import get_dataset
-from iwm.evaluation.api_check import FACTORS, run_api_check
-from iwm.evaluation.mrr import chance_mrr, run_mrr
+from iwm.data.factors import JITTER_FACTORS
+from iwm.evaluation.api_check import run_api_check
+from iwm.evaluation.mrr import run_mrr
 from iwm.evaluation.probe import probe_encoder, probe_pixels
+from iwm.evaluation.ranking import chance_mrr
 from iwm.evaluation.report import build_report
 from iwm.evaluation.results import write_result
 from iwm.models.iwm import build_model
@@ -141,7 +143,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"  {'  per transform':<37}: {mrr_factors}")
     print(f"  {f'world model via the API (bank {bank_api})':<37}: {api['mrr']:.3f} "
           f"(chance {api['chance']:.3f})")
-    scored = tuple(f for f in FACTORS if api["per_factor"][f] is not None)
+    scored = tuple(f for f in JITTER_FACTORS if api["per_factor"][f] is not None)
     print(f"  {'  per factor':<37}: {_scores(api['per_factor'], scored)}")
     print(f"  run directory                        : {run_dir}")
     print(f"  report                               : {report}")

@@ -91,7 +91,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:
-    from iwm.evaluation.mrr import chance_mrr, chance_mrr_stderr, run_mrr
+    from iwm.evaluation.mrr import run_mrr
+    from iwm.evaluation.ranking import chance_mrr, chance_mrr_stderr
 
     r = run_mrr(Path(args.run), n_images=args.images, bank_size=args.bank,
                 distance=args.distance, device=args.device, seed=args.seed,

@@ -30,16 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ACTION_FIELDS: tuple[str, ...] = (
-    "brightness",
-    "contrast",
-    "saturation",
-    "hue",
-    "grayscale",
-    "blur",
-    "blur_sigma",
-    "solarize",
-)
+from iwm.data.factors import JITTER_FACTORS
+
+ACTION_FIELDS: tuple[str, ...] = (*JITTER_FACTORS, "grayscale", "blur", "blur_sigma", "solarize")
 """Names of the action's dimensions, in order (see the module docstring for their values)."""
 
 ACTION_DIM: int = len(ACTION_FIELDS)

@@ -19,7 +19,7 @@ from torch import Tensor
 from iwm.config import MaskConfig
 from iwm.errors import ConfigError
 
-__all__ = ["Masks", "MultiBlockMaskGenerator", "to_device"]
+__all__ = ["Masks", "MultiBlockMaskSampler", "to_device"]
 
 #: Redraw rounds before a config is declared unable to meet ``min_context``. Each round
 #: redraws only the still-failing samples, so a config accepted with probability p per
@@ -58,7 +58,7 @@ def to_device(t: Tensor, device: torch.device | str, non_blocking: bool = False)
     return (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)
 
 
-class MultiBlockMaskGenerator:
+class MultiBlockMaskSampler:
     """Samples I-JEPA context/target masks on a ``grid = (H, W)`` patch grid (docs/masks.md)."""
 
     def __init__(self, grid: tuple[int, int], cfg: MaskConfig) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor
 from iwm.config import Strength, ViewsConfig, check_view_values
 from iwm.data import photometric as P
 from iwm.data.actions import DestructiveParams, JitterParams, build_action
+from iwm.data.factors import JITTER_FACTORS
 from iwm.data.shard import SINGLE, Shard, take_rows
 
 SOLARIZE_THRESHOLD = 0.5
@@ -99,6 +100,11 @@ def jitter_range(params: ViewParams, factor: str) -> tuple[float, float]:
     if factor == "hue":
         return -strength, strength
     return max(0.0, 1.0 - strength), 1.0 + strength
+
+
+def jitter_ranges(params: ViewParams) -> dict[str, tuple[float, float]]:
+    """:func:`jitter_range` of every factor of :data:`~iwm.data.factors.JITTER_FACTORS`."""
+    return {factor: jitter_range(params, factor) for factor in JITTER_FACTORS}
 
 
 def blur_kernel_size(image_size: int) -> int:

@@ -22,23 +22,18 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from iwm.api import Action, Pretrained, _pooled_direction
-from iwm.evaluation.mrr import chance_mrr, ranks_from_scores
+from iwm.data.factors import JITTER_FACTORS, acts_on
+from iwm.data.views import STRENGTHS, jitter_ranges
+from iwm.evaluation.ranking import chance_mrr, ranks_from_scores
 from iwm.evaluation.results import write_result
 
-__all__ = ["FACTORS", "RANGES", "ApiCheckResult", "render", "run_api_check",
-           "sample_jitters", "world_model_api_check"]
+__all__ = ["RANGES", "ApiCheckResult", "render", "run_api_check", "sample_jitters",
+           "world_model_api_check"]
 
-FACTORS = ("brightness", "contrast", "saturation", "hue")
 # Uniform ranges of the jitters (hue in turns): the 'jitter' preset's, i.e. the paper's
 # default ColorJitter, which every IWM preset's ranges contain, so no question is out of
 # the distribution the predictor was trained on.
-RANGES: dict[str, tuple[float, float]] = {
-    "brightness": (0.6, 1.4),
-    "contrast": (0.6, 1.4),
-    "saturation": (0.8, 1.2),
-    "hue": (-0.1, 0.1),
-}
-_RGB_ONLY = frozenset({"saturation", "hue"})
+RANGES: dict[str, tuple[float, float]] = jitter_ranges(STRENGTHS["jitter"])
 RESULT_NAME = "api_check"
 
 
@@ -118,13 +113,12 @@ def _all_reciprocal_ranks(pretrained: Pretrained, images: Tensor, k: int,
     if images.dtype == torch.uint8:
         images = images.float() / 255
     images = images.to(device=pretrained.device, dtype=torch.float32)
-    rgb = images.shape[1] == 3
-    varied = FACTORS if rgb else tuple(f for f in FACTORS if f not in _RGB_ONLY)
+    varied = tuple(f for f in JITTER_FACTORS if acts_on(f, images.shape[1]))
     ranks: dict[str, Tensor | None] = {
         "all": _reciprocal_ranks(pretrained, images, sample_jitters(k, varied, generator),
                                  generator)}
     notes: dict[str, str] = {}
-    for factor in FACTORS:
+    for factor in JITTER_FACTORS:
         if factor not in varied:
             ranks[factor] = None
             notes[factor] = "no-op on 1-channel images"
@@ -138,7 +132,7 @@ def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str],
                k: int) -> ApiCheckResult:
     overall = ranks["all"]
     assert overall is not None
-    per = {f: None if (r := ranks[f]) is None else float(r.mean()) for f in FACTORS}
+    per = {f: None if (r := ranks[f]) is None else float(r.mean()) for f in JITTER_FACTORS}
     return ApiCheckResult(mrr=float(overall.mean()), bank=k, n_images=overall.numel(),
                           chance=chance_mrr(k), per_factor=per, notes=notes)
 
@@ -191,7 +185,7 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
         raise ValueError(f"{cfg.data.name}: the test split has no images")
     ranks_all = {name: torch.cat(parts) if parts else None for name, parts in collected.items()}
     result = _summarise(ranks_all, notes, k)
-    varied = {f: RANGES[f] for f in FACTORS if result.per_factor[f] is not None}
+    varied = {f: RANGES[f] for f in JITTER_FACTORS if result.per_factor[f] is not None}
     out = {**dataclasses.asdict(result), "ranges": varied, "seed": seed,
            "step": pretrained.step, "seconds": time.perf_counter() - start}
     path = write_result(run_dir, RESULT_NAME, out)

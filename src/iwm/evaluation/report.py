@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from iwm.data.factors import JITTER_FACTORS, acts_on
 from iwm.errors import IWMError
-from iwm.evaluation.mrr import chance_mrr, chance_mrr_stderr
+from iwm.evaluation.ranking import chance_mrr, chance_mrr_stderr
 from iwm.evaluation.retrieval import RetrievalExample, jitter_description, score_label
 from iwm.training.metrics import read_metrics
 
@@ -471,7 +472,7 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
     from iwm.data.datasets import get_dataset
     from iwm.data.sources import iter_eval_batches
     from iwm.data.views import ViewSampler, resolve_view_params
-    from iwm.evaluation.mrr import bank_view_params, protocol_masks
+    from iwm.evaluation.bank import bank_view_params, protocol_masks
     from iwm.evaluation.retrieval import retrieval_examples
 
     cfg, model = pretrained.config, pretrained.model
@@ -492,9 +493,8 @@ def compute_retrieval(pretrained: Pretrained, n_images: int, bank_size: int, top
                                   top_k=min(top_k, bank_size), distance=distance,
                                   generator=torch.Generator().manual_seed(seed),
                                   normalize=pretrained.normalize)
-    varied = tuple(f for f in ("brightness", "contrast", "saturation", "hue")
-                   if getattr(bank, f) > 0
-                   and not (dataset.channels == 1 and f in ("saturation", "hue")))
+    varied = tuple(f for f in JITTER_FACTORS
+                   if getattr(bank, f) > 0 and acts_on(f, dataset.channels))
     return examples, _GridInfo(model.encoder.grid, bank_size, distance, varied)
 
 

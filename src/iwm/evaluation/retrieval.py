@@ -6,10 +6,11 @@ requested transformation (the true bank entry and its jitter parameters), the ra
 true entry, and the ``top_k`` bank entries whose target latents are nearest to the
 prediction, rendered as images.
 
-The protocol is exactly MRR's main setting (same masks, bank sampling, rendering,
-target-encoder latents, distance and tie rule; it drives ``mrr``'s own evaluator), and
-the generator is consumed in the same order, so for the same images and seed the ranks
-here are the ranks behind ``evaluate_mrr(..., per_transform=False)``.
+The protocol is exactly MRR's main setting: the draws come from the same
+:func:`~iwm.evaluation.bank.draw_main_bank` (masks, bank, true index, in that order), and
+the rendering, latents, distance and tie rule from the same evaluator, so for the same
+images and seed the ranks here are the ranks behind ``evaluate_mrr(...,
+per_transform=False)``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,11 @@ import torch
 from torch import Tensor
 
 from iwm.data.actions import DestructiveParams, JitterParams
+from iwm.data.factors import JITTER_FACTORS
 from iwm.data.shard import take_rows
 from iwm.data.views import ViewSampler
-from iwm.evaluation.mrr import (
-    FACTORS,
-    BankEvaluator,
-    MaskFn,
-    bank_view_params,
-    check_distance,
-    draw_true_index,
-    no_normalization,
-    ranks_from_scores,
-)
+from iwm.evaluation.bank import MaskSampler, draw_main_bank, no_normalization
+from iwm.evaluation.ranking import check_distance, ranks_from_scores
 from iwm.models.iwm import IWM
 
 __all__ = ["RetrievalExample", "jitter_description", "retrieval_examples", "score_label"]
@@ -55,10 +49,11 @@ class RetrievalExample:
 
 
 def _params_of(params: JitterParams, row: int) -> dict[str, float]:
-    return {name: float(getattr(params, name)[row]) for name in FACTORS}
+    return {name: float(getattr(params, name)[row]) for name in JITTER_FACTORS}
 
 
-def jitter_description(params: dict[str, float], varied: tuple[str, ...] = FACTORS) -> str:
+def jitter_description(params: dict[str, float],
+                       varied: tuple[str, ...] = JITTER_FACTORS) -> str:
     """Human-readable jitter, e.g. ``brightness x1.23, contrast x0.81, hue +0.05``; only
     the ``varied`` factors (a grayscale data set never varies saturation or hue)."""
     parts = []
@@ -81,7 +76,7 @@ def score_label(score: float, distance: str) -> str:
 
 @torch.no_grad()
 def retrieval_examples(model: IWM, view_sampler: ViewSampler, images: Tensor,
-                       mask_generator: MaskFn, bank_size: int = 32, top_k: int = 5,
+                       mask_sampler: MaskSampler, bank_size: int = 32, top_k: int = 5,
                        distance: str = "cosine", generator: torch.Generator | None = None,
                        normalize: Callable[[Tensor], Tensor] | None = None,
                        chunk_size: int = 512) -> list[RetrievalExample]:
@@ -103,26 +98,22 @@ def retrieval_examples(model: IWM, view_sampler: ViewSampler, images: Tensor,
     was_training = model.training
     model.eval()
     try:
-        return _examples(model, view_sampler, images, mask_generator, bank_size, top_k,
+        return _examples(model, view_sampler, images, mask_sampler, bank_size, top_k,
                          distance, generator, normalize or no_normalization, chunk_size)
     finally:
         model.train(was_training)
 
 
-def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_generator: MaskFn,
+def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_sampler: MaskSampler,
               bank_size: int, top_k: int, distance: str, generator: torch.Generator,
               normalize: Callable[[Tensor], Tensor], chunk_size: int) -> list[RetrievalExample]:
     device = next(model.parameters()).device
     images = images.to(device=device, dtype=torch.float32)
-    b, channels = images.shape[:2]
-    sampler = ViewSampler(bank_view_params(view_sampler.params), channels,
-                          view_sampler.image_size)
-    # Same draws, in the same order, as MRR's main setting (see module docstring).
-    masks = mask_generator(b, generator, device)
-    ev = BankEvaluator(model, sampler, images, masks, bank_size, distance, chunk_size, normalize)
-    bank = sampler.sample_jitter(b * bank_size, generator, device)
-    true_index = draw_true_index(b, bank_size, generator, device)
-    target = ev.true_params(bank, true_index)
+    b = images.shape[0]
+    main = draw_main_bank(model, view_sampler, images, mask_sampler, bank_size, distance,
+                          chunk_size, normalize, generator)
+    ev, sampler, bank, true_index, target = (main.evaluator, main.sampler, main.bank,
+                                             main.true_index, main.target)
     pred = ev.predict(images, target, DestructiveParams.identity(b, device))
     (scores,) = ev.scores(bank, [pred])
     ranks = ranks_from_scores(scores, true_index)

@@ -72,8 +72,9 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
     """Pretrain one cell at one seed and evaluate it; returns (and writes) its JSON."""
     from iwm.config import load_config
     from iwm.evaluation.finetune import run_finetune
-    from iwm.evaluation.mrr import chance_mrr, run_mrr
+    from iwm.evaluation.mrr import run_mrr
     from iwm.evaluation.probe import run_probe
+    from iwm.evaluation.ranking import chance_mrr
     from iwm.training.loop import pretrain
     from iwm.training.run_dir import CONFIG_FILE
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from iwm.config import Config
-from iwm.data.masks import MultiBlockMaskGenerator, to_device
+from iwm.data.masks import MultiBlockMaskSampler, to_device
 from iwm.data.normalize import Normalizer
 from iwm.data.shard import Shard, take_rows
 from iwm.data.views import ViewSampler, resolve_view_params
@@ -143,7 +143,7 @@ class Trainer:
     """``model`` as the step calls it: wrapped in DDP and/or compiled when asked."""
     optimizer: torch.optim.Optimizer
     view_sampler: ViewSampler
-    mask_sampler: MultiBlockMaskGenerator
+    mask_sampler: MultiBlockMaskSampler
     normalize: Normalizer
     view_rng: torch.Generator
     """Draws the views, on the training device; its state is checkpointed."""
@@ -202,7 +202,7 @@ class Trainer:
             cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
             view_sampler=ViewSampler(resolve_view_params(cfg.views), channels,
                                      cfg.data.image_size),
-            mask_sampler=MultiBlockMaskGenerator(model.encoder.grid, cfg.mask),
+            mask_sampler=MultiBlockMaskSampler(model.encoder.grid, cfg.mask),
             normalize=Normalizer.create(mean, std, device), view_rng=view_rng,
             mask_rng=mask_rng,
             schedules=Schedules.for_run(cfg.optim, cfg.train.epochs, steps_per_epoch),
