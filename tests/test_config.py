@@ -36,6 +36,8 @@ RULES = [
     # views
     ("views.strength=extreme",
      "views.strength='extreme': must be one of none, jitter, destructive, strong"),
+    ("views.pairing=paired",
+     "views.pairing='paired': must be one of relative, independent"),
     ("views.jitter_p=1.5", "views.jitter_p=1.5: a probability must be in [0, 1]"),
     ("views.grayscale_p=-0.1", "views.grayscale_p=-0.1: a probability must be in [0, 1]"),
     ("views.blur_p=1.5", "views.blur_p=1.5: a probability must be in [0, 1]"),

@@ -32,6 +32,7 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 # The choices of every choice field, each listed once: the checks and error messages read
 # them with typing.get_args.
 Strength = Literal["none", "jitter", "destructive", "strong"]
+Pairing = Literal["relative", "independent"]
 BlockSizes = Literal["per_block", "per_batch"]
 ContextTokens = Literal["pad", "thin"]
 PredictorPass = Literal["union", "per_block"]
@@ -156,6 +157,12 @@ class ViewsConfig(_Section):
     KEY: ClassVar[str] = "views"
 
     strength: Strength = "jitter"
+    pairing: Pairing = "relative"
+    """How the target is rendered. ``relative``: the action (target jitter relative to the
+    source's) applied to the source before its destructive ops, so the action explains
+    every pair exactly, clipping included. ``independent``: the target's own jitter applied
+    to the crop, the paper's description; where a factor clips (bright pixels at strong
+    brightness or contrast) the action no longer maps source to target (docs/method.md)."""
     jitter_p: float | None = None
     brightness: float | None = None
     contrast: float | None = None

@@ -16,6 +16,7 @@ from iwm.data.actions import (
     JitterParams,
     build_action,
     null_action,
+    relative_jitter,
 )
 
 B = 3
@@ -133,3 +134,25 @@ def test_hue_difference_is_the_shortest_rotation() -> None:
     s = dataclasses.replace(s, hue=torch.tensor([-0.3, -0.2, 0.0]))
     a = build_action(t, s, d)[:, _field("hue")]
     torch.testing.assert_close(a, torch.tensor([2 * -0.4, 2 * 0.4, 0.0]))
+
+
+def test_relative_jitter_is_the_action_of_the_pair() -> None:
+    # Its action from an untouched source is the pair's action: the same log ratios and
+    # wrapped hue, whichever views were jittered.
+    g = torch.Generator().manual_seed(0)
+    b = 64
+
+    def draw() -> JitterParams:
+        return JitterParams(brightness=0.2 + 1.6 * torch.rand(b, generator=g),
+                            contrast=0.2 + 1.6 * torch.rand(b, generator=g),
+                            saturation=0.2 + 1.6 * torch.rand(b, generator=g),
+                            hue=torch.rand(b, generator=g) - 0.5,
+                            applied=torch.rand(b, generator=g) < 0.7)
+
+    target, source = draw(), draw()
+    none = DestructiveParams.identity(b)
+    rel = relative_jitter(target, source)
+    torch.testing.assert_close(build_action(rel, JitterParams.identity(b), none),
+                               build_action(target, source, none), atol=1e-6, rtol=0)
+    assert torch.equal(rel.applied, target.applied | source.applied)
+    assert (rel.hue >= -0.5).all() and (rel.hue < 0.5).all()

@@ -120,6 +120,19 @@ def _wrap_turns(d: Tensor) -> Tensor:
     return torch.remainder(d + 0.5, 1.0) - 0.5
 
 
+def relative_jitter(target: JitterParams, source: JitterParams) -> JitterParams:
+    """The jitter that :func:`build_action` says takes ``source``'s jitter to ``target``'s:
+    factor ratios (through the same floored logs) and the wrapped hue difference; applied
+    wherever either jitter was."""
+    return JitterParams(
+        brightness=torch.exp(_log_factor(target.brightness) - _log_factor(source.brightness)),
+        contrast=torch.exp(_log_factor(target.contrast) - _log_factor(source.contrast)),
+        saturation=torch.exp(_log_factor(target.saturation) - _log_factor(source.saturation)),
+        hue=_wrap_turns(target.hue.float() - source.hue.float()),
+        applied=target.applied | source.applied,
+    )
+
+
 def build_action(
     target: JitterParams, source: JitterParams, destructive: DestructiveParams
 ) -> Tensor:

@@ -3,10 +3,15 @@
 The crop and flip are done before (elsewhere), once per image, so the only spatial
 difference between the views is the source mask. Here:
 
-- target = jitter_t(crop)
-- source = destructive(jitter_s(crop)), with jitter_s drawn independently of jitter_t
+- source = destructive(jitter_s(crop))
+- target = jitter_rel(jitter_s(crop)), where jitter_rel takes jitter_s to an independently
+  drawn jitter_t (:func:`~iwm.data.actions.relative_jitter`): the ``relative`` pairing,
+  the default; or target = jitter_t(crop), the ``independent`` pairing
 
-and the action (see :mod:`iwm.data.actions`) records how to go from source to target.
+and the action (see :mod:`iwm.data.actions`) records how to go from source to target. Both
+pairings give the same actions; they differ only where a jitter clips (pixels pushed past
+0 or 1) or where saturation and hue do not commute, and there only the relative pairing's
+target is what the action makes of the source (:func:`unexplained_fraction` measures it).
 
 All randomness comes from the ``torch.Generator`` passed in, drawn for the whole batch in
 a fixed order (target jitter, source jitter, destructive), so a run that saves and
@@ -24,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iwm.config import Strength, ViewsConfig, check_view_values
+from iwm.config import Pairing, Strength, ViewsConfig, check_view_values
 from iwm.data import photometric as P
-from iwm.data.actions import DestructiveParams, JitterParams, build_action
+from iwm.data.actions import DestructiveParams, JitterParams, build_action, relative_jitter
 from iwm.data.factors import JITTER_FACTORS
 from iwm.data.shard import SINGLE, Shard, take_rows
 
@@ -54,6 +59,7 @@ class ViewParams:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    pairing: Pairing = "relative"
 
     def __post_init__(self) -> None:
         # YAML gives lists; a frozen dataclass must hold a hashable tuple.
@@ -239,8 +245,13 @@ class ViewSampler:
         p = self.params
         jitter = p.jitter_p > 0
         destroy = p.blur_p > 0 or p.solarize_p > 0 or (p.grayscale_p > 0 and self.channels == 3)
-        target = self.apply_jitter(crops, target_jitter) if jitter else crops
         source = self.apply_jitter(crops, source_jitter) if jitter else crops
+        if not jitter:
+            target = crops
+        elif p.pairing == "relative":
+            target = self.apply_jitter(source, relative_jitter(target_jitter, source_jitter))
+        else:
+            target = self.apply_jitter(crops, target_jitter)
         if destroy:
             source = self.apply_destructive(source, destructive)
         return Views(
@@ -251,3 +262,17 @@ class ViewSampler:
             source_jitter=source_jitter,
             destructive=destructive,
         )
+
+
+def unexplained_fraction(sampler: ViewSampler, crops: Tensor, views: Views) -> Tensor:
+    """Per pair (B,): how much of the difference between the target and the source (before
+    its destructive ops) the action leaves unexplained, ``|y - a(x)|^2 / |y - x|^2`` with
+    ``a(x)`` the action's jitter applied to that source; 0 where target and source are
+    the same. 0 for every pair of the ``relative`` pairing; under ``independent`` pairing,
+    clipping makes it large for bright images at strong jitter (docs/method.md)."""
+    source = sampler.apply_jitter(crops, views.source_jitter)
+    moved = sampler.apply_jitter(source, relative_jitter(views.target_jitter,
+                                                         views.source_jitter))
+    left = (views.target - moved).float().pow(2).flatten(1).sum(1)
+    total = (views.target - source).float().pow(2).flatten(1).sum(1)
+    return torch.where(total > 0, left / total.clamp_min(1e-12), torch.zeros_like(total))
