@@ -11,7 +11,7 @@ from iwm.data.actions import JitterParams
 from iwm.data.factors import DESTRUCTIVE_OPS, JITTER_FACTORS
 from iwm.data.masks import MultiBlockMaskSampler
 from iwm.data.views import ViewParams, ViewSampler, resolve_view_params
-from iwm.evaluation.bank import bank_view_params
+from iwm.evaluation.bank import bank_view_params, protocol_masks
 from iwm.evaluation.mrr import MRRResult, evaluate_mrr, run_mrr
 from iwm.evaluation.ranking import chance_mrr_stderr
 from iwm.evaluation.sensitivity import range_end
@@ -93,8 +93,9 @@ def test_oracle_predictor_scores_one_everywhere(channels, distance):
 
 
 def test_each_setting_asks_for_the_right_action():
-    # The predictor's calls, in order: main bank, then each source-side op on the same
-    # bank and true entries, then per factor: one bank where only that factor varies and
+    # The predictor's calls, in order: the null action (for the residual), the main bank,
+    # each source-side op on the same bank and true entries, the main bank's oracle (null
+    # action), then per factor: one bank where only that factor varies, its oracle, and
     # the two ends of its range (the sensitivity measure).
     model, views, masks = _setup(3)
     images = _images(5, 3)
@@ -109,7 +110,12 @@ def test_each_setting_asks_for_the_right_action():
 
     model.predictor.forward = record
     evaluate_mrr(model, views, images, masks, bank_size=4, normalize=normalize)
-    assert len(actions) == 1 + len(DESTRUCTIVE_OPS) + 3 * len(JITTER_FACTORS)
+    assert len(actions) == 3 + len(DESTRUCTIVE_OPS) + 4 * len(JITTER_FACTORS)
+    null, actions = actions[0], actions[1:]
+    oracles = [actions.pop(1 + len(DESTRUCTIVE_OPS))]
+    for i in range(len(JITTER_FACTORS)):
+        oracles.append(actions.pop(1 + len(DESTRUCTIVE_OPS) + 3 * i + 1))
+    assert all(bool((a == 0).all()) for a in [null, *oracles])
     main = actions[0]
     assert bool((main[:, 4:] == 0).all())
     assert bool((main[:, :4] != 0).all())
@@ -293,3 +299,93 @@ def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
     # Gray images: only brightness and contrast vary, so only they are measured.
     assert set(saved["sensitivity"]) == {"brightness", "contrast"}
     assert set(saved["sensitivity"]["contrast"]) == {"encoder", "predictor", "alignment"}
+
+
+# ---------------------------------------------------------------- protocol: blocks, ties
+
+
+def test_union_blocks_score_every_target_block():
+    cfg = load_config("iwm-inv-tiny", [f"data.image_size={SIZE}"])
+    grid = (SIZE // 4, SIZE // 4)
+    union = protocol_masks(grid, cfg.mask, blocks="union")(8, torch.Generator().manual_seed(2))
+    first = protocol_masks(grid, cfg.mask, blocks="first")(8, torch.Generator().manual_seed(2))
+    assert union.targets.shape[1] == 1 and first.targets.shape[1] == cfg.mask.num_targets
+    assert torch.equal(union.context, first.context)
+    for i in range(8):
+        blocks = set(first.targets[i][first.target_valid[i]].tolist())
+        assert set(union.targets[i, 0][union.target_valid[i, 0]].tolist()) == blocks
+    with pytest.raises(ValueError, match="blocks"):
+        protocol_masks(grid, cfg.mask, blocks="all")
+
+
+def test_indistinguishable_entries_count_as_the_truth():
+    # White images: every brightness above 1 renders the same white image, so ranking
+    # those entries against each other is a coin flip between identical latents.
+    model, views, masks = _setup(1, strength="jitter")
+    images = torch.ones(16, 1, SIZE, SIZE)
+    model.predictor = OraclePredictor(model, images, views)
+    kw = dict(bank_size=BANK, normalize=normalize, per_transform=True)
+    rank = evaluate_mrr(model, views, images, masks, ties="rank",
+                        generator=torch.Generator().manual_seed(0), **kw)
+    truth = evaluate_mrr(model, views, images, masks, ties="truth",
+                         generator=torch.Generator().manual_seed(0), **kw)
+    # Contrast on a constant image is the identity: the whole bank is one image.
+    assert truth.tied["contrast"] == pytest.approx(1.0)
+    assert truth.per_transform["contrast"] == 1.0 == truth.per_transform_chance["contrast"]
+    assert rank.per_transform["contrast"] == pytest.approx(1 / BANK)
+    assert 0 < truth.tied["brightness"] < 1
+    assert truth.per_transform["brightness"] == 1.0 > rank.per_transform["brightness"]
+    # Chance rises with the ties, to exactly H_n / n of the entries left competing.
+    assert truth.per_transform_chance["brightness"] > harmonic(BANK) / BANK
+    assert rank.chance == pytest.approx(harmonic(BANK) / BANK)
+    assert (truth.ties, truth.blocks, rank.ties) == ("truth", "union", "rank")
+
+
+def test_action_blind_predictor_sits_at_its_own_chance_with_ties():
+    # Half-white images make brightness ties common; an action-blind predictor's MRR must
+    # still be the chance level the ties leave, not above it.
+    model, views, masks = _setup(1, conditioning="none", strength="jitter")
+    images = _images(64, 1).clamp_min(0.5)
+    r = evaluate_mrr(model, views, images, masks, bank_size=BANK, normalize=normalize,
+                     generator=torch.Generator().manual_seed(0))
+    chance, mrr = r.per_transform_chance["brightness"], r.per_transform["brightness"]
+    assert chance > harmonic(BANK) / BANK
+    assert abs(mrr - chance) < 4 * r.per_transform_stderr["brightness"]
+
+
+def test_decomposition_and_recovered_factors():
+    model, views, masks = _setup(3)
+    images = _images(16, 3)
+    model.predictor = OraclePredictor(model, images, views)
+    r = evaluate_mrr(model, views, images, masks, bank_size=BANK, normalize=normalize)
+    # A perfect world model: its residual is its own prediction, and the nearest entry's
+    # factor is the requested one.
+    assert set(r.decomposition) == {"all", *JITTER_FACTORS}
+    for name, d in r.decomposition.items():
+        assert d.residual == 1.0, name
+    for factor, rec in r.recovered.items():
+        assert rec.slope == pytest.approx(1.0) and rec.r2 == pytest.approx(1.0), factor
+    # An action-blind one: the residual is the clean latents, the same for every action,
+    # so it ranks no better than chance, and the nearest entry does not follow the factor.
+    model, views, masks = _setup(3, conditioning="none")
+    r = evaluate_mrr(model, views, _images(64, 3), masks, bank_size=BANK,
+                     normalize=normalize)
+    assert r.decomposition["brightness"].residual < 0.45
+    assert abs(r.recovered["brightness"].slope) < 0.3
+
+
+def test_oracle_setting_gives_the_transformed_image_and_the_null_action():
+    model, views, masks = _setup(3)
+    images = _images(4, 3)
+    seen = []
+    forward_tokens = model.encoder.forward_tokens
+    model.encoder.forward_tokens = lambda x, *a, **k: (seen.append(x.clone()),
+                                                       forward_tokens(x, *a, **k))[1]
+    evaluate_mrr(model, views, images, masks, bank_size=4, normalize=lambda x: x,
+                 per_transform=False)
+    # Calls: null action and main prediction on the clean images, then the oracle on the
+    # true entries rendered.
+    assert len(seen) == 3
+    assert torch.equal(seen[0], images) and torch.equal(seen[1], images)
+    assert not torch.equal(seen[2], images)
+    assert seen[2].shape == images.shape

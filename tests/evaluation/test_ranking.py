@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from iwm.evaluation.ranking import chance_mrr_stderr, mean_reciprocal_rank
+from iwm.evaluation.ranking import (
+    chance_mrr_stderr,
+    chance_reciprocal_rank,
+    mean_reciprocal_rank,
+    ranks_from_scores,
+)
 
 
 def harmonic(k: int) -> float:
@@ -120,3 +125,22 @@ def test_chance_stderr_is_the_spread_of_random_ranks():
     assert chance_mrr_stderr(1, 10) == 0.0  # one entry: always rank 1
     with pytest.raises(ValueError, match="at least 1"):
         chance_mrr_stderr(64, 0)
+
+
+def test_equivalent_entries_do_not_compete_with_the_truth():
+    scores = torch.tensor([[0.9, 0.5, 0.95, 0.95, 0.1]])
+    true = torch.tensor([1])
+    assert ranks_from_scores(scores, true).tolist() == [4]
+    # Entries 2 and 3 are the same answer as entry 1: only entry 0 beats it.
+    same = torch.tensor([[False, True, True, True, False]])
+    assert ranks_from_scores(scores, true, same).tolist() == [2]
+    # A tie with a different answer still counts against the truth.
+    scores = torch.tensor([[0.5, 0.5, 0.1]])
+    same = torch.tensor([[False, True, False]])
+    assert ranks_from_scores(scores, true, same).tolist() == [2]
+
+
+def test_chance_reciprocal_rank_is_the_mean_over_uniform_ranks():
+    entries = torch.tensor([1, 2, 5, 64])
+    expected = torch.tensor([harmonic(n) / n for n in (1, 2, 5, 64)])
+    torch.testing.assert_close(chance_reciprocal_rank(entries), expected)

@@ -21,7 +21,6 @@ from iwm.data.factors import JITTER_FACTORS
 from iwm.evaluation.api_check import run_api_check
 from iwm.evaluation.mrr import run_mrr
 from iwm.evaluation.probe import probe_encoder, probe_pixels
-from iwm.evaluation.ranking import chance_mrr
 from iwm.evaluation.report import build_report
 from iwm.evaluation.results import write_result
 from iwm.models.iwm import build_model
@@ -84,7 +83,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"[3/6] world model: MRR on {n_images} test images, bank of {bank} transformations")
     mrr = run_mrr(run_dir, n_images=n_images, bank_size=bank, device=str(dev),
                   seed=cfg.train.seed)
-    chance = chance_mrr(bank)
+    chance = mrr["chance"]
     mrr_factors = _scores(mrr["per_transform"], SUMMARY_FACTORS)
     print(f"      MRR {mrr['mrr']:.3f} (chance {chance:.3f}; {mrr_factors}; "
           f"{mrr['seconds']:.0f} s)")

@@ -20,6 +20,7 @@ import yaml
 
 from iwm.config import load_config, preset_description, preset_names, resolve_config_path
 from iwm.errors import Interrupted, IWMError, Preempted, Stopped
+from iwm.evaluation.bank import MRR_BLOCKS, MRR_TIES
 from iwm.version import __version__
 
 if TYPE_CHECKING:
@@ -92,18 +93,27 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:
     from iwm.evaluation.mrr import run_mrr
-    from iwm.evaluation.ranking import chance_mrr, chance_mrr_stderr
+    from iwm.evaluation.ranking import chance_mrr_stderr
 
     r = run_mrr(Path(args.run), n_images=args.images, bank_size=args.bank,
                 distance=args.distance, device=args.device, seed=args.seed,
-                context=args.context)
+                context=args.context, blocks=args.blocks, ties=args.ties)
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_transform"].items() if v is not None)
-    chance = chance_mrr(r["bank"])
     noise = chance_mrr_stderr(r["bank"], r["n_images"])
     err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
     print(f"MRR {r['mrr']:.4f}{err} (bank {r['bank']}, {r['n_images']} images, "
-          f"{r['distance']}; chance {chance:.4f} ± {noise:.4f}); per transform: {parts} "
-          f"-> {r['path']}")
+          f"{r['distance']}, blocks {r['blocks']}, ties {r['ties']}; chance "
+          f"{r['chance']:.4f} ± {noise:.4f}); per transform: {parts} -> {r['path']}")
+    if r["decomposition"]:
+        print("why (chance / MRR / oracle: transformed context, null action / residual: "
+              "p(a) - p(null) + clean latents / slope of the nearest entry's factor):")
+        for name, d in r["decomposition"].items():
+            rec = r["recovered"].get(name) or {}
+            slope = "" if rec.get("slope") is None else f" / slope {rec['slope']:.2f}"
+            mrr = r["mrr"] if name == "all" else r["per_transform"][name]
+            chance = r["chance"] if name == "all" else r["per_transform_chance"][name]
+            print(f"  {name:<10} {chance:.3f} / {mrr:.3f} / {d['oracle']:.3f} / "
+                  f"{d['residual']:.3f}{slope}")
     if r["sensitivity"]:
         print("latent change over each factor's range, relative to the distance between "
               "images (encoder / predictor / alignment):")
@@ -270,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="own: each image's whole context; batch-min: every context thinned "
                         "to the smallest of its batch of 64 (the protocol before 2026-11-29, "
                         "for comparisons)")
+    p.add_argument("--blocks", choices=MRR_BLOCKS, default="union",
+                   help="union: score every target block of an image; first: the first "
+                        "block only (the protocol before 2026-12-02, for comparisons)")
+    p.add_argument("--ties", choices=MRR_TIES, default="truth",
+                   help="truth: bank entries whose rendering no 8-bit image could tell from "
+                        "the true one count as the truth; rank: ranked like the others (the "
+                        "protocol before 2026-12-02)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the sampled images and transformations (default: 0)")
     _add_device(p)

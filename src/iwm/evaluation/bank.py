@@ -29,8 +29,12 @@ from iwm.models.iwm import IWM
 from iwm.models.tokens import gather_tokens
 
 __all__ = [
+    "MRR_BLOCKS",
     "MRR_CONTEXTS",
+    "MRR_TIES",
+    "SAME_IMAGE_TOLERANCE",
     "BankEvaluator",
+    "BankScores",
     "MainBank",
     "MaskSampler",
     "bank_view_params",
@@ -46,6 +50,18 @@ __all__ = [
 #: ``own``: each image keeps its whole context; ``batch-min``: every context is thinned to
 #: the smallest of its batch, the training masks' old form (kept to compare protocols).
 MRR_CONTEXTS = ("own", "batch-min")
+#: ``union``: the predictor predicts, and the score covers, every target block of an image
+#: (about 4 x 8 tokens on a 7 x 7 grid); ``first``: the first block only (the protocol
+#: before 2026-12-02, kept to compare).
+MRR_BLOCKS = ("union", "first")
+#: ``truth``: bank entries whose rendering no 8-bit image could tell from the true entry's
+#: (no pixel more than :data:`SAME_IMAGE_TOLERANCE` apart) are the same answer and do not
+#: compete with it; ``rank``: they are ranked like any other entry, i.e. by coin flips
+#: between near-identical latents (the protocol before 2026-12-02).
+MRR_TIES = ("truth", "rank")
+SAME_IMAGE_TOLERANCE = 1 / 255
+"""Largest pixel difference (in [0, 1] units) between two renderings that count as the
+same image: one level of an 8-bit image."""
 
 MaskSampler = Callable[[int, torch.Generator, torch.device], Masks]
 """``(batch, generator, device) -> Masks``, e.g. a :class:`MultiBlockMaskSampler`."""
@@ -97,8 +113,20 @@ def draw_true_index(batch: int, k: int, generator: torch.Generator, device: torc
     return torch.randint(k, (batch,), generator=generator, device=generator.device).to(device)
 
 
+@dataclass
+class BankScores:
+    """A bank scored against predictions: ``scores`` (B, K) closeness per prediction, and
+    ``equivalent`` (B, K) bool, the entries whose rendering is the true entry's to within
+    :data:`SAME_IMAGE_TOLERANCE` (the true entry included)."""
+
+    scores: list[Tensor]
+    equivalent: Tensor
+
+
 class BankEvaluator:
-    """One batch of images: shared masks, predictions and chunked bank scoring."""
+    """One batch of images: shared masks, predictions and chunked bank scoring. The
+    predictions and latents live at the first target block of the masks, which with
+    ``predictor_pass="union"`` masks is the union of an image's blocks."""
 
     def __init__(self, model: IWM, bank_sampler: ViewSampler, images: Tensor, masks: Masks,
                  bank_size: int, distance: str, chunk_size: int,
@@ -147,22 +175,32 @@ class BankEvaluator:
     def true_params(self, bank: JitterParams, true_index: Tensor) -> JitterParams:
         return take_rows(bank, self.rows * self.k + true_index)
 
-    def scores(self, bank: JitterParams, preds: list[Tensor]) -> list[Tensor]:
-        """(B, K) closeness of each prediction in ``preds`` to every entry of ``bank``
-        (B*K params, image-major), rendered and encoded ``chunk`` views at a time."""
-        total = self.images.shape[0] * self.k
-        out = [torch.empty(total, device=self.images.device) for _ in preds]
+    def clean_latents(self) -> Tensor:
+        """Target latents (B, Kt, D) of the untransformed images at the block."""
+        return gather_tokens(self.model.target_tokens(self.norm(self.images)), self.target_idx)
+
+    def scores(self, bank: JitterParams, preds: list[Tensor], true_index: Tensor
+               ) -> BankScores:
+        """Closeness of each prediction in ``preds`` to every entry of ``bank`` (B*K
+        params, image-major), rendered and encoded ``chunk`` views at a time, and which
+        entries render as the ``true_index`` one does."""
+        total, device = self.images.shape[0] * self.k, self.images.device
+        truth = self.sampler.apply_jitter(self.images, self.true_params(bank, true_index))
+        out = [torch.empty(total, device=device) for _ in preds]
+        same = torch.empty(total, dtype=torch.bool, device=device)
         for start in range(0, total, self.chunk):
-            rows = torch.arange(start, min(total, start + self.chunk), device=self.images.device)
+            rows = torch.arange(start, min(total, start + self.chunk), device=device)
             img = torch.div(rows, self.k, rounding_mode="floor")
             views = self.sampler.apply_jitter(self.images[img], take_rows(bank, rows))
+            same[rows] = ((views - truth[img]).abs().flatten(1).amax(1)
+                          <= SAME_IMAGE_TOLERANCE)
             latents = gather_tokens(self.model.target_tokens(self.norm(views)),
                                     self.target_idx[img])
             valid = self.valid[img]
             for o, pred in zip(out, preds, strict=True):
                 o[start:start + rows.numel()] = entry_scores(pred[img], latents, valid,
                                                              self.distance)
-        return [o.view(-1, self.k) for o in out]
+        return BankScores([o.view(-1, self.k) for o in out], same.view(-1, self.k))
 
 
 @dataclass
@@ -194,13 +232,16 @@ def draw_main_bank(model: IWM, view_sampler: ViewSampler, images: Tensor,
     return MainBank(ev, sampler, bank, true_index, ev.true_params(bank, true_index))
 
 
-def protocol_masks(grid: tuple[int, int], cfg: MaskConfig, context: str = "own"
-                   ) -> MultiBlockMaskSampler:
-    """The protocol's masks: the run's multi-block masks with one pass per block, whatever
-    the run trained with, so that every run is asked the same question; ``context`` is one
-    of :data:`MRR_CONTEXTS`."""
+def protocol_masks(grid: tuple[int, int], cfg: MaskConfig, context: str = "own",
+                   blocks: str = "union") -> MultiBlockMaskSampler:
+    """The protocol's masks: the run's multi-block masks, one pass over the union of an
+    image's blocks (``blocks="union"``) or one per block of which the first is scored
+    (``"first"``), whatever the run trained with, so that every run is asked the same
+    question; ``context`` is one of :data:`MRR_CONTEXTS`. Both draw the same blocks."""
     if context not in MRR_CONTEXTS:
         raise ValueError(f"context={context!r}: must be one of {', '.join(MRR_CONTEXTS)}")
+    if blocks not in MRR_BLOCKS:
+        raise ValueError(f"blocks={blocks!r}: must be one of {', '.join(MRR_BLOCKS)}")
     return MultiBlockMaskSampler(grid, dataclasses.replace(
-        cfg, predictor_pass="per_block", context_tokens="thin" if context == "batch-min"
-        else "pad"))
+        cfg, predictor_pass="union" if blocks == "union" else "per_block",
+        context_tokens="thin" if context == "batch-min" else "pad"))

@@ -17,6 +17,7 @@ __all__ = [
     "DISTANCES",
     "chance_mrr",
     "chance_mrr_stderr",
+    "chance_reciprocal_rank",
     "check_distance",
     "entry_scores",
     "mean_reciprocal_rank",
@@ -98,12 +99,28 @@ def pairwise_scores(pred: Tensor, bank: Tensor, distance: str = "cosine",
     return entry_scores(p, e, v, distance)
 
 
-def ranks_from_scores(scores: Tensor, true_index: Tensor) -> Tensor:
+def ranks_from_scores(scores: Tensor, true_index: Tensor,
+                      equivalent: Tensor | None = None) -> Tensor:
     """1-based rank (B,) of ``scores[b, true_index[b]]`` in each row of ``scores`` (B, K),
-    higher = better; ties count as the worst rank in the tie, NaN as the lowest score."""
+    higher = better; ties count as the worst rank in the tie, NaN as the lowest score.
+
+    ``equivalent`` (B, K) bool marks entries that are the same answer as the true one
+    (e.g. renderings no 8-bit image could tell apart): they do not compete with it, so
+    the rank is 1 + the number of other entries scoring at least as high."""
     scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
     true = scores.gather(1, true_index.long().view(-1, 1))
-    return (scores >= true).sum(1)
+    if equivalent is None:
+        return (scores >= true).sum(1)
+    return ((scores >= true) & ~equivalent).sum(1) + 1
+
+
+def chance_reciprocal_rank(entries: Tensor) -> Tensor:
+    """Expected 1/rank (same shape) of an action-blind predictor among ``entries``
+    competing answers (long, >= 1), the truth included: H_n / n."""
+    n = int(entries.max()) if entries.numel() else 1
+    harmonic = torch.cat([torch.zeros(1, dtype=torch.float64),
+                          (1.0 / torch.arange(1, n + 1, dtype=torch.float64)).cumsum(0)])
+    return (harmonic.to(entries.device)[entries.long()] / entries.double()).float()
 
 
 def mean_reciprocal_rank(pred: Tensor, bank: Tensor, true_index: Tensor,

@@ -224,7 +224,7 @@ def plot_mrr(result: dict[str, Any], path: Path) -> None:
             ax.text(i, 0.12, "n/a", ha="center", color="gray", fontsize=9)
     bank = result.get("bank")
     if isinstance(bank, int) and bank >= 1:
-        chance = chance_mrr(bank)
+        chance = _chance(result)
         ax.axhline(chance, color="#c00000", linestyle="--", linewidth=1,
                    label=f"chance (action ignored): {chance:.3f}")
         ax.legend(loc="upper right", fontsize=9)
@@ -238,11 +238,20 @@ def plot_mrr(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _chance(result: dict) -> float:
+    """The result's own chance level (it depends on the tie rule); H_K / K for files
+    written before the result carried one."""
+    chance = result.get("chance")
+    return float(chance) if isinstance(chance, int | float) else chance_mrr(result["bank"])
+
+
 def _chance_text(result: dict) -> str:
     bank, n = result.get("bank"), result.get("n_images")
     if not (isinstance(bank, int) and isinstance(n, int) and bank > 0 and n > 0):
         return "unknown (no bank size in mrr.json)"
-    return f"{chance_mrr(bank):.3f} ± {chance_mrr_stderr(bank, n):.3f}"
+    protocol = (f" (blocks: {_esc(result['blocks'])}, ties: {_esc(result['ties'])})"
+                if "blocks" in result and "ties" in result else "")
+    return f"{_chance(result):.3f} ± {chance_mrr_stderr(bank, n):.3f}{protocol}"
 
 
 def _mrr_section(run_dir: Path, out_dir: Path) -> str:
@@ -260,6 +269,20 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
     notes = result.get("notes") or {}
     sens = result.get("sensitivity") or {}
     errors = {"all": result.get("stderr"), **(result.get("per_transform_stderr") or {})}
+    chances = {"all": result.get("chance"), **(result.get("per_transform_chance") or {})}
+    decomposition = result.get("decomposition") or {}
+    recovered = result.get("recovered") or {}
+
+    def cell(value: Any) -> str:
+        return f"<td class=num>{'–' if value is None else _esc(_fmt(value))}</td>"
+
+    def why_cells(name: str) -> str:
+        d = decomposition.get(name) if isinstance(decomposition, dict) else None
+        d = d if isinstance(d, dict) else {}
+        rec = recovered.get(name) if isinstance(recovered, dict) else None
+        rec = rec if isinstance(rec, dict) else {}
+        return (cell(chances.get(name)) + cell(d.get("oracle")) + cell(d.get("residual"))
+                + cell(rec.get("slope")))
 
     def err_cell(name: str) -> str:
         v = errors.get(name)
@@ -273,7 +296,8 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
 
     body = "".join(
         f"<tr><td>{_esc(name)}</td><td class=num>{_esc(_fmt(value))}</td>{err_cell(name)}"
-        f"{sens_cells(name)}<td>{_esc(notes.get(name, ''))}</td></tr>" for name, value in rows)
+        f"{why_cells(name)}{sens_cells(name)}<td>{_esc(notes.get(name, ''))}</td></tr>"
+        for name, value in rows)
     extra = ", ".join(f"{k} {_fmt(result[k])}" for k in ("seed", "step", "seconds")
                       if k in result)
     return ("<p>Mean reciprocal rank of the true transformed image's latent among a bank of "
@@ -286,8 +310,16 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
             "encoder and for the predictor, and the cosine of the two changes. An encoder "
             "near 0 is invariant to the factor; a predictor near 0 while the encoder is not "
             "ignores that field of the action.</p>"
+            "<p>Why a setting scores what it does, on the same bank: <b>oracle</b> is the "
+            "MRR of the predictor given the really transformed image's context and the null "
+            "action (what a perfect world model could reach through this predictor's "
+            "inpainting); <b>residual</b> the MRR of p(a) − p(null) + the clean image's own "
+            "latents (the world model without its inpainting error); <b>slope</b> the "
+            "factor of the nearest bank entry against the requested one (1: the prediction "
+            "moves as far as asked; below 1: it hedges).</p>"
             f"<p>± s.e.: standard error over the images; chance is {_chance_text(result)}.</p>"
-            "<table><tr><th>setting</th><th>MRR</th><th>± s.e.</th><th>encoder</th>"
+            "<table><tr><th>setting</th><th>MRR</th><th>± s.e.</th><th>chance</th>"
+            "<th>oracle</th><th>residual</th><th>slope</th><th>encoder</th>"
             "<th>predictor</th>"
             f"<th>alignment</th><th>note</th></tr>{body}</table>")
 

@@ -25,7 +25,7 @@ from iwm.data.actions import DestructiveParams, JitterParams
 from iwm.data.factors import JITTER_FACTORS
 from iwm.data.shard import take_rows
 from iwm.data.views import ViewSampler
-from iwm.evaluation.bank import MaskSampler, draw_main_bank, no_normalization
+from iwm.evaluation.bank import MRR_TIES, MaskSampler, draw_main_bank, no_normalization
 from iwm.evaluation.ranking import check_distance, ranks_from_scores
 from iwm.models.iwm import IWM
 
@@ -79,14 +79,17 @@ def retrieval_examples(model: IWM, view_sampler: ViewSampler, images: Tensor,
                        mask_sampler: MaskSampler, bank_size: int = 32, top_k: int = 5,
                        distance: str = "cosine", generator: torch.Generator | None = None,
                        normalize: Callable[[Tensor], Tensor] | None = None,
-                       chunk_size: int = 512) -> list[RetrievalExample]:
+                       chunk_size: int = 512, ties: str = "truth") -> list[RetrievalExample]:
     """One :class:`RetrievalExample` per image of ``images`` (B, C, H, W) in [0, 1].
 
     Arguments as in :func:`iwm.evaluation.mrr.evaluate_mrr`; ``top_k`` (at most
-    ``bank_size``) entries are kept per image. The model is put in eval mode for the call
-    and restored afterwards.
+    ``bank_size``) entries are kept per image; with ``ties="truth"`` the entries that
+    render as the true one are not listed beside it (they are the same answer). The model
+    is put in eval mode for the call and restored afterwards.
     """
     check_distance(distance)
+    if ties not in MRR_TIES:
+        raise ValueError(f"ties={ties!r}: must be one of {', '.join(MRR_TIES)}")
     if bank_size < 2 or not 1 <= top_k <= bank_size:
         raise ValueError(f"bank_size={bank_size}, top_k={top_k}: need 1 <= top_k <= bank_size"
                          " and bank_size >= 2")
@@ -99,14 +102,16 @@ def retrieval_examples(model: IWM, view_sampler: ViewSampler, images: Tensor,
     model.eval()
     try:
         return _examples(model, view_sampler, images, mask_sampler, bank_size, top_k,
-                         distance, generator, normalize or no_normalization, chunk_size)
+                         distance, generator, normalize or no_normalization, chunk_size,
+                         ties)
     finally:
         model.train(was_training)
 
 
 def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_sampler: MaskSampler,
               bank_size: int, top_k: int, distance: str, generator: torch.Generator,
-              normalize: Callable[[Tensor], Tensor], chunk_size: int) -> list[RetrievalExample]:
+              normalize: Callable[[Tensor], Tensor], chunk_size: int, ties: str
+              ) -> list[RetrievalExample]:
     device = next(model.parameters()).device
     images = images.to(device=device, dtype=torch.float32)
     b = images.shape[0]
@@ -115,8 +120,10 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_sample
     ev, sampler, bank, true_index, target = (main.evaluator, main.sampler, main.bank,
                                              main.true_index, main.target)
     pred = ev.predict(images, target, DestructiveParams.identity(b, device))
-    (scores,) = ev.scores(bank, [pred])
-    ranks = ranks_from_scores(scores, true_index)
+    scored = ev.scores(bank, [pred], true_index)
+    scores = scored.scores[0]
+    equivalent = scored.equivalent if ties == "truth" else torch.zeros_like(scored.equivalent)
+    ranks = ranks_from_scores(scores, true_index, equivalent if ties == "truth" else None)
     order = torch.nan_to_num(scores.float(), nan=-torch.inf).argsort(dim=1, descending=True,
                                                                      stable=True)
     examples = []
@@ -124,7 +131,7 @@ def _examples(model: IWM, view_sampler: ViewSampler, images: Tensor, mask_sample
         t, rank = int(true_index[i]), int(ranks[i])
         # Place the true entry at its reported rank: ties count against it, so every
         # entry tied with it goes first (a plain sort could list it ahead of them).
-        others = [int(k) for k in order[i] if int(k) != t]
+        others = [int(k) for k in order[i] if int(k) != t and not equivalent[i, k]]
         top = (others[:rank - 1] + [t] + others[rank - 1:])[:top_k]
         rows = torch.tensor([i * bank_size + k for k in top], device=device)
         rendered = sampler.apply_jitter(images[i].expand(len(top), -1, -1, -1),

@@ -85,9 +85,11 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
                                     "train.progress=false", f"train.device={device}"])
     pretrain(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file())
     results = run_dir / "results"
+    # The protocol of the published study tables (first block, ties ranked), so that a
+    # cell run now is comparable with the cells already on disk.
     mrr = _cached(results / "mrr.json", lambda: run_mrr(
         run_dir, n_images=ev.mrr_images, bank_size=ev.mrr_bank, device=device, seed=seed,
-        per_transform=False, progress=False))
+        per_transform=False, blocks="first", ties="rank", progress=False))
     probe = _cached(results / "probe_linear.json", lambda: run_probe(
         run_dir, "linear", list(ev.probe), device=device, progress=False))
     ft_overrides = [*ev.finetune, f"finetune.seed={seed}"]
