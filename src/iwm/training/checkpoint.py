@@ -229,6 +229,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     unreadable file, truncated/corrupt file, or a file that needs unpickling arbitrary
     Python objects (refused: that could execute code).
     """
+    state = load_weights_only(path, map_location)
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a dict: it was not "
+            "written by iwm"
+        )
+    return state
+
+
+def load_weights_only(path: Path, map_location: str | torch.device = "cpu",
+                      mmap: bool = False, *,
+                      corrupt_fix: str = "use an earlier checkpoint") -> object:
+    """Whatever the file holds, loaded as :func:`load_checkpoint` loads it (its errors too).
+
+    ``mmap``: map the file instead of reading it, so that only the tensors used are read
+    (for files of other codes, which also hold optimiser state); files in torch's legacy
+    format cannot be mapped and are read whole. ``corrupt_fix``: what the error of an
+    unreadable file tells the user to do.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found: check the path or the run directory")
@@ -242,7 +261,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         unsafe = _unsafe_globals(path, e)
         if unsafe:
@@ -253,15 +277,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             ) from None
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); something cut "
-            "it off or damaged it after it was written (an interrupted copy, a disk error): "
-            "use an earlier checkpoint"
+            f"it off or damaged it after it was written (an interrupted copy, a disk error): "
+            f"{corrupt_fix}"
         ) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(
-            f"checkpoint {path} holds a {type(state).__name__}, not a dict: it was not "
-            "written by iwm"
-        )
-    return state
 
 
 def _unsafe_globals(path: Path, error: Exception) -> list[str]:
