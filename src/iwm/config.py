@@ -246,6 +246,11 @@ class ModelConfig(_Section):
     """Recompute each block's activations in the backward pass (encoder and predictor):
     about a third more compute for far less activation memory, for models or batches that
     would not fit otherwise."""
+    init_from: str | None = None
+    """A run directory, checkpoint or export whose weights a new pretraining run starts
+    from, e.g. an I-JEPA checkpoint imported with ``iwm import-ijepa``. Its encoders and
+    predictor must have this model's shapes; action-conditioning weights it lacks start
+    fresh (with a warning). ``--resume`` restores the run's own checkpoint instead."""
 
     def check(self) -> None:
         super().check()
@@ -543,6 +548,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 PRESET_DIR = Path(__file__).parent / "configs"
+RUN_CONFIG_FILE = "config.yaml"
+"""A run directory's config (:mod:`iwm.training.run_dir` writes it)."""
 
 
 def preset_names() -> list[str]:
@@ -561,15 +568,18 @@ def preset_description(name: str) -> str:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a packaged preset (``iwm-inv-tiny``)."""
+    """A YAML path, a run directory (its config) or the name of a packaged preset
+    (``iwm-inv-tiny``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if (path / RUN_CONFIG_FILE).is_file():
+        return path / RUN_CONFIG_FILE
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.is_file():
         return preset
     raise ConfigError(
-        f"config '{name_or_path}' is neither a file nor a preset; "
+        f"config '{name_or_path}' is neither a file, a run directory nor a preset; "
         f"presets: {', '.join(preset_names())}"
     )
 

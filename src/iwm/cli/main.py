@@ -46,8 +46,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         cfg, run_dir = load_run_config(target, args.overrides), target
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(
-            cfg, resolve_config_path(args.config).stem)
+        # A run directory as the config (a run to start from) names the new run after it.
+        name = target.name if target.is_dir() else resolve_config_path(args.config).stem
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg, name)
         if not args.resume and (run_dir / "checkpoints").exists():
             raise IWMError(f"{run_dir} already holds a run: pass --resume to continue it, "
                            "or choose another train.run_name / --run-dir")
@@ -162,6 +163,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
               f"timm.create_model('local-dir:{out}', pretrained=True)")
     else:
         print(f"whole model -> {out}; load it with iwm.from_pretrained('{out}')")
+
+
+def _cmd_import_ijepa(args: argparse.Namespace) -> None:
+    from iwm.interop.ijepa import import_ijepa
+
+    run_dir, cfg = import_ijepa(args.checkpoint, args.out, args.overrides)
+    m = cfg.model
+    print(f"I-JEPA {m.encoder}/{m.patch_size} at {cfg.data.image_size} px, predictor "
+          f"{m.predictor_depth} x {m.predictor_width}, data {cfg.data.name} -> {run_dir}")
+    print(f"evaluate it as a run (`iwm probe {run_dir}`), or train IWM from it: "
+          f"`iwm pretrain {run_dir} model.init_from={run_dir} model.conditioning=feature`")
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -351,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (config.json + "
                                                 "model.safetensors)")
     p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("import-ijepa", help="a checkpoint of the official I-JEPA code as an "
+                                            "iwm run, for the evaluations, exports and "
+                                            "model.init_from")
+    p.add_argument("checkpoint", help="a .pth.tar of facebookresearch/ijepa (e.g. "
+                                      "in1k_vith14_ep300.pth.tar)")
+    p.add_argument("overrides", nargs="*", help="the data to evaluate on and other keys, "
+                                                "e.g. data.name=imagefolder:/data/imagenet "
+                                                "(the model keys come from the checkpoint)")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.set_defaults(fn=_cmd_import_ijepa)
 
     p = sub.add_parser("embed", help="pooled target-encoder features of image files")
     p.add_argument("run", help="run directory, checkpoint or exported folder")

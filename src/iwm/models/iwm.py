@@ -10,6 +10,8 @@ source == target and the conditioning is ``none``.
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,9 @@ from torch import Tensor, nn
 from iwm.config import Config
 from iwm.data.actions import ACTION_DIM
 from iwm.data.masks import Masks
-from iwm.models.predictor import Predictor
+from iwm.errors import CheckpointError
+from iwm.models.encoder_io import state_shapes_mismatch
+from iwm.models.predictor import CONDITIONING_MODULES, Predictor
 from iwm.models.tokens import gather_tokens
 from iwm.models.vit import Encoder, create_encoder
 from iwm.torch_internals import lerp_
@@ -102,3 +106,39 @@ def build_model(cfg: Config, in_chans: int) -> IWM:
     model.encoder.set_grad_checkpointing(m.grad_checkpointing)
     model.predictor.grad_checkpointing = m.grad_checkpointing
     return model
+
+
+def _conditioning_key(key: str) -> bool:
+    return any(key.startswith(f"predictor.{m}.") for m in CONDITIONING_MODULES)
+
+
+def init_from_state(model: IWM, state: Mapping[str, Tensor], where: str) -> None:
+    """Start ``model`` from another run's weights ``state`` (``model.init_from``).
+
+    Everything but the action conditioning must match exactly: the source is meant to be
+    this very model, trained before (an imported I-JEPA run, another IWM run). Conditioning
+    weights the source lacks start as initialised (an I-JEPA predictor has none); those
+    this model does not use are dropped. Both are said in a warning.
+    """
+    own = model.state_dict()
+    shared = {k: v for k, v in own.items() if not _conditioning_key(k)}
+    found = {k: v for k, v in state.items() if not _conditioning_key(k)}
+    mismatch = state_shapes_mismatch(shared, found)
+    if mismatch:
+        raise CheckpointError(
+            f"model.init_from={where}: its weights do not fit this run's model ({mismatch}); "
+            "use its model.* and data.image_size settings")
+    fresh = sorted({k.split(".")[1] for k in own if _conditioning_key(k)
+                    and (k not in state or state[k].shape != own[k].shape)})
+    dropped = sorted({k.split(".")[1] for k in state if _conditioning_key(k) and k not in own})
+    if fresh:
+        warnings.warn(f"model.init_from={where} has no weights for this run's "
+                      f"conditioning: predictor.{', predictor.'.join(fresh)} start from "
+                      "random initialisation", stacklevel=2)
+    if dropped:
+        warnings.warn(f"model.init_from={where}: its predictor.{', predictor.'.join(dropped)}"
+                      " (another conditioning) are not used by this run's", stacklevel=2)
+    merged = {**own, **found}
+    merged.update({k: state[k] for k in own if _conditioning_key(k) and k in state
+                   and state[k].shape == own[k].shape})
+    model.load_state_dict(merged)

@@ -41,6 +41,10 @@ def _modulated_block(block: Block):
     return forward
 
 
+CONDITIONING_MODULES = ("action_embed", "action_mlp", "action_mod")
+"""The submodules that only some conditionings have (the rest is the same for all)."""
+
+
 class Predictor(nn.Module):
     pos_embed: Tensor  # a buffer, registered in __init__
 

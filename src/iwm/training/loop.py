@@ -50,7 +50,7 @@ from iwm.console import Progress, say
 from iwm.data.datasets import FolderSet, get_dataset
 from iwm.data.shard import Shard
 from iwm.data.sources import BatchSource, StreamingBatchSource, make_source, resolve_num_workers
-from iwm.errors import ConfigError, Interrupted, Preempted
+from iwm.errors import CheckpointError, ConfigError, Interrupted, Preempted
 from iwm.models.iwm import StepOutput
 from iwm.training.checkpoint import (
     checkpoint_path,
@@ -109,7 +109,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
                           shard=Shard(dist.rank, dist.world_size))
     trainer = Trainer.create(cfg, channels=batches.channels, mean=batches.mean,
                              std=batches.std, device=device,
-                             steps_per_epoch=batches.steps_per_epoch, dist=dist)
+                             steps_per_epoch=batches.steps_per_epoch, dist=dist,
+                             init_state=_init_state(cfg, run_dir, resume))
     talk = cfg.train.progress and dist.is_main
     start_step = _resume(run_dir, trainer, batches, dist, device, talk) if resume else 0
     if dist.is_main:
@@ -220,6 +221,19 @@ def _first_image_size(data: FolderSet) -> tuple[int, int] | None:
     except Exception:  # noqa: BLE001 - a summary only; training reports bad files itself
         return None
     return height, width
+
+
+def _init_state(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Tensor] | None:
+    """The weights of ``model.init_from`` for a run starting at step 0; None for a run
+    that resumes from a checkpoint of its own (the source may be gone by then)."""
+    if cfg.model.init_from is None or (resume and latest_checkpoint(run_dir) is not None):
+        return None
+    from iwm.api import load
+
+    try:
+        return load(cfg.model.init_from).model.state_dict()
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_from: {e}") from None
 
 
 def _resume(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,

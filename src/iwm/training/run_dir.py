@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from iwm.config import Config, load_config, save_config
+from iwm.config import RUN_CONFIG_FILE, Config, load_config, save_config
 from iwm.errors import ConfigError, StorageError
 from iwm.training.checkpoint import CHECKPOINT_DIR
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = RUN_CONFIG_FILE
 
 
 def new_run_dir(cfg: Config, config_name: str) -> Path:

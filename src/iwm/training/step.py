@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,7 +27,7 @@ from iwm.data.shard import Shard, take_rows
 from iwm.data.views import ViewSampler, resolve_view_params
 from iwm.errors import TrainingError
 from iwm.models.attention import resolve_attention, set_attention
-from iwm.models.iwm import IWM, StepOutput, build_model
+from iwm.models.iwm import IWM, StepOutput, build_model, init_from_state
 from iwm.torch_internals import (
     cpu_has_native_bf16,
     is_compile_error,
@@ -165,9 +165,15 @@ class Trainer:
     @classmethod
     def create(cls, cfg: Config, *, channels: int, mean: tuple[float, ...],
                std: tuple[float, ...], device: torch.device, steps_per_epoch: int,
-               dist: DistInfo | None = None) -> Trainer:
+               dist: DistInfo | None = None,
+               init_state: Mapping[str, Tensor] | None = None) -> Trainer:
+        """``init_state``: the weights of ``cfg.model.init_from`` to start from (see
+        :func:`~iwm.models.iwm.init_from_state`); None starts from initialisation."""
         dist = dist or DistInfo()
-        model = build_model(cfg, channels).to(device)
+        model = build_model(cfg, channels)
+        if init_state is not None:
+            init_from_state(model, init_state, str(cfg.model.init_from))
+        model = model.to(device)
         set_attention(model, resolve_attention(cfg.train.attention, device))
         fsdp = dist.world_size > 1 and cfg.train.data_parallel == "fsdp"
         if fsdp:
