@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "iwm run, for the evaluations, exports and "
                                             "model.init_from")
     p.add_argument("checkpoint", help="a .pth.tar of facebookresearch/ijepa (e.g. "
-                                      "in1k_vith14_ep300.pth.tar)")
+                                      "IN1K-vit.h.14-300e.pth.tar)")
     p.add_argument("overrides", nargs="*", help="the data to evaluate on and other keys, "
                                                 "e.g. data.name=imagefolder:/data/imagenet "
                                                 "(the model keys come from the checkpoint)")

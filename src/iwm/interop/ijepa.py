@@ -220,7 +220,7 @@ def convert_state(path: Path, models: Mapping[str, Mapping[str, Tensor]],
                 raise _one_line(path, f"'{source}' has no '{official}'")
             t = sd[official]
             if prefix == "predictor.":
-                t = _permute_width(ours, t, perm) if t.ndim else t
+                t = _permute_width(ours, t, perm)
             want = expected[prefix + ours]
             if tuple(t.shape) != tuple(want.shape):
                 raise _one_line(path, f"'{source}.{official}' has shape {tuple(t.shape)}, "
