@@ -112,3 +112,23 @@ def test_native_bf16_on_cpu_follows_the_instruction_set(monkeypatch, avx512_bf16
         assert callable(getattr(torch.cpu, name))
         monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
     assert native_bf16(torch.device("cpu")) is expected
+
+
+COLOUR_PRESETS = {"ijepa-cifar": ("cifar10", 32), "iwm-inv-cifar": ("cifar10", 32),
+                  "iwm-equi-cifar": ("cifar10", 32)}
+
+
+@pytest.mark.parametrize("name", sorted(COLOUR_PRESETS))
+def test_the_colour_presets_build_and_train_a_step(name):
+    from iwm.training.step import Trainer
+
+    # The preset's model as it is; only the batch is cut, to 2 images of its size.
+    cfg = load_config(name, ["train.batch_size=2", "train.device=cpu"])
+    assert (cfg.data.name, cfg.data.image_size) == COLOUR_PRESETS[name]
+    torch.manual_seed(0)
+    trainer = Trainer.create(cfg, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                             device=torch.device("cpu"), steps_per_epoch=4)
+    trainer.model.train()
+    size = cfg.data.image_size
+    out, grad_norm = trainer.step(0, torch.rand(2, 3, size, size))
+    assert torch.isfinite(out.loss) and grad_norm > 0
