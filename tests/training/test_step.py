@@ -115,7 +115,8 @@ def test_native_bf16_on_cpu_follows_the_instruction_set(monkeypatch, avx512_bf16
 
 
 COLOUR_PRESETS = {"ijepa-cifar": ("cifar10", 32), "iwm-inv-cifar": ("cifar10", 32),
-                  "iwm-equi-cifar": ("cifar10", 32)}
+                  "iwm-equi-cifar": ("cifar10", 32), "iwm-inv-stl": ("stl10", 96),
+                  "iwm-equi-stl": ("stl10", 96)}
 
 
 @pytest.mark.parametrize("name", sorted(COLOUR_PRESETS))
