@@ -257,7 +257,9 @@ def write_jpeg_folder(folder: Path, n: int, size: tuple[int, int], classes: int 
 
 def pretrain_args(s: Suite, folder: Path, run: Path, config: str, image_size: int,
                   batch: int) -> list[str]:
-    return ["pretrain", config, f"data.name=imagefolder:{folder}",
+    # holdout=0: the input pieces time every JPEG written, and a flat folder would
+    # otherwise keep a tenth of them back as its test split.
+    return ["pretrain", config, f"data.name=imagefolder:{folder}", "data.holdout=0",
             f"data.image_size={image_size}", f"data.num_workers={s.sizes.workers}",
             f"train.batch_size={batch}", f"train.epochs={s.sizes.input_epochs}",
             f"train.device={s.sizes.device}", "train.log_every=10", "train.progress=false",
