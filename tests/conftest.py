@@ -92,3 +92,21 @@ def image_folder(tmp_path: Path) -> Path:
                         "JPEG")
             (d / "notes.txt").write_text("not an image")
     return root
+
+
+def write_coloured_shards(folder: Path, n: int = 48, shard_size: int = 7) -> str:
+    """``n`` constant-colour PNGs (red = 5 x their number, class = number % 3) written by
+    ``iwm shards`` in shards of ``shard_size`` (the last one shorter); their pattern."""
+    from iwm.data.tarshards import write_shards
+
+    for i in range(n):
+        write_image(folder / "images" / f"class{i % 3}" / f"{i:03d}.png",
+                    np.full((10 + i % 4, 12, 3), (5 * i, 0, 0), np.uint8))
+    write_shards(folder / "images", folder / "shards", shard_size, holdout=0)
+    return f"{folder / 'shards' / 'train'}/shard-*.tar"
+
+
+@pytest.fixture
+def coloured_shards(tmp_path: Path) -> str:
+    """The pattern of :func:`write_coloured_shards`'s 48 images in 7 shards."""
+    return write_coloured_shards(tmp_path)

@@ -186,6 +186,16 @@ def _cmd_embed(args: argparse.Namespace) -> None:
           f"{', '.join(str(w) for w in r['written'])}")
 
 
+def _cmd_shards(args: argparse.Namespace) -> None:
+    from iwm.data.tarshards import write_shards
+
+    out = Path(args.out)
+    written = write_shards(args.folder, out, args.shard_size, args.holdout, args.seed)
+    for split, n in written.items():
+        print(f"{split}: {n} images -> {out / split}/shard-*.tar + index.json; train on "
+              f"them with data.name=shards:{out / split}/shard-*.tar")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from iwm.evaluation.report import build_report
 
@@ -386,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="image decoding processes")
     _add_device(p)
     p.set_defaults(fn=_cmd_embed)
+
+    p = sub.add_parser("shards", help="write an image folder as tar shards (WebDataset "
+                                      "layout) for data.name=shards:<pattern>")
+    p.add_argument("folder", help="image folder (<class>/ sub-folders, optionally in "
+                                  "train/ and test/ or val/), as for imagefolder:<folder>")
+    p.add_argument("out", help="new folder: gets <split>/shard-NNNNNN.tar + index.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="test fraction of a folder without split folders, as data.holdout")
+    p.add_argument("--seed", type=int, default=0, help="of the order images are written in")
+    p.set_defaults(fn=_cmd_shards)
 
     p = sub.add_parser("report", help="an HTML page of a run: curves, MRR, probe/finetune "
                                       "results, retrieval examples, config")

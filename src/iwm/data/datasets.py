@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import gzip
 import hashlib
+import io
 import math
 import os
 import warnings
@@ -48,6 +49,8 @@ _KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 FOLDER_PREFIX = "imagefolder:"
+SHARDS_PREFIX = "shards:"
+"""Tar shards (:mod:`iwm.data.tarshards`): streamed for pretraining only."""
 SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")
 # Which sub-folders may stand in for a requested split (ImageNet-style trees have "val").
 _SPLIT_ALIASES = {
@@ -207,7 +210,8 @@ def _to_rgb(im: Any) -> Any:
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _decode_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
+def _decode_jpeg(path: str | os.PathLike[str], data: bytes | None = None
+                 ) -> torch.Tensor | None:
     """A JPEG through ``torchvision.io`` (libjpeg-turbo straight into a tensor: about 2x
     Pillow's path here, which matters in the decoding workers of a large folder); None
     for other formats and for anything it cannot decode cleanly, which Pillow then
@@ -216,14 +220,17 @@ def _decode_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:  # torchvision announces it will drop its image decoders
         return None
-    try:
-        with open(path, "rb") as f:
-            # The magic first: other formats are read once, by Pillow, not twice.
-            data = f.read(len(_JPEG_MAGIC))
-            if data != _JPEG_MAGIC:
-                return None
-            data += f.read()
-    except OSError:
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                # The magic first: other formats are read once, by Pillow, not twice.
+                data = f.read(len(_JPEG_MAGIC))
+                if data != _JPEG_MAGIC:
+                    return None
+                data += f.read()
+        except OSError:
+            return None
+    elif not data.startswith(_JPEG_MAGIC):
         return None
     try:
         with warnings.catch_warnings():
@@ -238,19 +245,21 @@ def _decode_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
     return image if image.dtype == torch.uint8 and image.shape[0] == 3 else None
 
 
-def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> torch.Tensor:
+def load_image(path: str | os.PathLike[str], max_side: int | None = None,
+               data: bytes | None = None) -> torch.Tensor:
     """Decode any Pillow-readable image as uint8 RGB (3, H, W) (see :func:`_to_rgb` for the
     modes); a :class:`DataError` for truncated, corrupt or non-image files. ``max_side``
-    lets JPEG decode at reduced size (much faster) for statistics."""
+    lets JPEG decode at reduced size (much faster) for statistics. ``data`` is the file's
+    content where it was read already (a tar shard's member); ``path`` then only names it."""
     from PIL import Image
 
     if max_side is None:
-        fast = _decode_jpeg(path)
+        fast = _decode_jpeg(path, data)
         if fast is not None:
             return fast
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             if max_side is not None:
                 im.draft("RGB", (max_side, max_side))
             rgb = _to_rgb(im)
@@ -419,8 +428,9 @@ _LOADERS: dict[str, Callable[[str, str, str | None, bool], ImageSet]] = {
 
 
 def dataset_names() -> list[str]:
-    """Registered names (``imagefolder:<path>`` stands for any folder)."""
-    return [*_LOADERS, f"{FOLDER_PREFIX}<path>"]
+    """Registered names (``imagefolder:<path>`` stands for any folder, ``shards:<pattern>``
+    for tar shards)."""
+    return [*_LOADERS, f"{FOLDER_PREFIX}<path>", f"{SHARDS_PREFIX}<pattern>"]
 
 
 def get_dataset(name: str, split: str, root: str | None = None, download: bool = True,
@@ -431,6 +441,10 @@ def get_dataset(name: str, split: str, root: str | None = None, download: bool =
     key = name.strip()
     if key.lower().startswith(FOLDER_PREFIX):
         return open_image_folder(key[len(FOLDER_PREFIX):], split, holdout)
+    if key.lower().startswith(SHARDS_PREFIX):
+        # Evaluations index images at random, which is what shards are made to avoid.
+        raise DataError(f"{name}: tar shards are streamed for pretraining only; evaluate on "
+                        "the image folder they were written from (data.name=imagefolder:...)")
     key = key.lower()
     if key not in _LOADERS:
         close = difflib.get_close_matches(key, list(_LOADERS), n=1)
