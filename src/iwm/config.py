@@ -123,7 +123,8 @@ class DataConfig(_Section):
 
     name: str = "fashion-mnist"
     """Registry name: fashion-mnist, mnist, animal-mnist, shapes (colour, built offline),
-    cifar10, cifar100, stl10 or imagefolder:<path>."""
+    cifar10, cifar100, stl10, imagefolder:<path> or shards:<pattern> (tar shards written by
+    ``iwm shards``; pretraining only)."""
     root: str | None = None
     """Where data sets are stored / downloaded (default: $IWM_DATA or ~/.cache/iwm)."""
     image_size: int = 28
@@ -135,13 +136,16 @@ class DataConfig(_Section):
     num_workers: int | None = None
     """Decoding workers for streamed (image-folder) data sets; null (auto) = one fewer than
     the CPUs this process may use, at most 4 (0 on one CPU)."""
+    shuffle_buffer: int = 1000
+    """Samples each worker holds to shuffle tar shards (``shards:``) beyond their order;
+    memory is about this many encoded images per worker."""
     holdout: float = 0.1
     """Fraction of an image folder without split sub-folders held out as its test split,
     chosen by a hash of each file's path (0: train on everything, no test split)."""
 
     def check(self) -> None:
         super().check()
-        self._at_least_one("image_size")
+        self._at_least_one("image_size", "shuffle_buffer")
         self._fraction("holdout")
         self._scale_range("crop_scale")
         self._ratio_range("crop_ratio")

@@ -62,7 +62,8 @@ def test_unknown_name_and_split():
     with pytest.raises(DataError, match="unknown split 'validation'"):
         get_dataset("mnist", "validation")
     assert set(dataset_names()) == {"fashion-mnist", "mnist", "animal-mnist", "shapes", "cifar10",
-                                    "cifar100", "stl10", "imagefolder:<path>"}
+                                    "cifar100", "stl10", "imagefolder:<path>",
+                                    "shards:<pattern>"}
 
 
 @pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"),

@@ -7,12 +7,17 @@ from PIL import Image
 
 from iwm.config import DataConfig
 from iwm.data.datasets import ImageSet, open_image_folder
+from iwm.data.shard import Shard
 from iwm.data.sources import (
+    ShardBatchSource,
     StreamingBatchSource,
     TensorBatchSource,
+    buffer_shuffle,
     iter_eval_batches,
     make_source,
+    shard_plan,
 )
+from iwm.data.tarshards import open_shards
 from iwm.errors import CheckpointError, DataError
 
 # Full-image crops without flips: every output pixel equals the source image's value, so
@@ -264,3 +269,115 @@ def test_default_workers_draw_no_excessive_worker_warning_here(image_folder):
     assert _worker_warnings(image_folder, None) == []
     # The check can see the warning: one worker more than the CPUs draws it.
     assert _worker_warnings(image_folder, available_cpus() + 1)
+
+
+# ---------------------------------------------------------------- tar shards
+
+
+def _red_ids(crops: torch.Tensor) -> list[int]:
+    """conftest.write_coloured_shards's images: red = 5 x their number."""
+    return (crops[:, 0].flatten(1).mean(1) * 255 / 5).round().long().tolist()
+
+
+def _plan_ids(counts, epoch, local, ranks, workers):
+    steps = sum(counts) // (local * ranks)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return [[[int(offsets[i]) + o for i, a, b in pieces for o in range(a, b)]
+             for pieces in shard_plan(counts, 0, epoch, local, steps, Shard(r, ranks), workers)]
+            for r in range(ranks)]
+
+
+@pytest.mark.parametrize("counts", [[7] * 6 + [6], [10, 3, 9, 1, 5]])
+def test_shard_plan_splits_an_epoch_over_ranks_and_workers(counts):
+    n, local = sum(counts), 3
+    for epoch in range(3):
+        plan = _plan_ids(counts, epoch, local, ranks=2, workers=2)
+        ids = [i for rank in plan for worker in rank for i in worker]
+        assert len(ids) == len(set(ids))  # no sample twice
+        steps = n // (2 * local)
+        # Each rank has the same number of whole batches; worker w makes batches w, w+2, ...
+        for rank in plan:
+            assert [len(w) for w in rank] == [local * len(range(w, steps, 2)) for w in range(2)]
+        # Less than a batch per rank is left over; nothing when the batches divide the set.
+        assert n - len(ids) < 2 * local and (n % (2 * local) or len(ids) == n)
+    # The shard order, so the leftovers, change with the epoch.
+    assert _plan_ids(counts, 0, local, 2, 2) != _plan_ids(counts, 1, local, 2, 2)
+
+
+def test_buffer_shuffle_is_a_local_permutation():
+    gen = torch.Generator().manual_seed(0)
+    out = buffer_shuffle(list(range(1000)), 10, gen)
+    assert sorted(out) == list(range(1000)) and out != list(range(1000))
+    # Nothing comes out before it is read: the t-th draw is from the first 10 + t.
+    assert all(x < 10 + t for t, x in enumerate(out))
+    whole = buffer_shuffle(list(range(20)), 100, torch.Generator().manual_seed(0))
+    assert sorted(whole) == list(range(20))
+
+
+def _shard_epoch(pattern, ranks, workers, seed=0, epoch=0, batch=12):
+    """The images each rank sees in epoch ``epoch`` (its batches in order)."""
+    seen = []
+    for r in range(ranks):
+        src = ShardBatchSource(open_shards(pattern), batch, 8, **IDENTITY, seed=seed,
+                               num_workers=workers, shard=Shard(r, ranks))
+        src.load_state_dict({**src.state_dict(), "epoch": epoch})
+        seen.append([_red_ids(x) for x, _ in _take(src, src.steps_per_epoch)])
+        src.close()
+    return seen
+
+
+def test_shard_source_covers_an_epoch_over_two_ranks_and_two_workers(coloured_shards):
+    # 48 images in shards of 7: a global batch of 12 is 6 per rank, 4 steps per epoch.
+    epochs = [_shard_epoch(coloured_shards, 2, 2, epoch=e) for e in (0, 1)]
+    for seen in epochs:
+        ids = [i for rank in seen for batch in rank for i in batch]
+        assert sorted(ids) == list(range(48))  # no duplicates, no gaps
+        assert [len(rank) for rank in seen] == [4, 4]
+        assert all(len(b) == 6 for rank in seen for b in rank)
+    assert epochs[0] != epochs[1]  # shuffled anew each epoch
+    assert _shard_epoch(coloured_shards, 2, 2, epoch=1) == epochs[1]  # and deterministically
+    assert _shard_epoch(coloured_shards, 2, 2, seed=1) != epochs[0]
+
+
+def test_shard_source_labels_and_augmented_crops(coloured_shards):
+    src = ShardBatchSource(open_shards(coloured_shards), 8, 6, **AUGMENT, seed=3,
+                           num_workers=0)
+    x, y = src.next()
+    assert x.shape == (8, 3, 6, 6) and x.dtype == torch.float32
+    assert [i % 3 for i in _red_ids(x)] == y.tolist()
+    assert src.classes == ["class0", "class1", "class2"] and src.num_images == 48
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_shard_source_resumes_at_the_exact_sample(coloured_shards, k):
+    # 48 images / 8 = 6 steps per epoch: 9 steps cross an epoch; k=5 resumes mid-shard.
+    def source():
+        return ShardBatchSource(open_shards(coloured_shards), 8, 6, **AUGMENT, seed=4,
+                                num_workers=2, shuffle_buffer=5)
+
+    full = source()
+    expected = _take(full, 9)
+    part = source()
+    _take(part, k)
+    state = part.state_dict()
+    part.close()
+    resumed = source()
+    resumed.load_state_dict(state)
+    _assert_same(_take(resumed, 9 - k), expected[k:])
+    for s in (full, resumed):
+        s.close()
+    other = ShardBatchSource(open_shards(coloured_shards), 8, 6, num_workers=0)
+    with pytest.raises(CheckpointError, match="workers=2, this run has 1: .*num_workers=2"):
+        other.load_state_dict(state)
+
+
+def test_shard_source_reports_a_corrupt_shard_in_one_line(coloured_shards):
+    path = open_shards(coloured_shards).paths[3]
+    size = path.stat().st_size
+    path.write_bytes(b"\x01" * size)
+    src = make_source(DataConfig(name=f"shards:{coloured_shards}", num_workers=1), 48, "cpu",
+                      seed=0)
+    with pytest.raises(DataError, match="shard-000003.tar: corrupt tar shard") as e:
+        src.next()
+    assert "\n" not in str(e.value)
+    src.close()

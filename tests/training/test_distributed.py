@@ -103,3 +103,42 @@ def test_two_process_gloo_all_reduce_mean():
         (0, 2, True, "cpu", [1.5, 5.0], [1.0, 0.0]),
         (1, 2, False, "cpu", [1.5, 5.0], [2.0, 10.0]),  # input left unmodified
     ]
+
+
+def _shard_reader(rank: int, world_size: int, port: int, pattern: str, results) -> None:
+    import os
+
+    from iwm.config import DataConfig
+    from iwm.data.shard import Shard
+    from iwm.data.sources import make_source
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        info, _ = init_distributed("cpu")
+        cfg = DataConfig(name=f"shards:{pattern}", image_size=8, crop_scale=(1.0, 1.0),
+                         crop_ratio=(1.0, 1.0), hflip=False, num_workers=2)
+        src = make_source(cfg, 12, "cpu", seed=0, shard=Shard(info.rank, info.world_size))
+        seen = []
+        for _ in range(2 * src.steps_per_epoch):
+            x, _ = src.next()
+            seen.append((x[:, 0].flatten(1).mean(1) * 255 / 5).round().long().tolist())
+        src.close()
+        barrier()
+        results.put((info.rank, seen))
+    finally:
+        cleanup_distributed()
+
+
+def test_two_gloo_processes_read_disjoint_shard_samples(coloured_shards):
+    # Each process reads its own part of the shards with 2 DataLoader workers; together
+    # they see every one of the 48 images once per epoch (4 steps of 2 x 6).
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    results = mp.get_context(method).Queue()
+    mp.start_processes(_shard_reader, args=(2, _free_port(), coloured_shards, results),
+                       nprocs=2, join=True, start_method=method)
+    seen = dict(results.get(timeout=30) for _ in range(2))
+    for epoch in range(2):
+        ids = [i for r in (0, 1) for batch in seen[r][4 * epoch:4 * epoch + 4] for i in batch]
+        assert sorted(ids) == list(range(48))
+    assert seen[0][:4] != seen[0][4:]

@@ -202,3 +202,28 @@ def test_resume_says_where_from_and_a_finished_run_stays_as_it_is(tmp_path, caps
                          f"train further, e.g. `iwm pretrain {run} --resume train.epochs=3`)")
     assert not any(line.startswith("iwm: pretrain ") for line in lines)
     assert read_metrics(run) == rows and list_checkpoints(run) == checkpoints
+
+
+def test_resume_on_tar_shards_continues_at_the_exact_sample(tmp_path):
+    from conftest import write_coloured_shards
+
+    # 48 RGB images, global batch 16: 3 steps per epoch, checkpoints at 2 and 4 (mid-epoch).
+    pattern = write_coloured_shards(tmp_path / "data")
+    cfg = load_config("iwm-equi-tiny", SMALL + [
+        f"data.name=shards:{pattern}", "data.image_size=16", "data.num_workers=2",
+        "data.shuffle_buffer=8", "train.epochs=1.5", "train.checkpoint_every=2",
+        "train.keep_checkpoints=5"])
+    full = pretrain(cfg, tmp_path / "full")
+    (s2, _), (s4, p4) = list_checkpoints(full)[:2]
+    assert (s2, s4) == (2, 4)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for _, path in list_checkpoints(part)[1:]:
+        path.unlink()
+    pretrain(cfg, part, resume=True)
+    a, b = load_checkpoint(p4), load_checkpoint(part / "checkpoints" / p4.name)
+    for key in ("model", "optimizer", "ranks", "step"):
+        assert_identical(a[key], b[key], key)
+    assert a["ranks"][0]["source"] == {"epoch": 1, "position": 1, "seed": 0, "num_images": 48,
+                                       "batch_size": 16, "workers": 2, "shuffle_buffer": 8}
+    assert a["in_chans"] == 3

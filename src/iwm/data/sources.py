@@ -1,6 +1,6 @@
 """Batch sources for the training loop, with exact resume.
 
-Both sources hand out ``(crops, labels)``: float (B, C, S, S) in [0, 1] on the training
+All sources hand out ``(crops, labels)``: float (B, C, S, S) in [0, 1] on the training
 device. All randomness is a pure function of ``(seed, epoch, position)``: the order of an
 epoch comes from a generator seeded by ``(seed, epoch)``, and the crops of a batch (or of a
 sample, for streamed data) from a generator seeded by its position. So a source's whole
@@ -14,7 +14,7 @@ import hashlib
 import os
 import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from iwm.config import DataConfig
 from iwm.data.crops import center_resize, random_resized_crop, sample_crop_boxes
-from iwm.data.datasets import FolderSet, ImageSet, get_dataset
+from iwm.data.datasets import SHARDS_PREFIX, FolderSet, ImageSet, get_dataset, load_image
 from iwm.data.shard import SINGLE, Shard
+from iwm.data.tarshards import ShardSet, iter_samples, open_shards
 from iwm.errors import CheckpointError, DataError
 
 MAX_SUBSTITUTES = 16
@@ -71,7 +72,7 @@ class _ResumableSource:
     epoch: int
     position: int
 
-    dataset: ImageSet | FolderSet
+    dataset: ImageSet | FolderSet | ShardSet
     skipped: int = 0
     """Unreadable images replaced so far by this source (always 0 in memory)."""
 
@@ -206,6 +207,19 @@ class TensorBatchSource(_ResumableSource):
 # ---------------------------------------------------------------- streamed folders
 
 
+def _crop(img: torch.Tensor, size: int, scale: tuple[float, float],
+          ratio: tuple[float, float], hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """A random resized crop (and flip) of one decoded image, uint8 (3, size, size)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    top, left, h, w = sample_crop_boxes(1, img.shape[1], img.shape[2], scale, ratio,
+                                        gen)[0].tolist()
+    out = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+    if hflip and torch.rand((), generator=gen) < 0.5:
+        out = TF.horizontal_flip(out)
+    return out
+
+
 class _CropDataset(Dataset):
     """Runs in DataLoader workers: decode one image, crop + flip it to uint8 (3, S, S)."""
 
@@ -222,8 +236,6 @@ class _CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int, int]
                     ) -> tuple[torch.Tensor | None, int, list[str]]:
-        from torchvision.transforms.v2 import functional as TF
-
         # The seed travels with the key: persistent workers hold a copy of this object made
         # at start-up, so state changed later in the main process would not reach them.
         index, seed, epoch, slot = key
@@ -238,11 +250,7 @@ class _CropDataset(Dataset):
             except DataError as e:
                 bad.append(str(e))
                 continue
-            top, left, h, w = sample_crop_boxes(
-                1, img.shape[1], img.shape[2], self.scale, self.ratio, gen)[0].tolist()
-            out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
-            if self.hflip and torch.rand((), generator=gen) < 0.5:
-                out = TF.horizontal_flip(out)
+            out = _crop(img, self.size, self.scale, self.ratio, self.hflip, gen)
             return out, self.folder.samples[i][1], bad
         # No image: the main process raises. An exception raised here would reach the
         # user wrapped in the worker's traceback, not as a one-line DataError.
@@ -266,14 +274,18 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def _collate(items: list[tuple[torch.Tensor | None, int, list[str]]]
-             ) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
+Loaded = tuple[torch.Tensor | None, torch.Tensor, list[str], str | None]
+"""What a streamed source's DataLoader yields: uint8 crops (None if the batch has none),
+labels, the unreadable files met and replaced, and an error that ends the run."""
+
+
+def _collate(items: list[tuple[torch.Tensor | None, int, list[str]]]) -> Loaded:
     bad = [msg for it in items for msg in it[2]]
     if any(it[0] is None for it in items):
-        return None, torch.empty(0, dtype=torch.long), bad
+        return None, torch.empty(0, dtype=torch.long), bad, None
     images = torch.stack([it[0] for it in items])  # type: ignore[misc]
     labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-    return images, labels, bad
+    return images, labels, bad, None
 
 
 class _EpochBatches:
@@ -304,50 +316,38 @@ class _EpochBatches:
                    for s in range(step * b + rows.start, step * b + rows.stop)]
 
 
-class StreamingBatchSource(_ResumableSource):
-    """Image folder decoded by DataLoader workers; crops are made there at uint8 and turned
-    into floats on the training device."""
+class _LoaderSource(_ResumableSource):
+    """A source whose batches a DataLoader makes (decoded and cropped in its workers), as
+    ordered by a batch sampler that the source moves to its (epoch, position)."""
 
-    def __init__(
-        self,
-        folder: FolderSet,
-        batch_size: int,
-        image_size: int,
-        crop_scale: tuple[float, float] = (0.3, 1.0),
-        crop_ratio: tuple[float, float] = (0.75, 4 / 3),
-        hflip: bool = True,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-        num_workers: int = 4,
-        shard: Shard = SINGLE,
-    ) -> None:
-        if len(folder) == 0:
-            raise DataError(f"{folder.name or folder.root}: no images")
-        self.dataset = folder
-        self.batch_size = batch_size
-        """The global batch: this source returns ``shard``'s rows of it."""
-        self.steps_per_epoch = _check_batch(len(folder), batch_size, folder.name, shard)
-        self.image_size = image_size
-        self.device = torch.device(device)
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
+    device: torch.device
+
+    def _start_loader(self, dataset: Dataset, sampler: Any, collate: Callable[..., Loaded],
+                      num_workers: int) -> None:
+        if num_workers > 0:
+            # Imported here, so that forked workers inherit it: each would spend seconds
+            # importing it at its first crop.
+            from torchvision.transforms.v2 import functional  # noqa: F401
         self.skipped = 0
         """Unreadable files met so far (each replaced by a readable neighbour)."""
         self.bad_files: set[str] = set()
         """One message per distinct unreadable file, starting with its path."""
         self._epoch_bad: list[str] = []
-        self._sampler = _EpochBatches(len(folder), batch_size, seed, shard)
+        self._sampler = sampler
         self._loader = DataLoader(
-            _CropDataset(folder, image_size, crop_scale, crop_ratio, hflip),
-            batch_sampler=self._sampler,
+            dataset,
+            batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
             worker_init_fn=_worker_ignores_stop_signals,
+            # Its own: each new iterator draws the workers' base seed (unused: every draw
+            # here is derived from the key), which from torch's global generator would
+            # make a resumed run's global random state differ from the uninterrupted one.
+            generator=torch.Generator().manual_seed(0),
         )
-        self._iter: Iterator[Any] | None = None
+        self._iter: Iterator[Loaded] | None = None
 
     def _restart(self) -> None:
         self._iter = None
@@ -363,7 +363,9 @@ class StreamingBatchSource(_ResumableSource):
             self._sampler.epoch = self.epoch
             self._sampler.start = self.position
             self._iter = iter(self._loader)
-        images, labels, bad = next(self._iter)
+        images, labels, bad, fatal = next(self._iter)
+        if fatal is not None:
+            raise DataError(fatal)
         self.position += 1
         self.skipped += len(bad)
         self.bad_files.update(bad)
@@ -403,22 +405,307 @@ class StreamingBatchSource(_ResumableSource):
         self._loader = None  # type: ignore[assignment]
 
 
-BatchSource = TensorBatchSource | StreamingBatchSource
+class StreamingBatchSource(_LoaderSource):
+    """Image folder decoded by DataLoader workers; crops are made there at uint8 and turned
+    into floats on the training device."""
+
+    def __init__(
+        self,
+        folder: FolderSet,
+        batch_size: int,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.3, 1.0),
+        crop_ratio: tuple[float, float] = (0.75, 4 / 3),
+        hflip: bool = True,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        num_workers: int = 4,
+        shard: Shard = SINGLE,
+    ) -> None:
+        if len(folder) == 0:
+            raise DataError(f"{folder.name or folder.root}: no images")
+        self.dataset = folder
+        self.batch_size = batch_size
+        """The global batch: this source returns ``shard``'s rows of it."""
+        self.steps_per_epoch = _check_batch(len(folder), batch_size, folder.name, shard)
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._start_loader(
+            _CropDataset(folder, image_size, crop_scale, crop_ratio, hflip),
+            _EpochBatches(len(folder), batch_size, seed, shard), _collate, num_workers)
+
+
+# ---------------------------------------------------------------- tar shards
+
+
+def shard_plan(counts: list[int], seed: int, epoch: int, local: int, steps: int,
+               shard: Shard, workers: int) -> list[list[tuple[int, int, int]]]:
+    """What each DataLoader worker of process ``shard`` reads in ``epoch``: its pieces
+    ``(shard index, first ordinal, stop ordinal)``, in reading order.
+
+    The epoch reads the shards (of ``counts`` samples) in an order drawn from ``(seed,
+    epoch)``, as one stream. Process r of R takes the r-th of R contiguous ranges of it,
+    of equal size (+-1), and uses the first ``steps * local`` samples of that (fewer than
+    one batch are left over; another epoch's shard order leaves others). Its batches
+    w, w + W, ... are made by worker w of W, which therefore reads the w-th contiguous
+    piece of the range, as many batches long. So every sample is read by one worker of one
+    process, and most shards are read whole by one worker; only where a range ends is a
+    shard shared, each reader skipping the other's members.
+    """
+    order = epoch_permutation(len(counts), seed, epoch).tolist()
+    starts = [0]
+    for i in order:
+        starts.append(starts[-1] + counts[i])
+    begin = starts[-1] * shard.index // shard.count
+    plans = []
+    for w in range(workers):
+        end = begin + len(range(w, steps, workers)) * local
+        pieces = []
+        for pos, i in enumerate(order):
+            lo, hi = max(begin, starts[pos]), min(end, starts[pos + 1])
+            if lo < hi:
+                pieces.append((i, lo - starts[pos], hi - starts[pos]))
+        plans.append(pieces)
+        begin = end
+    return plans
+
+
+def buffer_shuffle(items: list[int], size: int, gen: torch.Generator) -> list[int]:
+    """``items`` (in reading order) as a shuffle buffer of ``size`` hands them out: each
+    next one drawn from the ``size`` read but not yet handed out. Computed on ids alone, so
+    a resumed worker knows which samples are gone without reading them."""
+    draws = torch.rand(len(items), generator=gen, dtype=torch.float64).tolist()
+    held, out = items[:size], []
+    for t, item in enumerate(items[size:]):
+        j = int(draws[t] * len(held))
+        out.append(held[j])
+        held[j] = item
+    while held:  # the stream is read: empty the buffer
+        j = int(draws[len(out)] * len(held))
+        out.append(held[j])
+        held[j] = held[-1]
+        held.pop()
+    return out
+
+
+Sample = tuple[int, str, bytes, int]
+"""A shard sample: (id, name for messages, image file bytes, label or -1)."""
+
+
+class _WorkerStream:
+    """One worker's samples of an epoch in shuffled order, from batch ``batch`` on.
+
+    Reads the worker's pieces in order and holds the samples read before their turn (at
+    most the shuffle buffer's worth), so an uninterrupted and a resumed run hand out the
+    same samples; a resumed one neither opens shards whose samples are all gone nor reads
+    the members of the ones that are.
+    """
+
+    def __init__(self, shards: ShardSet, pieces: list[tuple[int, int, int]],
+                 order: list[int], batch: int, local: int) -> None:
+        self.batch = batch
+        self.local = local
+        self._todo = order[batch * local:]
+        self._done = 0
+        self._held: dict[int, Sample] = {}
+        self._reader = self._read(shards, pieces, set(self._todo))
+
+    @staticmethod
+    def _read(shards: ShardSet, pieces: list[tuple[int, int, int]], needed: set[int]
+              ) -> Iterator[Sample]:
+        for i, first, stop in pieces:
+            base = shards.offsets[i]
+            wanted = {o for o in range(first, stop) if base + o in needed}
+            if not wanted:
+                continue
+            path = shards.paths[i]
+            for o, member, data, label in iter_samples(path, stop, wanted.__contains__):
+                yield base + o, f"{path}:{member}", data, label
+
+    def take(self) -> list[Sample]:
+        """The next batch's samples; DataError for a shard that cannot be read."""
+        out = []
+        for sid in self._todo[self._done:self._done + self.local]:
+            while sid not in self._held:
+                got = next(self._reader, None)
+                if got is None:  # iter_samples raises first, for a shard short of samples
+                    raise DataError(f"sample {sid} was not found in its shard")
+                self._held[got[0]] = got
+            out.append(self._held.pop(sid))
+        self._done += self.local
+        self.batch += 1
+        return out
+
+
+class _ShardBatches(Dataset):
+    """Runs in DataLoader workers: batch ``step`` of a process's epoch, decoded and cropped
+    to uint8 (local, 3, S, S). Each worker keeps the stream it is reading, and starts one
+    wherever a key does not continue it (a new epoch, a resume)."""
+
+    def __init__(self, shards: ShardSet, shard: Shard, workers: int, local: int, steps: int,
+                 buffer: int, size: int, scale: tuple[float, float],
+                 ratio: tuple[float, float], hflip: bool) -> None:
+        self.shards = shards
+        self.shard = shard
+        self.workers = workers
+        self.local = local
+        self.steps = steps
+        self.buffer = buffer
+        self.crop = (size, scale, ratio, hflip)
+        self._streams: dict[tuple[int, int, int], _WorkerStream] = {}
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def stream(self, seed: int, epoch: int, worker: int, batch: int) -> _WorkerStream:
+        key = (seed, epoch, worker)
+        stream = self._streams.get(key)
+        if stream is None or stream.batch != batch:
+            pieces = shard_plan(self.shards.counts, seed, epoch, self.local, self.steps,
+                                self.shard, self.workers)[worker]
+            ids = [self.shards.offsets[i] + o for i, first, stop in pieces
+                   for o in range(first, stop)]
+            gen = torch.Generator().manual_seed(
+                derive_seed("shuffle", seed, epoch, self.shard.index, worker))
+            self._streams = {k: v for k, v in self._streams.items() if k[:2] == key[:2]}
+            stream = self._streams[key] = _WorkerStream(
+                self.shards, pieces, buffer_shuffle(ids, self.buffer, gen), batch, self.local)
+        return stream
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Loaded:
+        seed, epoch, step = key
+        worker = step % self.workers
+        try:
+            samples = self.stream(seed, epoch, worker, step // self.workers).take()
+        except DataError as e:
+            # Raised by the main process: from here it would come wrapped in a traceback.
+            self._streams.pop((seed, epoch, worker), None)
+            return None, torch.empty(0, dtype=torch.long), [], str(e)
+        decoded: list[torch.Tensor | None] = []
+        bad: list[str] = []
+        for _, name, data, _ in samples:
+            try:
+                decoded.append(load_image(name, data=data))
+            except DataError as e:
+                decoded.append(None)
+                bad.append(str(e))
+        readable = [j for j, img in enumerate(decoded) if img is not None]
+        if not readable:
+            return None, torch.empty(0, dtype=torch.long), bad, (
+                f"{self.shards.name}: a whole batch of {len(samples)} unreadable images (e.g. "
+                f"{bad[0]}); the data set is mostly unusable: fix or remove the bad files")
+        crops, labels = [], []
+        for j, (sid, _, _, _) in enumerate(samples):
+            # An unreadable image is replaced by the batch's next readable one, so the batch
+            # keeps its size; the crop stays the sample's own, seeded by its id.
+            src = next((r for r in readable if r >= j), readable[0])
+            gen = torch.Generator().manual_seed(derive_seed("sample", seed, epoch, sid))
+            crops.append(_crop(decoded[src], *self.crop, gen))  # type: ignore[arg-type]
+            labels.append(samples[src][3])
+        return torch.stack(crops), torch.tensor(labels, dtype=torch.long), bad, None
+
+
+def _the_batch(items: list[Loaded]) -> Loaded:
+    return items[0]  # the dataset makes whole batches
+
+
+class _ShardSteps:
+    """Batch sampler of a shard source: one key ``(seed, epoch, step)`` per batch of
+    ``epoch`` from batch ``start`` on."""
+
+    def __init__(self, steps: int, seed: int) -> None:
+        self.steps = steps
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for step in range(self.start, self.steps):
+            yield [(self.seed, self.epoch, step)]
+
+
+class ShardBatchSource(_LoaderSource):
+    """Tar shards streamed by DataLoader workers (see :func:`shard_plan` for who reads
+    what, :func:`buffer_shuffle` for the order); crops as for an image folder.
+
+    Unlike the other sources, the samples of a process depend on the number of processes
+    and of workers (each reads its own shards): a checkpoint resumes with the same ones.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.3, 1.0),
+        crop_ratio: tuple[float, float] = (0.75, 4 / 3),
+        hflip: bool = True,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        shard: Shard = SINGLE,
+    ) -> None:
+        if shuffle_buffer < 1:
+            raise DataError(f"shuffle buffer {shuffle_buffer} must be at least 1")
+        self.dataset = shards
+        self.batch_size = batch_size
+        """The global batch: this source returns ``shard``'s share of it."""
+        self.steps_per_epoch = _check_batch(len(shards), batch_size, shards.name, shard)
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self.workers = max(1, num_workers)
+        """Streams per process: 0 workers read in this process, as one."""
+        self.shuffle_buffer = shuffle_buffer
+        self._start_loader(
+            _ShardBatches(shards, shard, self.workers, batch_size // shard.count,
+                          self.steps_per_epoch, shuffle_buffer, image_size, crop_scale,
+                          crop_ratio, hflip),
+            _ShardSteps(self.steps_per_epoch, seed), _the_batch, num_workers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "workers": self.workers,
+                "shuffle_buffer": self.shuffle_buffer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, option in (("workers", "num_workers"), ("shuffle_buffer", "shuffle_buffer")):
+            if state.get(key) != getattr(self, key):
+                raise CheckpointError(
+                    f"the checkpoint's shard stream had {key}={state.get(key)}, this run has "
+                    f"{getattr(self, key)}: resume with data.{option}={state.get(key)}")
+        super().load_state_dict(state)
+
+
+BatchSource = TensorBatchSource | StreamingBatchSource | ShardBatchSource
 
 
 def make_source(cfg: DataConfig, batch_size: int, device: torch.device | str, seed: int,
                 dataset: ImageSet | FolderSet | None = None, shard: Shard = SINGLE
-                ) -> TensorBatchSource | StreamingBatchSource:
+                ) -> BatchSource:
     """The training batch source for ``cfg`` (in memory or streamed, by data set type), on
-    ``dataset`` if given (already loaded train split) else on ``cfg.name``'s train split;
-    ``cfg.limit`` is applied either way. ``batch_size`` is the global batch, of which the
-    source returns ``shard``'s rows."""
-    if dataset is None:
-        dataset = get_dataset(cfg.name, "train", cfg.root, holdout=cfg.holdout)
-    data = dataset.subset(cfg.limit)
+    ``dataset`` if given (already loaded train split) else on ``cfg.name``'s train split
+    (or its tar shards); ``cfg.limit`` is applied either way. ``batch_size`` is the global
+    batch, of which the source returns ``shard``'s rows."""
     common: dict[str, Any] = dict(
         batch_size=batch_size, image_size=cfg.image_size, crop_scale=cfg.crop_scale,
         crop_ratio=cfg.crop_ratio, hflip=cfg.hflip, device=device, seed=seed, shard=shard)
+    name = cfg.name.strip()
+    if dataset is None and name.lower().startswith(SHARDS_PREFIX):
+        shards = open_shards(name[len(SHARDS_PREFIX):]).subset(cfg.limit)
+        return ShardBatchSource(shards, num_workers=resolve_num_workers(cfg.num_workers),
+                                shuffle_buffer=cfg.shuffle_buffer, **common)
+    if dataset is None:
+        dataset = get_dataset(cfg.name, "train", cfg.root, holdout=cfg.holdout)
+    data = dataset.subset(cfg.limit)
     if isinstance(data, ImageSet):
         return TensorBatchSource(data, **common)
     return StreamingBatchSource(data, num_workers=resolve_num_workers(cfg.num_workers),

@@ -47,9 +47,15 @@ from torch import Tensor
 
 from iwm.config import Config
 from iwm.console import Progress, say
-from iwm.data.datasets import FolderSet, get_dataset
+from iwm.data.datasets import FolderSet, ImageSet
 from iwm.data.shard import Shard
-from iwm.data.sources import BatchSource, StreamingBatchSource, make_source, resolve_num_workers
+from iwm.data.sources import (
+    BatchSource,
+    ShardBatchSource,
+    StreamingBatchSource,
+    make_source,
+    resolve_num_workers,
+)
 from iwm.errors import CheckpointError, ConfigError, Interrupted, Preempted
 from iwm.models.iwm import StepOutput
 from iwm.training.checkpoint import (
@@ -102,10 +108,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
            stop: StopRequests) -> None:
     _seed_global_rngs(cfg.train.seed + dist.rank)
     # One permutation and one stream of crops for the global batch, of which each rank
-    # takes its rows: together the ranks see exactly what one process would.
+    # takes its rows: together the ranks see exactly what one process would. (Tar shards
+    # are the exception: each rank reads its own, see iwm.data.sources.shard_plan.)
     batches = make_source(cfg.data, cfg.train.batch_size, device, seed=cfg.train.seed,
-                          dataset=get_dataset(cfg.data.name, "train", cfg.data.root,
-                                              holdout=cfg.data.holdout),
                           shard=Shard(dist.rank, dist.world_size))
     trainer = Trainer.create(cfg, channels=batches.channels, mean=batches.mean,
                              std=batches.std, device=device,
@@ -201,10 +206,10 @@ def _data_summary(cfg: Config, batches: BatchSource, total_steps: int) -> str:
         if native is not None and native != (size, size):
             facts.append(f"the first {native[1]}x{native[0]}")
             crops += "; images of another size are resized to it"
-    else:
+    elif isinstance(data, ImageSet):
         height, width = data.images.shape[-2:]
         facts.append(f"{width}x{height}")
-    if isinstance(batches, StreamingBatchSource):
+    if isinstance(batches, StreamingBatchSource | ShardBatchSource):
         facts.append(f"{resolve_num_workers(cfg.data.num_workers)} decoding workers")
     return (f"data: {cfg.data.name} ({', '.join(facts)}); {crops}; "
             f"{batches.steps_per_epoch} steps per epoch, {total_steps} steps "
