@@ -389,3 +389,16 @@ def test_oracle_setting_gives_the_transformed_image_and_the_null_action():
     assert torch.equal(seen[0], images) and torch.equal(seen[1], images)
     assert not torch.equal(seen[2], images)
     assert seen[2].shape == images.shape
+
+
+def test_bf16_encodes_rank_as_fp32_does():
+    model, views, masks = _setup(3, conditioning="sequence")
+    images = _images(16, 3)
+    runs = [evaluate_mrr(model, views, images, masks, bank_size=BANK, normalize=normalize,
+                         generator=torch.Generator().manual_seed(1), per_transform=False,
+                         bf16=bf16) for bf16 in (False, True)]
+    assert runs[0] != runs[1]  # bf16 really ran
+    assert abs(runs[0].mrr - runs[1].mrr) < 0.1
+    model.predictor = OraclePredictor(model, images, views)
+    assert evaluate_mrr(model, views, images, masks, bank_size=BANK, normalize=normalize,
+                        per_transform=False, bf16=True).mrr == 1.0

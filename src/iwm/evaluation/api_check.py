@@ -149,12 +149,13 @@ def world_model_api_check(pretrained: Pretrained, images: Tensor, k: int = 64,
 
 
 def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0,
-                  device: str = "auto", batch_size: int = 64, progress: bool = True) -> dict:
+                  device: str = "auto", batch_size: int = 64, progress: bool = True,
+                  bf16: bool = False) -> dict:
     """:func:`world_model_api_check` of a run on its data set's first ``n_images`` test
     images (centre views, as :func:`~iwm.evaluation.mrr.run_mrr` takes them), each
     ``batch_size`` of them with a bank of its own. Writes and returns
     ``RUN/results/api_check.json`` (the returned dict also has ``path``); ``progress``: see
-    :mod:`iwm.console`."""
+    :mod:`iwm.console`; ``bf16`` runs the model under bf16 autocast."""
     import iwm
     from iwm.console import batches_of, track
     from iwm.data.datasets import get_dataset
@@ -177,7 +178,9 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     batches = iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev, limit=n_images)
     total = batches_of(min(n_images, len(dataset)), batch_size)
     for images, _ in track(batches, total, "eval api-check", enabled=progress):
-        ranks, batch_notes = _all_reciprocal_ranks(pretrained, images, k, generator)
+        # Rendering is elementwise, so autocast leaves it fp32; only the model runs bf16.
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            ranks, batch_notes = _all_reciprocal_ranks(pretrained, images, k, generator)
         notes.update(batch_notes)
         for name, rr in ranks.items():
             collected.setdefault(name, []).extend([] if rr is None else [rr])
@@ -187,6 +190,6 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     result = _summarise(ranks_all, notes, k)
     varied = {f: RANGES[f] for f in JITTER_FACTORS if result.per_factor[f] is not None}
     out = {**dataclasses.asdict(result), "ranges": varied, "seed": seed,
-           "step": pretrained.step, "seconds": time.perf_counter() - start}
+           "bf16": bf16, "step": pretrained.step, "seconds": time.perf_counter() - start}
     path = write_result(run_dir, RESULT_NAME, out)
     return {**out, "path": str(path)}

@@ -130,8 +130,9 @@ class BankEvaluator:
 
     def __init__(self, model: IWM, bank_sampler: ViewSampler, images: Tensor, masks: Masks,
                  bank_size: int, distance: str, chunk_size: int,
-                 normalize: Callable[[Tensor], Tensor]) -> None:
+                 normalize: Callable[[Tensor], Tensor], bf16: bool = False) -> None:
         self.model = model
+        self.bf16 = bf16
         self.sampler = bank_sampler
         self.images = images
         self.k = bank_size
@@ -150,16 +151,27 @@ class BankEvaluator:
                 destructive: DestructiveParams) -> Tensor:
         """Predictor output (B, Kt, D) at the first block, from ``source``'s context."""
         action = build_action(target, self.identity_source, destructive)
-        context = self.model.encoder.forward_tokens(self.norm(source), self.context_idx,
-                                                    self.context_valid)
-        return self.model.predictor(context, self.context_idx, self.target_idx,
-                                    context_valid=self.context_valid, target_valid=self.valid,
-                                    action=action)
+        with self._autocast():
+            context = self.model.encoder.forward_tokens(self.norm(source), self.context_idx,
+                                                        self.context_valid)
+            return self.model.predictor(
+                context, self.context_idx, self.target_idx, context_valid=self.context_valid,
+                target_valid=self.valid, action=action).float()
+
+    def _autocast(self) -> torch.autocast:
+        # Only the model runs in bf16: the views (blur is a convolution) stay fp32, so the
+        # bank renders the same images either way.
+        return torch.autocast(self.images.device.type, dtype=torch.bfloat16,
+                              enabled=self.bf16)
+
+    def _target_tokens(self, images: Tensor) -> Tensor:
+        with self._autocast():
+            return self.model.target_tokens(self.norm(images)).float()
 
     def latents(self, params: JitterParams) -> Tensor:
         """Target latents (B, Kt, D) at the block of the images jittered by ``params``."""
         views = self.sampler.apply_jitter(self.images, params)
-        return gather_tokens(self.model.target_tokens(self.norm(views)), self.target_idx)
+        return gather_tokens(self._target_tokens(views), self.target_idx)
 
     def distance_between(self, a: Tensor, b: Tensor) -> Tensor:
         """Distance (B,) between two (B, Kt, D) latents over the block's valid tokens."""
@@ -167,7 +179,7 @@ class BankEvaluator:
 
     def image_distance(self) -> Tensor:
         """Distance (B,) from each image's latent to the next image's, at its positions."""
-        tokens = self.model.target_tokens(self.norm(self.images))
+        tokens = self._target_tokens(self.images)
         own = gather_tokens(tokens, self.target_idx)
         other = gather_tokens(tokens.roll(1, 0), self.target_idx)
         return self.distance_between(own, other)
@@ -177,7 +189,7 @@ class BankEvaluator:
 
     def clean_latents(self) -> Tensor:
         """Target latents (B, Kt, D) of the untransformed images at the block."""
-        return gather_tokens(self.model.target_tokens(self.norm(self.images)), self.target_idx)
+        return gather_tokens(self._target_tokens(self.images), self.target_idx)
 
     def scores(self, bank: JitterParams, preds: list[Tensor], true_index: Tensor
                ) -> BankScores:
@@ -194,7 +206,7 @@ class BankEvaluator:
             views = self.sampler.apply_jitter(self.images[img], take_rows(bank, rows))
             same[rows] = ((views - truth[img]).abs().flatten(1).amax(1)
                           <= SAME_IMAGE_TOLERANCE)
-            latents = gather_tokens(self.model.target_tokens(self.norm(views)),
+            latents = gather_tokens(self._target_tokens(views),
                                     self.target_idx[img])
             valid = self.valid[img]
             for o, pred in zip(out, preds, strict=True):
@@ -217,16 +229,17 @@ class MainBank:
 
 def draw_main_bank(model: IWM, view_sampler: ViewSampler, images: Tensor,
                    mask_sampler: MaskSampler, bank_size: int, distance: str, chunk_size: int,
-                   normalize: Callable[[Tensor], Tensor], generator: torch.Generator
-                   ) -> MainBank:
+                   normalize: Callable[[Tensor], Tensor], generator: torch.Generator,
+                   bf16: bool = False) -> MainBank:
     """Masks, bank and true indices for ``images`` (B, C, H, W) on the model's device, drawn
-    from ``generator`` in this order; the one place that order is written down."""
+    from ``generator`` in this order; the one place that order is written down. ``bf16``
+    runs the model under bf16 autocast (the renderings stay fp32)."""
     b, channels = images.shape[:2]
     sampler = ViewSampler(bank_view_params(view_sampler.params), channels,
                           view_sampler.image_size)
     masks = mask_sampler(b, generator, images.device)
     ev = BankEvaluator(model, sampler, images, masks, bank_size, distance, chunk_size,
-                       normalize)
+                       normalize, bf16)
     bank = sampler.sample_jitter(b * bank_size, generator, images.device)
     true_index = draw_true_index(b, bank_size, generator, images.device)
     return MainBank(ev, sampler, bank, true_index, ev.true_params(bank, true_index))
