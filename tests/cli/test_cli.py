@@ -197,6 +197,11 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert 0 < api["mrr"] <= 1
     assert {"brightness", "contrast", "saturation", "hue"} == api["per_factor"].keys()
     assert set(summary["mrr_per_transform"]) >= {"brightness", "contrast"}
+    # The wall split: its parts add up to (at most) the whole, and it is printed.
+    wall = summary["wall"]
+    assert set(wall) == {"train", "evaluate", "report"} and min(wall.values()) > 0
+    assert sum(wall.values()) <= summary["seconds"]
+    assert re.search(r"wall time\s*: \d+ s \(train \d+ s, evaluate \d+ s, report \d+ s\)", out)
 
     results = Path(summary["run_dir"]) / "results"
     saved = json.loads((results / "demo_summary.json").read_text())

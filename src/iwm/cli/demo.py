@@ -77,12 +77,16 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
           f"{cfg.model.predictor_depth}x{cfg.model.predictor_width}, views "
           f"'{cfg.views.strength}', {cfg.train.epochs:g} epochs, {cfg.train.precision}) on "
           f"{dev} -> {run_dir}")
+    trained_at = time.perf_counter()
     pretrain(cfg, run_dir)
+    train_seconds = time.perf_counter() - trained_at
+    evaluated_at = time.perf_counter()
+    bf16 = precision == "bf16"  # the evaluations' encodes too: they cost as much as training
 
     n_images, bank = QUICK_MRR if quick else DEMO_MRR
     print(f"[3/6] world model: MRR on {n_images} test images, bank of {bank} transformations")
     mrr = run_mrr(run_dir, n_images=n_images, bank_size=bank, device=str(dev),
-                  seed=cfg.train.seed)
+                  seed=cfg.train.seed, bf16=bf16)
     chance = mrr["chance"]
     mrr_factors = _scores(mrr["per_transform"], SUMMARY_FACTORS)
     print(f"      MRR {mrr['mrr']:.3f} (chance {chance:.3f}; {mrr_factors}; "
@@ -92,7 +96,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"[4/6] world model through the API (iwm.Action, encode, apply): {n_api} test "
           f"images, {bank_api} torchvision jitters each")
     api = run_api_check(run_dir, n_images=n_api, k=bank_api, seed=cfg.train.seed,
-                        device=str(dev))
+                        device=str(dev), bf16=bf16)
     api_factors = _scores(api["per_factor"], SUMMARY_FACTORS)
     print(f"      MRR {api['mrr']:.3f} (chance {api['chance']:.3f}; {api_factors}; "
           f"{api['seconds']:.0f} s)")
@@ -123,12 +127,17 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
                  {**asdict(probe_raw), "encoder": "raw pixels (baseline)"})
 
     print("[6/6] report")
+    reported_at = time.perf_counter()
+    evaluate_seconds = reported_at - evaluated_at
     report = build_report(run_dir, device=str(dev))
+    report_seconds = time.perf_counter() - reported_at
     summary.update(mrr=mrr["mrr"], mrr_bank=bank, mrr_chance=chance,
                    mrr_per_transform=mrr["per_transform"],
                    api_check={k: api[k] for k in ("mrr", "chance", "bank", "n_images",
                                                   "per_factor", "path")},
-                   report=str(report), seconds=time.perf_counter() - start)
+                   report=str(report), seconds=time.perf_counter() - start,
+                   wall={"train": train_seconds, "evaluate": evaluate_seconds,
+                         "report": report_seconds})
     write_result(run_dir, "demo_summary", summary)
 
     gain = probe_trained.accuracy - probe_random.accuracy
@@ -146,5 +155,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"  {'  per factor':<37}: {_scores(api['per_factor'], scored)}")
     print(f"  run directory                        : {run_dir}")
     print(f"  report                               : {report}")
-    print(f"  wall time                            : {summary['seconds']:.0f} s")
+    print(f"  wall time                            : {summary['seconds']:.0f} s (train "
+          f"{train_seconds:.0f} s, evaluate {evaluate_seconds:.0f} s, report "
+          f"{report_seconds:.0f} s)")
     return summary
