@@ -71,7 +71,10 @@ def test_cli_writes_npy_and_the_paths_sidecar(run, images, tmp_path, capsys):
         code = main(["embed", str(run), str(images / "nested"), str(images / "broken.png"),
                      str(images / "a.png"), "--out", str(out), "--batch-size", "2"])
     assert code == 0
-    assert "4 images (1 unreadable skipped) -> features (4, 128)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "4 images (1 unreadable skipped) -> features (4, 128)" in captured.out
+    # Not a terminal: progress as plain lines (3 batches of 2), no carriage returns.
+    assert "iwm: embed batch 3/3" in captured.err and "\r" not in captured.err
     feats = np.load(out)
     paths = (tmp_path / "out" / "features.paths.txt").read_text().splitlines()
     assert feats.shape == (4, 128)

@@ -12,7 +12,6 @@ is used.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from iwm.console import Progress, batches_of
 from iwm.data.datasets import FolderSet, image_extensions, image_files
 from iwm.data.sources import iter_eval_batches
 from iwm.errors import DataError, IWMError
@@ -88,13 +87,12 @@ def embed_images(model: PretrainedEncoder, files: Sequence[Path], batch_size: in
     batches = iter_eval_batches(data, batch_size, model.image_size, model.device,
                                 num_workers=num_workers)
     # Updated by hand rather than wrapping the iterator, so that the loader's warnings about
-    # unreadable files point here and not into tqdm.
-    with tqdm(total=math.ceil(len(files) / batch_size), desc="embed", unit="batch",
-              disable=not progress, dynamic_ncols=True) as bar:
+    # unreadable files point here and not into the progress code.
+    with Progress(batches_of(len(files), batch_size), "embed", enabled=progress) as bar:
         for images, index in batches:
             feats.append(model.encode(to_channels(images, channels), pooled=True).float().cpu())
             kept += index.tolist()
-            bar.update(1)
+            bar.update()
     if not kept:
         raise DataError(f"none of the {len(files)} images could be read")
     return torch.cat(feats).numpy(), [files[i] for i in kept]
