@@ -318,7 +318,8 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_continues(forked_cli, tmp_path,
     # terminal sends Ctrl-C: the worker must not quit on it.
     folder = _image_folder(tmp_path / "images")
     proc = forked_cli.start(["pretrain", "iwm-inv-tiny", *SMALL, "train.epochs=1000",
-                             f"data.name=imagefolder:{folder}", "data.num_workers=1",
+                             f"data.name=imagefolder:{folder}", "data.holdout=0",
+                             "data.num_workers=1",
                              "train.batch_size=8", "--run-dir", str(run)], log, own_group=True)
     _wait_for_rows(run, proc, log)
     os.killpg(proc.pid, signal.SIGINT)
