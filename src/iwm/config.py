@@ -323,6 +323,9 @@ class TrainConfig(_Section):
     log_every: int = 20
     checkpoint_every: int = 500
     """Steps between checkpoints (one is always written at the end)."""
+    monitor_every: int = 500
+    """Steps between collapse monitors (RankMe, kNN accuracy; also at the last step),
+    see :mod:`iwm.training.monitors`; 0 turns them off."""
     keep_checkpoints: int = 2
     out_dir: str = "runs"
     run_name: str | None = None
@@ -342,6 +345,7 @@ class TrainConfig(_Section):
         self._positive("epochs")
         self._at_least_one("batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                            "max_nonfinite", "grad_accum_steps")
+        self._non_negative("monitor_every")
         self.check_batch_split(1)
 
     def check_batch_split(self, processes: int, launch: str = "") -> None:

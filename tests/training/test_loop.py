@@ -74,7 +74,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path, monkeypatch):
     # The metrics file has each step once, also after the resume, with the same values.
     rows_full, rows_part = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in rows_part] == list(range(1, 7))
-    timings = {"images_per_s", "input_wait"}
+    timings = {"images_per_s", "input_wait", "monitor_s"}
     for x, y in zip(rows_full, rows_part, strict=True):
         assert {k: v for k, v in x.items() if k not in timings} == \
             {k: v for k, v in y.items() if k not in timings}

@@ -72,6 +72,7 @@ from iwm.training.distributed import (
     init_distributed,
 )
 from iwm.training.metrics import TENSORBOARD_DIR, MetricsLogger
+from iwm.training.monitors import CollapseAlarm, Measured, Monitor
 from iwm.training.run_dir import CONFIG_FILE, save_run_config, writing
 from iwm.training.signals import StopRequests
 from iwm.training.state import restore_training_state, training_state
@@ -139,6 +140,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         # run logs those steps again); also when it had no checkpoint at all (step 0).
         logger = MetricsLogger(run_dir, enabled=dist.is_main,
                                resume_step=start_step if resume else None)
+    monitor = Monitor.create(cfg)
+    every = cfg.train.monitor_every
+    if monitor is not None:
+        say(f"monitors: rankme{', knn_acc' if monitor.bank is not None else ''} of the "
+            f"target encoder on {monitor.source}, every {every} steps", talk)
+    elif every:
+        say("monitors: off (tar shards cannot be read by index; the loss, pred_std and "
+            "target_std still watch for collapse)", talk)
+    alarm = CollapseAlarm(enabled=dist.is_main)
     meter = _Throughput()
     trainer.model.train()
     with _closing(bar, batches, logger):
@@ -156,17 +166,25 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             last = done == total_steps
             log_now = done % cfg.train.log_every == 0 or last
             save_now = done % cfg.train.checkpoint_every == 0 or last
+            monitor_now = monitor is not None and (done % every == 0 or last)
             stopping = _stop_requested(stop, dist, device, agree=log_now)
-            if not (log_now or save_now or stopping):
+            if not (log_now or save_now or stopping or monitor_now):
                 continue  # the common case: no host sync
 
             skipped, longest = trainer.nonfinite.read()
-            if log_now:
-                row = _metrics(trainer, batches, step, out, grad_norm, meter, skipped)
+            measured = (_monitor(trainer, monitor, device)
+                        if monitor is not None and monitor_now else None)
+            if log_now or measured is not None:
+                row = (_metrics(trainer, batches, step, out, grad_norm, meter, skipped)
+                       if log_now else {})
+                if measured is not None:
+                    row.update(measured.row())
                 with writing("metrics to", logger.path):
                     logger.log(done, row)
-                bar.log({"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
-                         "img/s": f"{row['images_per_s']:.0f}"})
+                alarm.check(done, row.get("target_std"), measured)
+                if log_now:
+                    bar.log({"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
+                             "img/s": f"{row['images_per_s']:.0f}"})
             # Before saving: a checkpoint never holds a run that should have stopped.
             check_nonfinite(skipped, longest, cfg.train.max_nonfinite, done)
             if save_now or stopping:
@@ -312,6 +330,11 @@ def _metrics(trainer: Trainer, batches: BatchSource, step: int, out: StepOutput,
     if batches.skipped:
         row["data_skipped"] = batches.skipped
     return row
+
+
+def _monitor(trainer: Trainer, monitor: Monitor, device: torch.device) -> Measured:
+    return monitor.measure(trainer.model.target_encoder, trainer.normalize, device,
+                           trainer.amp_dtype)
 
 
 def _save(run_dir: Path, trainer: Trainer, batches: BatchSource, dist: DistInfo,
