@@ -257,3 +257,14 @@ def test_jitter_description():
     assert jitter_description(params) == ("brightness x1.23, contrast x0.80, "
                                           "saturation x1.00, hue -0.05")
     assert jitter_description(params, ("brightness",)) == "brightness x1.23"
+
+
+def test_curves_draw_the_monitors(tmp_path):
+    # The training rows every step, the monitors every other: each series is drawn.
+    rows = [{"step": s, "loss": 1 / s, "pred_std": 0.2, "target_std": 0.3, "lr": 1e-3,
+             "grad_norm": 1.0} for s in range(1, 7)]
+    for row in rows[1::2]:
+        row.update(rankme=4.0 + row["step"], knn_acc=0.5)
+    plotted = report.plot_curves(rows, tmp_path / "curves.png")
+    assert {"rankme", "knn_acc", "loss", "target_std"} <= set(plotted)
+    assert (tmp_path / "curves.png").stat().st_size > 0

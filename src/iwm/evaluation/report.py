@@ -6,7 +6,7 @@ the folder can be copied or served as is; no network, scripts or external CSS):
 - header: run name, step, data set, architecture, views;
 - training curves from ``metrics.csv``: loss, the collapse monitor (``pred_std`` and
   ``target_std``: a collapsing encoder drives both towards 0), learning rate, gradient
-  norm;
+  norm, and the monitors of :mod:`iwm.training.monitors` (``rankme``, ``knn_acc``);
 - world-model quality from ``results/mrr.json`` (overall and per-transform bar chart);
 - every ``results/{probe,finetune,segment}_*.json`` (the demo's baselines among them) and
   ``results/api_check.json`` in one table, whatever keys it has;
@@ -132,20 +132,23 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-_COLORS = {"loss": "C0", "pred_std": "C1", "target_std": "C2", "lr": "C3", "grad_norm": "C4"}
+_COLORS = {"loss": "C0", "pred_std": "C1", "target_std": "C2", "lr": "C3", "grad_norm": "C4",
+           "rankme": "C5", "knn_acc": "C6"}
 
 
 def plot_curves(rows: list[dict[str, float]], path: Path) -> list[str]:
-    """Loss, collapse monitor, learning rate and gradient norm vs step; returns the
-    metrics that were plotted."""
+    """Loss, collapse monitor, learning rate, gradient norm, RankMe and kNN accuracy vs
+    step; returns the metrics that were plotted."""
     plt = _pyplot()
     panels: list[tuple[str, list[str]]] = [
         ("loss", ["loss"]),
         ("collapse monitor (std of latents)", ["pred_std", "target_std"]),
         ("learning rate", ["lr"]),
         ("gradient norm", ["grad_norm"]),
+        ("effective rank of the target features (RankMe)", ["rankme"]),
+        ("online kNN accuracy (held-out images)", ["knn_acc"]),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 6.5))
     plotted = []
     for ax, (title, keys) in zip(axes.flat, panels, strict=True):
         ax.set_title(title)
@@ -188,7 +191,8 @@ def _curves_section(run_dir: Path, out_dir: Path, rows: list[dict[str, float]]) 
     last = rows[-1]
     facts = [f"{len(rows)} logged rows, last step {int(last['step'])}"]
     for key, label in (("loss", "last loss"), ("pred_std", "pred_std"),
-                       ("target_std", "target_std"), ("epoch", "epoch")):
+                       ("target_std", "target_std"), ("rankme", "rankme"),
+                       ("knn_acc", "knn_acc"), ("epoch", "epoch")):
         steps, values = _series(rows, key)
         if values:
             facts.append(f"{label} {values[-1]:.4g}")
@@ -201,7 +205,7 @@ def _curves_section(run_dir: Path, out_dir: Path, rows: list[dict[str, float]]) 
                      "(median)")
     return (f"<p>{_esc('; '.join(facts))}. The collapse monitor is the std across the batch "
             "of the predicted and target latents: both falling towards 0 means the encoder "
-            "is collapsing.</p>"
+            "is collapsing, as does an effective rank (RankMe) near 1.</p>"
             f'<img src="{CURVES_PNG}" alt="training curves">')
 
 
