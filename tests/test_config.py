@@ -204,3 +204,21 @@ def test_exponent_without_a_dot_is_a_number():
     assert load_config("iwm-inv-tiny", ["optim.lr=1e-3"]).optim.lr == 1e-3
     with pytest.raises(ConfigError, match="expected a number"):
         load_config("iwm-inv-tiny", ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("wandb", ("wandb",)), ("[tensorboard,wandb]", ("tensorboard", "wandb")), ("[]", ())])
+def test_train_logger_takes_one_name_or_a_list(value: str, expected: tuple[str, ...]) -> None:
+    cfg = load_config("iwm-inv-tiny", [f"train.logger={value}"])
+    assert cfg.train.logger == expected
+    assert load_config(cfg.to_dict()).train.logger == expected  # as config.yaml reads back
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("csv", r"train.logger: 'csv' is not one of tensorboard, wandb \(metrics.csv is always"),
+    ("wandbb", r"did you mean 'wandb'"),
+    ("[wandb,wandb]", r"names a logger twice"),
+    ("[3]", r"train.logger\[0\]=3: expected a string")])
+def test_train_logger_refuses_what_it_cannot_log_to(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("iwm-inv-tiny", [f"train.logger={value}"])

@@ -44,6 +44,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 AttentionKernel = Literal["auto", "sdpa", "matmul"]
 DataParallel = Literal["ddp", "fsdp"]
 ProbedEncoder = Literal["target", "context"]
+LoggerName = Literal["tensorboard", "wandb"]
+"""Where metrics go besides ``metrics.csv``, which is always written (reports read it)."""
 SegClasses = Literal[2, 3]
 
 # The Predictor takes its conditioning as a plain argument, checked against this.
@@ -326,6 +328,12 @@ class TrainConfig(_Section):
     monitor_every: int = 500
     """Steps between collapse monitors (RankMe, kNN accuracy; also at the last step),
     see :mod:`iwm.training.monitors`; 0 turns them off."""
+    logger: tuple[LoggerName, ...] = ("tensorboard",)
+    """Where metrics go besides ``metrics.csv`` (always written): ``tensorboard``,
+    ``wandb`` (``pip install 'iwm[wandb]'``), both (``[tensorboard,wandb]``) or ``[]``."""
+    wandb_project: str = "iwm"
+    wandb_entity: str | None = None
+    """The W&B project and entity (null: the account's default) of ``train.logger=wandb``."""
     keep_checkpoints: int = 2
     out_dir: str = "runs"
     run_name: str | None = None
@@ -346,6 +354,14 @@ class TrainConfig(_Section):
         self._at_least_one("batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                            "max_nonfinite", "grad_accum_steps")
         self._non_negative("monitor_every")
+        allowed = typing.get_args(LoggerName)
+        for name in self.logger:
+            if name not in allowed:
+                raise ConfigError(f"train.logger: {name!r} is not one of {', '.join(allowed)}"
+                                  f"{_suggest(name, list(allowed))} (metrics.csv is always "
+                                  "written)")
+        if len(set(self.logger)) != len(self.logger):
+            raise ConfigError(f"train.logger={list(self.logger)}: names a logger twice")
         self.check_batch_split(1)
 
     def check_batch_split(self, processes: int, launch: str = "") -> None:
@@ -481,6 +497,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:
+        # A list of any length; one value alone is a list of one (train.logger=wandb).
+        items = value if isinstance(value, (list, tuple)) else [value]
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(items))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -71,7 +71,7 @@ from iwm.training.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from iwm.training.metrics import TENSORBOARD_DIR, MetricsLogger
+from iwm.training.metrics import TENSORBOARD_DIR, MetricsLogger, WandbRun, require_wandb
 from iwm.training.monitors import CollapseAlarm, Measured, Monitor
 from iwm.training.run_dir import CONFIG_FILE, save_run_config, writing
 from iwm.training.signals import StopRequests
@@ -99,6 +99,8 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo,
               device: torch.device) -> None:
     cfg.train.check_batch_split(dist.world_size)
+    if "wandb" in cfg.train.logger:
+        require_wandb()
     # From before the first (slow) set-up step, so that a stop requested during set-up is
     # honoured after the first training step instead of killing the process.
     with StopRequests(note=dist.is_main) as stop:
@@ -130,8 +132,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
             f"train.epochs={more}`)", talk)
         return
     if talk:
-        say(f"run directory: {run_dir}; watch it with `tensorboard --logdir "
-            f"{run_dir / TENSORBOARD_DIR}`")
+        watch = [f"`tensorboard --logdir {run_dir / TENSORBOARD_DIR}`"
+                 ] if "tensorboard" in cfg.train.logger else []
+        if "wandb" in cfg.train.logger:
+            watch.append(f"W&B project {cfg.train.wandb_project}")
+        say(f"run directory: {run_dir}" + (f"; watch it with {' or '.join(watch)}"
+                                            if watch else ""))
         say(_data_summary(cfg, batches, total_steps))
     bar = Progress(total_steps, "pretrain", unit="step", initial=start_step, enabled=talk,
                    auto=False)
@@ -139,7 +145,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo, device: tor
         # Resuming drops the rows a killed run logged after its checkpoint (the resumed
         # run logs those steps again); also when it had no checkpoint at all (step 0).
         logger = MetricsLogger(run_dir, enabled=dist.is_main,
-                               resume_step=start_step if resume else None)
+                               resume_step=start_step if resume else None,
+                               tensorboard="tensorboard" in cfg.train.logger,
+                               wandb=_wandb_run(cfg, run_dir))
     monitor = Monitor.create(cfg)
     every = cfg.train.monitor_every
     if monitor is not None:
@@ -330,6 +338,13 @@ def _metrics(trainer: Trainer, batches: BatchSource, step: int, out: StepOutput,
     if batches.skipped:
         row["data_skipped"] = batches.skipped
     return row
+
+
+def _wandb_run(cfg: Config, run_dir: Path) -> WandbRun | None:
+    if "wandb" not in cfg.train.logger:
+        return None
+    return WandbRun(project=cfg.train.wandb_project, entity=cfg.train.wandb_entity,
+                    name=cfg.train.run_name or run_dir.name, config=cfg.to_dict())
 
 
 def _monitor(trainer: Trainer, monitor: Monitor, device: torch.device) -> Measured:

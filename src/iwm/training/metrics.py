@@ -1,4 +1,5 @@
-"""Scalar metrics: a CSV file for reports and scripts, TensorBoard for watching a run.
+"""Scalar metrics: a CSV file for reports and scripts; TensorBoard and/or Weights & Biases
+(``train.logger``) for watching a run.
 
 ``run_dir/metrics.csv`` has a ``step`` column followed by one column per metric, in the
 order they were first logged. A row is flushed as soon as it is logged, so a report can
@@ -10,7 +11,9 @@ Rewrites go through a temporary file and a rename, so a crash cannot lose histor
 Resuming: pass ``resume_step`` (the step of the checkpoint resumed from). Rows logged
 after that step by the crashed run describe a future that is about to be replayed, so
 they are dropped from the CSV and purged from TensorBoard; without this, a resumed run
-would have every step in that stretch twice.
+would have every step in that stretch twice. W&B cannot forget what it was sent: a
+resumed run continues the same W&B run (its id is kept in ``run_dir/wandb-id``) and W&B
+ignores the steps it has already seen, so that stretch keeps the crashed run's values there.
 """
 
 from __future__ import annotations
@@ -18,13 +21,55 @@ from __future__ import annotations
 import csv
 import math
 import os
+import secrets
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from iwm.errors import ConfigError
+
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb-id"
+"""The W&B run id of a run directory, so that ``--resume`` continues the same W&B run."""
+WANDB_EXTRA = "pip install 'iwm[wandb]'"
+
+
+@dataclass(frozen=True)
+class WandbRun:
+    """What a W&B run is started with (``train.logger=wandb``)."""
+
+    project: str
+    entity: str | None
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved config, shown and filterable in W&B."""
+
+
+def require_wandb() -> None:
+    """ConfigError unless the wandb package can be imported (checked by every process
+    before set-up, so that none waits for one that failed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.logger=wandb needs the wandb package: {WANDB_EXTRA}")
+
+
+def _start_wandb(run_dir: Path, run: WandbRun) -> Any:
+    require_wandb()
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if not run_id:
+        run_id = secrets.token_hex(4)  # W&B ids are [a-z0-9]
+        id_file.write_text(run_id + "\n")
+    # console="off": W&B would otherwise wrap stderr, where iwm's progress lines go.
+    return wandb.init(project=run.project, entity=run.entity, name=run.name, id=run_id,
+                      resume="allow", config=run.config, dir=str(run_dir),
+                      settings=wandb.Settings(console="off"))
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]], bool]:
@@ -72,7 +117,8 @@ def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 class MetricsLogger:
-    """Log scalars per step to ``run_dir/metrics.csv`` and ``run_dir/tensorboard``.
+    """Log scalars per step to ``run_dir/metrics.csv``, ``run_dir/tensorboard``
+    (``tensorboard``) and a W&B run (``wandb``, files under ``run_dir/wandb``).
 
     With ``enabled=False`` (every rank but 0 in distributed training) all methods do
     nothing and no file or directory is created, so callers need no rank checks.
@@ -80,7 +126,8 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, *,
-                 resume_step: int | None = None, tensorboard: bool = True) -> None:
+                 resume_step: int | None = None, tensorboard: bool = True,
+                 wandb: WandbRun | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / METRICS_FILE
@@ -88,6 +135,7 @@ class MetricsLogger:
         self._file: Any = None
         self._csv: Any = None
         self._tb: Any = None
+        self._wandb: Any = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +156,8 @@ class MetricsLogger:
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
                                      purge_step=purge)
+        if wandb is not None:
+            self._wandb = _start_wandb(self.run_dir, wandb)
 
     def _open(self) -> None:
         self._file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open across calls
@@ -140,6 +190,8 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in floats.items():
                 self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(floats, step=int(step))
 
     def flush(self) -> None:
         if self._file is not None:
@@ -153,6 +205,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricsLogger:
         return self
