@@ -256,6 +256,17 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+def _add_bank_options(p: argparse.ArgumentParser) -> None:
+    """The options the world-model evaluations (MRR, API check) share."""
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled images and transformations (default: 0)")
+    _add_device(p)
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model under bf16 autocast: about twice as fast where bf16 is "
+                        "native (recent CPUs, GPUs); ranks can differ where two entries are "
+                        "within rounding")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iwm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"iwm {__version__}",
@@ -309,13 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truth: bank entries whose rendering no 8-bit image could tell from "
                         "the true one count as the truth; rank: ranked like the others (the "
                         "protocol before 2026-12-02)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the sampled images and transformations (default: 0)")
-    _add_device(p)
-    p.add_argument("--bf16", action="store_true",
-                   help="run the model under bf16 autocast: about twice as fast where bf16 is "
-                        "native (recent CPUs, GPUs); ranks can differ where two entries are "
-                        "within rounding")
+    _add_bank_options(p)
     p.set_defaults(fn=_cmd_eval_mrr)
     p = evals.add_parser("api-check", help="the world model asked through the Python API "
                                            "(iwm.Action, encode, apply): MRR of the true "
@@ -323,13 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (results go to RUN/results/)")
     p.add_argument("--bank", type=int, default=64, help="jitters ranked per image")
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the sampled images and transformations (default: 0)")
-    _add_device(p)
-    p.add_argument("--bf16", action="store_true",
-                   help="run the model under bf16 autocast: about twice as fast where bf16 is "
-                        "native (recent CPUs, GPUs); ranks can differ where two entries are "
-                        "within rounding")
+    _add_bank_options(p)
     p.set_defaults(fn=_cmd_eval_api_check)
     p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "
                                        "attentive or kNN")
