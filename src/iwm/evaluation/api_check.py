@@ -110,9 +110,8 @@ def _all_reciprocal_ranks(pretrained: Pretrained, images: Tensor, k: int,
                           ) -> tuple[dict[str, Tensor | None], dict[str, str]]:
     """Reciprocal ranks (B,) for "all" and each factor (None = not meaningful), and notes."""
     _check_inputs(pretrained, images, k)
-    if images.dtype == torch.uint8:
-        images = images.float() / 255
-    images = images.to(device=pretrained.device, dtype=torch.float32)
+    # The API's own conversion (uint8 -> [0, 1], range check), as encode applies it.
+    images = pretrained.check_images(images).to(device=pretrained.device, dtype=torch.float32)
     varied = tuple(f for f in JITTER_FACTORS if acts_on(f, images.shape[1]))
     ranks: dict[str, Tensor | None] = {
         "all": _reciprocal_ranks(pretrained, images, sample_jitters(k, varied, generator),
