@@ -5,6 +5,7 @@
 # tied to the truth) and the API check (docs/RESULTS.md, "Pairs the action explains").
 #
 #     bash benchmarks/pairing_study.sh [RUNS_DIR]        # default runs/pairing
+#     SEEDS='1 2' PAIRINGS=relative bash benchmarks/pairing_study.sh   # a subset, in order
 #
 # About 4 min of training and 3 min of evaluation per cell on 2 free cores (bf16 CPU).
 # Finished cells are skipped, so it can be stopped and started again.
@@ -12,8 +13,8 @@ set -u
 out=${1:-runs/pairing}
 demo=(train.batch_size=64 optim.warmup_epochs=0.1 'optim.ema=[0.98,1.0]'
       train.checkpoint_every=500 train.epochs=1.5 train.precision=bf16 train.progress=false)
-for seed in 0 1 2; do
-  for pairing in independent relative; do
+for pairing in ${PAIRINGS:-independent relative}; do
+  for seed in ${SEEDS:-0 1 2}; do
     run=$out/$pairing-s$seed
     if [ ! -f "$run/results/api_check.json" ]; then
       if [ -d "$run/checkpoints" ]; then resume=--resume; else resume=; fi
