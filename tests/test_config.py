@@ -117,6 +117,16 @@ RULES = [
     ("finetune.seg_classes=4", "finetune.seg_classes=4: must be one of 2, 3"),
     ("finetune.seg_threshold=1.0", "finetune.seg_threshold=1.0: needs 0 <= value < 1"),
     ("finetune.crop_scale=[0,1]", "finetune.crop_scale=[0.0, 1.0]: needs 0 < min <= max <= 1"),
+    # decoder
+    ("decoder.width=0", "decoder.width=0: must be at least 1"),
+    ("decoder.epochs=0", "decoder.epochs=0.0: must be positive"),
+    ("decoder.lr=0", "decoder.lr=0.0: must be positive"),
+    ("decoder.l1_weight=-1", "decoder.l1_weight=-1.0: must be >= 0"),
+    ("decoder.warmup=1", "decoder.warmup=1.0: needs 0 <= value < 1"),
+    ("decoder.jitter_p=1.5", "decoder.jitter_p=1.5: a probability must be in [0, 1]"),
+    ("decoder.width=100 decoder.heads=3",
+     "decoder.width=100 is not divisible by decoder.heads=3"),
+    ("decoder.crop_scale=[0,1]", "decoder.crop_scale=[0.0, 1.0]: needs 0 < min <= max <= 1"),
 ]
 
 

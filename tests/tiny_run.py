@@ -46,3 +46,40 @@ def tiny_trainer(*overrides: str, channels: int = 1):
                              steps_per_epoch=4)
     trainer.model.train()
     return trainer
+
+
+DECODER_FAST = ["decoder.width=64", "decoder.depth=1", "decoder.heads=2",
+                "decoder.batch_size=32", "decoder.epochs=12", "decoder.lr=3e-3",
+                "decoder.val_images=64"]
+"""A latent decoder trained in seconds: ~100 steps of a one-block decoder."""
+
+
+def write_block_mnist(folder: Path, n_train: int = 256, n_test: int = 64) -> None:
+    """MNIST-format files of 28 x 28 images made of four 14 x 14 squares, each of its own
+    grey level: structure a decoder can learn in seconds, and images so unlike each
+    other that their mean image is a poor reconstruction (about 11 dB)."""
+    import torch
+
+    from iwm.data.fetch import write_idx
+
+    gen = torch.Generator().manual_seed(1)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        levels = torch.randint(0, 256, (n, 2, 2), generator=gen)
+        images = levels.repeat_interleave(14, 1).repeat_interleave(14, 2)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.to(torch.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz",
+                  torch.randint(0, 10, (n,), generator=gen).to(torch.uint8))
+
+
+def make_tiny_decoder_run(folder: Path) -> Path:
+    """:func:`make_tiny_run` whose data are then replaced by :func:`write_block_mnist`'s,
+    with a latent decoder trained on them (:data:`DECODER_FAST`) in ``RUN/decoder``.
+    Tests must set ``IWM_DATA`` to ``folder / "fmnist"`` to read the same data."""
+    from iwm.training.decoder import run_decoder
+
+    run = make_tiny_run(folder)
+    write_block_mnist(folder / "fmnist")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IWM_DATA", str(folder / "fmnist"))
+        run_decoder(run, DECODER_FAST, device="cpu", progress=False)
+    return run

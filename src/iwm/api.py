@@ -8,6 +8,7 @@
     >>> pred = model.apply(tokens, iwm.Action(brightness=1.3))   # the same, named action
     >>> scores, idx = model.retrieve(pred, bank_tokens, k=5)    # nearest bank entries
     >>> model.save_pretrained("out")                   # config.json + model.safetensors
+    >>> images = model.decode(pred)                    # (B, C, H, W) in [0, 1]; `iwm decoder`
     >>> encoder = iwm.load_encoder("timm-export")      # the encoder alone: encode, load_images
 
 Inputs are checked at the door: images must be (B, C, H, W) of the model's channels and
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +34,27 @@ from iwm.data.masks import Masks
 from iwm.data.normalize import Normalizer
 from iwm.errors import CheckpointError
 from iwm.interop.folder import (
+    DECODER_DIR,
     is_export_dir,
     is_timm_export_dir,
     normalization_lists,
+    read_decoder,
     read_pretrained,
     read_timm_export,
+    write_decoder,
     write_pretrained,
 )
 from iwm.interop.images import read_images
+from iwm.models.decoder import LatentDecoder, decoder_for
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, build_model
 from iwm.models.predictor import Predictor
 from iwm.models.tokens import gather_tokens
 from iwm.models.vit import Encoder, create_encoder
-from iwm.training.checkpoint import latest_checkpoint, load_checkpoint
+from iwm.training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint
+
+NO_DECODER = ("no latent decoder yet: run `iwm decoder RUN` first (RUN: the run directory; "
+              "exports made after it carry the decoder)")
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,10 @@ class Pretrained(PretrainedEncoder):
     """A trained IWM model in eval mode, with the normalisation it was trained with."""
 
     model: IWM
+    decoder: LatentDecoder | None = None
+    """The latent decoder (``iwm decoder RUN``) that :meth:`decode` uses, if the run has one."""
+    decoder_info: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Its ``decoder.json`` (spec, encoder step, training summary), or ``{"missing": why}``."""
 
     @property
     def context_encoder(self) -> Encoder:
@@ -218,8 +231,40 @@ class Pretrained(PretrainedEncoder):
 
     def to(self, device: str | torch.device) -> Pretrained:
         self.model.to(device)  # the target encoder with it
+        if self.decoder is not None:
+            self.decoder.to(device)
         super().to(device)
         return self
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens (B, N, D) of this model's grid, as :meth:`encode` or :meth:`apply` give
+        them -> images (B, C, H, W) in [0, 1], rendered by the run's latent decoder. It
+        shows what the latents keep: an encoder invariant to a factor leaves it out."""
+        if self.decoder is None:
+            why = self.decoder_info.get("missing", NO_DECODER)
+            raise CheckpointError(f"cannot decode: {why}")
+        _check_tokens(tokens, "tokens", self.num_tokens, self.encoder.embed_dim)
+        if not tokens.is_floating_point():
+            raise ValueError(f"tokens: dtype {tokens.dtype}; expected floats, e.g. "
+                             "model.encode(images)")
+        return self.decoder(tokens.to(self.device, torch.float32))
+
+    def attach_decoder(self, folder: str | os.PathLike[str]) -> bool:
+        """Use the decoder saved in ``folder`` (``decoder.safetensors`` + ``decoder.json``)
+        if it reads this model's encoder; True if it does. Otherwise :attr:`decoder_info`
+        says why, and :meth:`decode` repeats it."""
+        found = read_decoder(folder)
+        if found is None:
+            self.decoder, self.decoder_info = None, {"missing": NO_DECODER}
+            return False
+        meta, state = found
+        decoder, why = decoder_for(meta, state, self.encoder, str(folder))
+        self.decoder, self.decoder_info = decoder, meta if decoder is not None else {
+            "missing": why}
+        if decoder is not None:
+            decoder.to(self.device)
+        return decoder is not None
 
     def encoder_only(self) -> PretrainedEncoder:
         """The target encoder alone, without the context encoder and predictor."""
@@ -308,10 +353,13 @@ class Pretrained(PretrainedEncoder):
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (Hugging Face layout; the whole
         model) to ``directory``; :func:`from_pretrained` and :func:`load` read it back."""
-        return write_pretrained(
+        folder = write_pretrained(
             directory, self.model.state_dict(), config=self.config.to_dict(),
             in_chans=self.in_chans, step=self.step,
             normalization=normalization_lists(self.normalize.mean, self.normalize.std))
+        if self.decoder is not None:  # beside the model: a folder without one still loads
+            write_decoder(folder, self.decoder.state_dict(), self.decoder_info)
+        return folder
 
 
 def _normalizer(normalization: Mapping[str, Sequence[float]]) -> Normalizer:
@@ -342,9 +390,17 @@ def load(run_or_checkpoint: str | os.PathLike[str],
     for key in ("config", "model", "in_chans", "normalization"):
         if key not in state:
             raise CheckpointError(f"{path}: not an iwm pretraining checkpoint (no '{key}')")
-    return Pretrained.create(load_config(state["config"]), state["in_chans"],
-                             state["normalization"], state["model"], state["step"],
-                             where=path).to(device)
+    model = Pretrained.create(load_config(state["config"]), state["in_chans"],
+                              state["normalization"], state["model"], state["step"],
+                              where=path)
+    model.attach_decoder(run_folder(path) / DECODER_DIR)
+    return model.to(device)
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run directory holding ``checkpoint`` (RUN/checkpoints/step_*.pt), else its folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else \
+        checkpoint.parent
 
 
 def from_pretrained(directory: str | os.PathLike[str],
@@ -352,8 +408,10 @@ def from_pretrained(directory: str | os.PathLike[str],
     """Load a folder written by :meth:`Pretrained.save_pretrained` (``config.json`` +
     ``model.safetensors``)."""
     meta, state = read_pretrained(directory)
-    return Pretrained.create(load_config(meta["config"]), meta["in_chans"], meta["normalization"],
-                             state, meta["step"], where=directory).to(device)
+    model = Pretrained.create(load_config(meta["config"]), meta["in_chans"],
+                              meta["normalization"], state, meta["step"], where=directory)
+    model.attach_decoder(directory)
+    return model.to(device)
 
 
 def load_encoder(source: str | os.PathLike[str],

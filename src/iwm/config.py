@@ -442,6 +442,56 @@ class FinetuneConfig(_Section):
 
 
 @dataclass
+class DecoderConfig(_Section):
+    """``iwm decoder RUN``: a small decoder from the frozen target encoder's latents to
+    pixels (:mod:`iwm.training.decoder`); its architecture is saved with its weights."""
+
+    KEY: ClassVar[str] = "decoder"
+
+    width: int = 128
+    depth: int = 3
+    heads: int = 4
+    """Transformer blocks of the decoder: ``depth`` timm ViT blocks of ``width`` channels
+    and ``heads`` attention heads."""
+    epochs: float = 2.0
+    """Passes over the training split (``train_limit`` images), fractional allowed."""
+    batch_size: int = 128
+    lr: float = 1e-3
+    """Peak AdamW learning rate, after a linear warmup, then cosine to 0."""
+    warmup: float = 0.05
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.05
+    l1_weight: float = 0.0
+    """Loss = pixel MSE + l1_weight x pixel L1 (0: MSE alone, the PSNR's own loss)."""
+    jitter_p: float = 0.5
+    """Fraction of training images colour-jittered, with factors drawn from the run's view
+    ranges (as the MRR bank draws them), so the decoder has rendered brightened or
+    desaturated images before it is asked to render a predicted one."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Random-resized-crop area range of the training images (the run's aspect ratios and
+    flips): close to the whole images that it decodes, with some variety."""
+    train_limit: int | None = None
+    """Use only the first N training images."""
+    val_images: int = 512
+    """Held-out test images whose PSNR is reported at the end (0: none)."""
+    seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        self._at_least_one("width", "depth", "heads", "batch_size")
+        self._positive("epochs", "lr")
+        self._non_negative("weight_decay", "l1_weight", "val_images")
+        self._fraction("warmup")
+        self._scale_range("crop_scale")
+        if not 0 <= self.jitter_p <= 1:
+            raise ConfigError(f"decoder.jitter_p={self.jitter_p}: a probability must be in "
+                              "[0, 1]")
+        if self.width % self.heads:
+            raise ConfigError(f"decoder.width={self.width} is not divisible by "
+                              f"decoder.heads={self.heads}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -451,6 +501,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

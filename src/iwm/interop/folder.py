@@ -20,6 +20,12 @@ from iwm.version import __version__
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+DECODER_DIR = "decoder"
+"""A run's latent decoder lives in ``RUN/decoder/``."""
+DECODER_WEIGHTS_FILE = "decoder.safetensors"
+DECODER_META_FILE = "decoder.json"
+"""A latent decoder (``iwm decoder``), optional: in ``RUN/decoder/`` and in a whole-model
+export beside ``model.safetensors``; :func:`write_decoder` / :func:`read_decoder`."""
 FORMAT = "iwm"
 """``config.json["format"]`` of a whole-model export; a timm export has none."""
 FORMAT_VERSION = 1
@@ -154,3 +160,40 @@ def read_timm_export(directory: str | os.PathLike[str]
         raise CheckpointError(f"{path}: missing {', '.join(missing)} (not written by "
                               "`iwm export --format timm`?)")
     return meta, _read_weights(folder)
+
+
+def write_decoder(folder: str | os.PathLike[str], state: dict[str, Tensor],
+                  meta: dict[str, Any]) -> Path:
+    """Write a latent decoder: ``decoder.safetensors`` + ``decoder.json`` (its spec, the
+    encoder it reads, how it was trained) in ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # The JSON first: a reader finding weights without it would say the decoder is broken.
+    (folder / DECODER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(tensors, folder / DECODER_WEIGHTS_FILE, metadata={"format": "pt"})
+    return folder
+
+
+def read_decoder(folder: str | os.PathLike[str]
+                 ) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+    """``(decoder.json contents, state dict)`` of the decoder in ``folder``; None if the
+    folder has none. A damaged one is a :class:`CheckpointError` saying how to remake it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights, meta_path = folder / DECODER_WEIGHTS_FILE, folder / DECODER_META_FILE
+    if not weights.is_file():
+        return None
+    fix = "train it again with `iwm decoder RUN`"
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(weights)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+        raise CheckpointError(f"{folder}: unreadable decoder ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object; {fix}")
+    return meta, state
