@@ -137,6 +137,52 @@ def _cmd_eval_api_check(args: argparse.Namespace) -> None:
           f"{r['bank']}, {r['n_images']} images); per factor: {parts} -> {r['path']}")
 
 
+def _cmd_decoder(args: argparse.Namespace) -> None:
+    from iwm.training.decoder import run_decoder
+
+    r = run_decoder(Path(args.run), args.overrides, device=args.device)
+    t = r["train"]
+    held_out = (f"; held-out PSNR {t['val_psnr']:.2f} dB on {t['val_images']} test images "
+                f"(their mean image: {t['val_mean_image_psnr']:.2f} dB)"
+                if "val_psnr" in t else "")
+    print(f"latent decoder: {t['steps']} steps in {t['seconds']:.0f} s{held_out} -> "
+          f"{r['path']}; see it with `iwm imagine {args.run} IMAGE --action brightness=1.3`, "
+          f"measure it with `iwm eval decoder {args.run}`")
+
+
+def _cmd_imagine(args: argparse.Namespace) -> None:
+    from iwm.evaluation.imagine import parse_action, run_imagine
+
+    action = parse_action(args.action)  # before loading anything: a typo fails fast
+    path = run_imagine(args.run, args.images, action, args.out, device=args.device)
+    print(f"source | prediction, decoded | real transformed | real, decoded -> {path}")
+
+
+def _cmd_eval_decoder(args: argparse.Namespace) -> None:
+    from iwm.evaluation.decoder_eval import SETTINGS, run_decoder_eval
+
+    if args.images < 1:
+        raise IWMError(f"--images {args.images}: must be at least 1")
+    r = run_decoder_eval(Path(args.run), n_images=args.images, seed=args.seed,
+                         device=args.device)
+    print(f"latent decoder on {r['n_images']} test images: PSNR {r['psnr']:.2f} dB, SSIM "
+          f"{r['ssim']:.3f} (their mean image: {r['mean_image_psnr']:.2f} dB, SSIM "
+          f"{r['mean_image_ssim']:.3f}) -> {r['path']}")
+    if r["factors"]:
+        print("factor measured on the images against the requested one, slope / R^2 "
+              "(real: the pixels; real_decoded: the decoder's ceiling; predicted: the world "
+              "model, decoded; null: no world model):")
+        print(f"  {'factor':<11}" + "".join(f"{name:>16}" for name in SETTINGS))
+    for factor, entry in r["factors"].items():
+        cells = []
+        for name in SETTINGS:
+            fit = entry[name]
+            cells.append("–" if fit["slope"] is None else
+                         f"{fit['slope']:.2f} / " + ("–" if fit["r2"] is None
+                                                     else f"{fit['r2']:.2f}"))
+        print(f"  {factor:<11}" + "".join(f"{c:>16}" for c in cells))
+
+
 def _cmd_eval_probe(args: argparse.Namespace) -> None:
     from iwm.evaluation.probe import run_probe
 
@@ -246,6 +292,37 @@ def _cmd_config(args: argparse.Namespace) -> None:
         return
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+def _add_decoder_parsers(sub: argparse._SubParsersAction,
+                         evals: argparse._SubParsersAction) -> None:
+    """``iwm decoder``, ``iwm imagine`` and ``iwm eval decoder``: the latent decoder."""
+    p = sub.add_parser("decoder", help="train a small decoder from the frozen target "
+                                       "encoder's latents to pixels (saved in RUN/decoder/)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("overrides", nargs="*",
+                   help="decoder.* overrides, e.g. decoder.epochs=1 decoder.width=192")
+    _add_device(p)
+    p.set_defaults(fn=_cmd_decoder)
+    p = sub.add_parser("imagine", help="draw what the world model predicts images look like "
+                                       "after an action, through the latent decoder")
+    p.add_argument("run", help="run directory (with a decoder: `iwm decoder RUN`) or export")
+    p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    p.add_argument("--action", required=True,
+                   help="field=value pairs of iwm.Action, e.g. brightness=1.3,hue=0.1 "
+                        "(brightness, contrast, saturation: factors, 1 = same; hue: turns; "
+                        "grayscale, solarize: true/false and blur_sigma: done to the source)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    _add_device(p)
+    p.set_defaults(fn=_cmd_imagine)
+    p = evals.add_parser("decoder", help="the latent decoder: PSNR/SSIM on test images, and "
+                                         "each factor measured on decoded predictions")
+    p.add_argument("run", help="run directory with a decoder (results go to RUN/results/)")
+    p.add_argument("--images", type=int, default=512, help="test images to evaluate")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the requested factors (default: 0)")
+    _add_device(p)
+    p.set_defaults(fn=_cmd_eval_decoder)
 
 
 DEVICE_HELP = ("where to compute: auto (cuda if available, else mps, else cpu), cpu, cuda, "
@@ -451,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-summary", action="store_true",
                            help="do not write the table afterwards")
 
+    _add_decoder_parsers(sub, evals)
     p = sub.add_parser("config", help="list presets, or print a resolved config")
     p.add_argument("config", nargs="?", help="preset name or YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=2")
