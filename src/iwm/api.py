@@ -53,8 +53,8 @@ from iwm.models.tokens import gather_tokens
 from iwm.models.vit import Encoder, create_encoder
 from iwm.training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint
 
-NO_DECODER = ("no latent decoder yet: run `iwm decoder RUN` first (RUN: the run directory; "
-              "exports made after it carry the decoder)")
+NO_DECODER = ("no latent decoder yet: run `iwm decoder RUN` first on the run directory (an "
+              "export made after it carries the decoder)")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ the folder can be copied or served as is; no network, scripts or external CSS):
 - a retrieval grid: for a few test images, the requested transformation and the bank
   entries nearest to the predictor's output (MRR's protocol, small bank; see
   :mod:`iwm.evaluation.retrieval`). Needs a checkpoint; computed fresh on every report;
+- what the world model imagines: a test image under each factor, the prediction rendered
+  by the run's latent decoder beside the real transformed image (:mod:`iwm.evaluation.
+  imagine`), and ``results/decoder.json`` (``iwm eval decoder``); needs ``iwm decoder``;
 - the run's config.
 
 A section whose inputs do not exist says so (and which command creates them) rather than
@@ -566,6 +569,94 @@ def _retrieval_section(pretrained: Pretrained | None, problem: str, out_dir: Pat
     return text
 
 
+# ---------------------------------------------------------------- latent decoder
+
+IMAGINE_PNG = "imagine.png"
+
+
+def _decoder_table(result: dict[str, Any]) -> str:
+    """``results/decoder.json`` as HTML: the reconstruction line, then per factor the fits
+    of the four settings and the decoded images' PSNR against the real transformed one."""
+    from iwm.evaluation.decoder_eval import SETTINGS
+
+    line = (f"<p>Reconstruction of {_esc(result.get('n_images'))} test images: PSNR "
+            f"{_esc(_fmt(result.get('psnr')))} dB, SSIM {_esc(_fmt(result.get('ssim')))} "
+            f"(their mean image: {_esc(_fmt(result.get('mean_image_psnr')))} dB, SSIM "
+            f"{_esc(_fmt(result.get('mean_image_ssim')))}).</p>")
+    factors = result.get("factors")
+    if not isinstance(factors, dict) or not factors:
+        return line
+
+    def fit(entry: Any) -> str:
+        entry = entry if isinstance(entry, dict) else {}
+        return "".join(f"<td class=num>{_esc(_fmt(entry.get(k)))}</td>" for k in ("slope", "r2"))
+
+    head = "".join(f"<th colspan=2>{_esc(name)}</th>" for name in SETTINGS)
+    rows = []
+    for factor, entry in factors.items():
+        entry = entry if isinstance(entry, dict) else {}
+        to_real = entry.get("psnr_to_real") or {}
+        rows.append(f"<tr><td>{_esc(factor)}</td><td>{_esc(entry.get('range'))}</td>"
+                    + "".join(fit(entry.get(name)) for name in SETTINGS)
+                    + "".join(f"<td class=num>{_esc(_fmt(to_real.get(k)))}</td>"
+                              for k in ("real_decoded", "predicted", "null")) + "</tr>")
+    return (line + "<p>Each factor measured on the images against the requested one "
+            "(slope and R² of a least-squares line; log ratios for brightness, contrast and "
+            "saturation, turns for hue): <b>real</b> the transformed pixels, <b>real_decoded"
+            "</b> them encoded and decoded (the decoder's ceiling), <b>predicted</b> the "
+            "world model's prediction decoded, <b>null</b> the null action's (no world "
+            "model: slope 0). The last columns: PSNR (dB) of the decoded images against the "
+            "real transformed one.</p>"
+            f"<table><tr><th rowspan=2>factor</th><th rowspan=2>range</th>{head}"
+            "<th colspan=3>PSNR to the real image</th></tr><tr>"
+            + "<th>slope</th><th>R²</th>" * len(SETTINGS)
+            + "<th>real_decoded</th><th>predicted</th><th>null</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _imagine_section(pretrained: Pretrained | None, problem: str, run_dir: Path,
+                     out_dir: Path) -> str:
+    (out_dir / IMAGINE_PNG).unlink(missing_ok=True)  # never a grid of an older decoder
+    if pretrained is None:
+        return _missing(f"needs a checkpoint: {_esc(problem)}")
+    from iwm.evaluation.decoder_eval import held_out_images
+    from iwm.evaluation.imagine import (
+        describe_action,
+        imagine,
+        plot_imagine,
+        require_decoder,
+        showcase_actions,
+    )
+
+    run = _esc(run_dir)
+    try:
+        require_decoder(pretrained, run_dir)
+    except IWMError as e:
+        return _missing(f"{_esc(e)}; then <code>iwm eval decoder {run}</code> measures it")
+
+    image = held_out_images(pretrained.config, 1, pretrained.device)
+    actions = showcase_actions(pretrained.config, pretrained.in_chans)
+    result = imagine(pretrained, image.expand(len(actions), -1, -1, -1), actions)
+    plot_imagine(result, out_dir / IMAGINE_PNG, labels=[describe_action(a) for a in actions])
+    text = ("<p>The first test image under the null action and under each factor at the end "
+            "of the run's range that shows most: the source, the world model's prediction "
+            "(<code>apply</code>, every position predicted from context without it) rendered "
+            "by the run's latent decoder, the image really transformed, and that image "
+            "encoded and decoded: as close as the decoder gets. The decoder renders the "
+            "latents, so it shows what the encoder keeps, not every pixel.</p>"
+            f'<img src="{IMAGINE_PNG}" alt="what the world model imagines">')
+    path = run_dir / "results" / "decoder.json"
+    if not path.exists():
+        return text + _missing(f"not measured yet — run <code>iwm eval decoder {run}</code>")
+    try:
+        result_json = json.loads(path.read_text())
+        if not isinstance(result_json, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return text + _missing(f"{_esc(path)} is unreadable: {_esc(e)}")
+    return text + _decoder_table(result_json)
+
+
 # ---------------------------------------------------------------- page
 
 
@@ -680,6 +771,8 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
         _guarded("The world model at work: retrieval",
                  lambda: _retrieval_section(pretrained, problem, out_dir, n_images, bank_size,
                                             top_k, seed)),
+        _guarded("What the world model imagines",
+                 lambda: _imagine_section(pretrained, problem, run_dir, out_dir)),
         ("Config", f"<pre>{_esc(config)}</pre>" if config is not None
          else _missing("no config.yaml and no checkpoint")),
     ]
