@@ -453,8 +453,9 @@ class DecoderConfig(_Section):
     heads: int = 4
     """Transformer blocks of the decoder: ``depth`` timm ViT blocks of ``width`` channels
     and ``heads`` attention heads."""
-    epochs: float = 2.0
-    """Passes over the training split (``train_limit`` images), fractional allowed."""
+    epochs: float = 1.0
+    """Passes over the training split (``train_limit`` images), fractional allowed. One
+    epoch of Fashion-MNIST: 469 steps, about 3 minutes on a CPU thread."""
     batch_size: int = 128
     lr: float = 1e-3
     """Peak AdamW learning rate, after a linear warmup, then cosine to 0."""

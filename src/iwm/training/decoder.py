@@ -72,6 +72,8 @@ def train_decoder(pretrained: Pretrained, cfg: Config, progress: bool = True
     if source.channels != pretrained.in_chans:
         raise DataError(f"{cfg.data.name} has {source.channels}-channel images, the encoder "
                         f"takes {pretrained.in_chans}: train the decoder on the run's data")
+    # Read before training: a data set without a test split fails now, not after it.
+    held_out = held_out_images(cfg, dc.val_images, device) if dc.val_images else None
     views = dataclasses.replace(bank_view_params(resolve_view_params(cfg.views)),
                                 jitter_p=dc.jitter_p)
     sampler = ViewSampler(views, source.channels, cfg.data.image_size)
@@ -117,8 +119,7 @@ def train_decoder(pretrained: Pretrained, cfg: Config, progress: bool = True
         "n_train": source.num_images, "seconds": seconds, "final_loss": loss.item(),
         "decoder_config": dataclasses.asdict(dc)}
     pretrained.decoder = decoder
-    if dc.val_images:
-        held_out = held_out_images(cfg, dc.val_images, device)
+    if held_out is not None:
         val, mean_image = reconstruction_psnr(pretrained, held_out)
         summary.update(val_psnr=val, val_mean_image_psnr=mean_image, val_images=len(held_out))
     pretrained.decoder_info = decoder_meta(decoder, encoder, pretrained.step, train=summary)
