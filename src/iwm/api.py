@@ -19,6 +19,7 @@ encoder's (B, N, D); anything else is a one-line ValueError saying what was expe
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,17 +255,22 @@ class Pretrained(PretrainedEncoder):
         """Use the decoder saved in ``folder`` (``decoder.safetensors`` + ``decoder.json``)
         if it reads this model's encoder; True if it does. Otherwise :attr:`decoder_info`
         says why, and :meth:`decode` repeats it."""
-        found = read_decoder(folder)
-        if found is None:
-            self.decoder, self.decoder_info = None, {"missing": NO_DECODER}
+        self.decoder, self.decoder_info = None, {"missing": NO_DECODER}
+        try:
+            found = read_decoder(folder)
+            if found is None:
+                return False
+            meta, state = found
+            decoder, why = decoder_for(meta, state, self.encoder, str(folder))
+        except CheckpointError as e:
+            # The model itself is fine: only decode() needs the decoder, so it says so.
+            warnings.warn(str(e), stacklevel=2)
+            decoder, why = None, str(e)
+        if decoder is None:
+            self.decoder_info = {"missing": why}
             return False
-        meta, state = found
-        decoder, why = decoder_for(meta, state, self.encoder, str(folder))
-        self.decoder, self.decoder_info = decoder, meta if decoder is not None else {
-            "missing": why}
-        if decoder is not None:
-            decoder.to(self.device)
-        return decoder is not None
+        self.decoder, self.decoder_info = decoder.to(self.device), meta
+        return True
 
     def encoder_only(self) -> PretrainedEncoder:
         """The target encoder alone, without the context encoder and predictor."""
