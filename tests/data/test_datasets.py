@@ -216,8 +216,12 @@ def test_tiny_folders_keep_both_splits(tmp_path):
 def test_require_labels(tmp_path, image_folder):
     _touch_images(tmp_path / "photos", ["a.png", "b.png"])
     with pytest.raises(DataError, match="^a probe needs labelled images: imagefolder:.*photos "
-                                        "has a single class; put its images in <class>/"):
+                                        "has no class sub-folders; put its images in <class>/"):
         require_labels(open_image_folder(tmp_path / "photos"), "a probe")
+    _touch_images(tmp_path / "cats" / "cat", ["a.png", "b.png"])
+    with pytest.raises(DataError, match=r"imagefolder:.*cats has a single class \(cat\); put "
+                                        "its images in <class>/"):
+        require_labels(open_image_folder(tmp_path / "cats"), "a probe")
     require_labels(open_image_folder(image_folder), "a probe")  # two classes: fine
 
 

@@ -462,9 +462,14 @@ def require_labels(dataset: ImageSet | FolderSet, what: str) -> None:
     the evaluation that needs them (a one-class image folder trains and has an MRR, but
     gives a probe nothing to learn)."""
     if len(dataset.classes) < 2:
-        raise DataError(f"{what} needs labelled images: {dataset.name} has a single class; "
-                        "put its images in <class>/ sub-folders (at least two; the folder "
-                        "names are the labels)")
+        if isinstance(dataset, FolderSet) and dataset.samples and \
+                Path(dataset.samples[0][0]).parent == dataset.root:
+            raise DataError(f"{what} needs labelled images: {dataset.name} has no class "
+                            "sub-folders; put its images in <class>/ sub-folders (at least "
+                            "two; the folder names are the labels)")
+        raise DataError(f"{what} needs labelled images: {dataset.name} has a single class "
+                        f"({', '.join(dataset.classes)}); put its images in <class>/ "
+                        "sub-folders (at least two; the folder names are the labels)")
 
 
 # ---------------------------------------------------------------- image folders
