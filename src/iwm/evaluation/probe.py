@@ -52,7 +52,8 @@ def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
     return torch.cat(outs), torch.cat(labels)
 
 
-def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split: str,
+def extract_features(encoder: Encoder, normalize: Normalizer | Callable[[Tensor], Tensor],
+                     cfg: Config, split: str,
                      limit: int | None, device: torch.device,
                      pool: bool = True, progress: bool = True) -> tuple[Tensor, Tensor]:
     """Frozen features and labels of a data split (no augmentation), on the CPU: average-pooled
@@ -67,11 +68,13 @@ def extract_features(encoder: Encoder, normalize: Normalizer, cfg: Config, split
     return _map_split(cfg, split, limit, device, features, progress)
 
 
-def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
-                  device: torch.device, kind: str = "linear",
+def probe_encoder(encoder: Encoder, normalize: Normalizer | Callable[[Tensor], Tensor],
+                  cfg: Config, device: torch.device, kind: str = "linear",
                   progress: bool = True) -> ProbeResult:
     """Probe a frozen encoder with ``cfg.probe`` settings; top-1 accuracy on the test split.
-    ``progress``: of the feature extraction, see :mod:`iwm.console`."""
+    ``normalize`` maps [0, 1] images to the encoder's input (finetuning's baselines also
+    convert another data set's channels there). ``progress``: of the feature extraction,
+    see :mod:`iwm.console`."""
     if kind not in PROBE_KINDS:
         raise ConfigError(f"probe kind {kind!r}: must be one of {', '.join(PROBE_KINDS)}")
     p = cfg.probe
@@ -95,7 +98,7 @@ def probe_encoder(encoder: Encoder, normalize: Normalizer, cfg: Config,
     return train_linear_probe(train_x, train_y, test_x, test_y, p.weight_decay, p.max_iter)
 
 
-def probe_pixels(cfg: Config, device: torch.device) -> ProbeResult:
+def probe_pixels(cfg: Config, device: torch.device, progress: bool = True) -> ProbeResult:
     """The linear probe on raw pixels: the floor any encoder must beat. Same splits,
     limits and solver settings (``cfg.probe``) as :func:`probe_encoder`'s linear probe; the
     probe standardises each pixel, so the data set's normalisation would change nothing."""
@@ -103,8 +106,8 @@ def probe_pixels(cfg: Config, device: torch.device) -> ProbeResult:
     def pixels(images: Tensor) -> Tensor:  # flattened centre views in [0, 1]
         return images.flatten(1).float()
 
-    return train_linear_probe(*_map_split(cfg, "train", p.train_limit, device, pixels),
-                              *_map_split(cfg, "test", p.test_limit, device, pixels),
+    return train_linear_probe(*_map_split(cfg, "train", p.train_limit, device, pixels, progress),
+                              *_map_split(cfg, "test", p.test_limit, device, pixels, progress),
                               weight_decay=p.weight_decay, max_iter=p.max_iter)
 
 
@@ -127,6 +130,7 @@ def run_probe(run_dir: Path, kind: str = "linear", overrides: list[str] | None =
     start = time.perf_counter()
     result = probe_encoder(encoder, pretrained.normalize, cfg, dev, kind, progress)
     out = {**asdict(result), "kind": kind, "encoder": cfg.probe.encoder,
+           "dataset": cfg.data.name,
            "step": pretrained.step, "seconds": time.perf_counter() - start,
            "probe_config": asdict(cfg.probe)}  # k, T, epochs, limits...: to reproduce it
     path = write_result(run_dir, f"probe_{kind}", out)
