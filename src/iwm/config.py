@@ -47,6 +47,7 @@ ProbedEncoder = Literal["target", "context"]
 LoggerName = Literal["tensorboard", "wandb"]
 """Where metrics go besides ``metrics.csv``, which is always written (reports read it)."""
 SegClasses = Literal[2, 3]
+FinetuneHead = Literal["attentive", "linear"]
 
 # The Predictor takes its conditioning as a plain argument, checked against this.
 CONDITIONINGS: tuple[str, ...] = typing.get_args(Conditioning)
@@ -419,7 +420,8 @@ class FinetuneConfig(_Section):
     predictor_lr_scale: float = 0.1
     """A PRETRAINED predictor trains at lr x this (the paper's 1/10)."""
     encoder_lr_scale: float = 0.1
-    """A trainable (pretrained) encoder trains at lr x this."""
+    """A PRETRAINED encoder (protocols encoder, end-to-end) trains at lr x this; the
+    scratch protocol's, randomly initialised, at lr."""
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -432,13 +434,28 @@ class FinetuneConfig(_Section):
     seg_threshold: float = 0.2
     """A patch is foreground if its mean pixel intensity in [0, 1] exceeds this."""
     seed: int = 0
+    eval_points: int = 5
+    """Test evaluations during finetuning, evenly spaced in steps, the last at the end:
+    the ``curve`` of the result (each on the ``test_limit`` images, as the final one)."""
+    label_smoothing: float = 0.0
+    """Of the cross entropy (0 = none; 0.1 is the usual ViT finetuning value)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay of a PRETRAINED encoder (BEiT / MAE finetuning): block i of
+    ``depth`` trains at its lr x layer_decay^(depth - i), the patch embedding one step
+    lower, the final norm at the full lr; 1.0 = off."""
+    head: FinetuneHead = "attentive"
+    """Classification head: attentive (a learned query cross-attends to the tokens) or
+    linear (LayerNorm + Linear on the mean-pooled tokens, as MAE finetuning)."""
 
     def check(self) -> None:
         super().check()
         self._positive("epochs", "lr")
-        self._at_least_one("batch_size")
-        self._fraction("seg_threshold")
+        self._at_least_one("batch_size", "eval_points")
+        self._fraction("seg_threshold", "label_smoothing")
         self._scale_range("crop_scale")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"finetune.layer_decay={self.layer_decay}: needs 0 < value <= 1 "
+                              "(1.0 = off; 0.65-0.75 is usual)")
 
 
 @dataclass

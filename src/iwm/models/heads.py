@@ -82,6 +82,20 @@ class AttentiveClassifier(nn.Module):
         return self.linear(self.norm(self.pooler(tokens).squeeze(1)))
 
 
+class PooledLinearClassifier(nn.Module):
+    """(B, N, D) tokens -> (B, num_classes) logits: mean over tokens, LayerNorm, Linear (the
+    head of MAE / BEiT finetuning; no learned pooling, so the backbone must do the work)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, num_classes)
+        _init_weights(self.linear)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.linear(self.norm(tokens.mean(1)))
+
+
 class LinearSegmentationHead(nn.Module):
     """(B, N, D) tokens -> (B, N, num_classes): the same linear classifier applied to every token.
 
