@@ -1,7 +1,9 @@
-"""Finetuning protocols on a tiny pretrained run: what is frozen stays frozen, the predictor
-starts from the run's weights at 1/10 lr, heads see the right features, results are written."""
+"""Finetuning protocols on a tiny pretrained run: what is frozen stays frozen, what is trained
+changes, the predictor starts from the run's weights at 1/10 lr, heads see the right features,
+a learnable task is learnt, curves and baselines are recorded, results are written."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,17 +12,20 @@ import torch
 import iwm
 from iwm.cli.main import main
 from iwm.config import load_config
+from iwm.data.datasets import open_image_folder
+from iwm.data.fetch import write_idx
 from iwm.errors import ConfigError, DataError
 from iwm.evaluation.finetune import (
     PROTOCOLS,
     build_backbone,
+    build_head,
     count_trainable,
     finetune,
     load_task,
     make_optimizer,
     match_channels,
 )
-from iwm.models.heads import AttentiveClassifier
+from iwm.models.heads import AttentiveClassifier, PooledLinearClassifier
 from tiny_run import make_tiny_run
 
 # Two steps of 8 images per task and 8 test images: the plumbing, not the accuracy.
@@ -68,9 +73,26 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def unchanged_trainable(after: torch.nn.Module, before: torch.nn.Module) -> list[str]:
+    """The trainable parameters of ``after`` still equal to ``before``'s, bit for bit."""
+    old = dict(before.named_parameters())
+    return [n for n, p in after.named_parameters()
+            if p.requires_grad and torch.equal(p.detach(), old[n].detach())]
+
+
+def initial_backbone(pretrained, protocol, cfg):
+    # finetune() seeds, then builds the backbone first: the same draw gives its start.
+    torch.manual_seed(cfg.finetune.seed)
+    return build_backbone(pretrained, protocol)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_frozen_parts_get_no_gradient_and_stay_unchanged(protocol, trained, pretrained):
+def test_frozen_parts_get_no_gradient_and_stay_unchanged(protocol, trained, pretrained, cfg):
     out = trained[protocol]
+    start = initial_backbone(pretrained, protocol, cfg)
+    # Every trained tensor moved (encoder, predictor, whichever the protocol trains).
+    assert unchanged_trainable(out.backbone, start) == []
+    assert out.backbone.pretrained_encoder is (protocol != "scratch")
     backbone = out.backbone
     encoder_frozen = protocol in ("random-predictor", "predictor")
     out.backbone.train()  # whatever the rest does, a frozen encoder stays in eval mode
@@ -89,6 +111,25 @@ def test_frozen_parts_get_no_gradient_and_stay_unchanged(protocol, trained, pret
     assert not any(p.requires_grad for p in pretrained.encoder.parameters())
     assert 0.0 <= out.result["accuracy"] <= 1.0
     assert out.result["steps"] == 2 and out.result["train_flops"] > 0
+    assert out.result["flops_per_image"] * 16 == pytest.approx(out.result["train_flops"])
+
+
+def test_scratch_is_the_encoder_protocol_at_random_init(trained, pretrained, cfg):
+    start = initial_backbone(pretrained, "scratch", cfg)
+    assert start.predictor is None and start.train_encoder
+    # Same architecture as the encoder protocol, other weights (but the fixed positions).
+    encoder = build_backbone(pretrained, "encoder").encoder
+    assert start.encoder.state_dict().keys() == encoder.state_dict().keys()
+    differ = [k for k, v in start.encoder.state_dict().items()
+              if not torch.equal(v, encoder.state_dict()[k])]
+    assert set(encoder.state_dict()) - set(differ) == {"pos_embed"}
+    assert (trained["scratch"].result["trainable_params"]
+            == trained["encoder"].result["trainable_params"])
+    # Nothing pretrained to protect: the encoder at the base lr, whatever the scales say.
+    head = torch.nn.ModuleList([AttentiveClassifier(pretrained.encoder.embed_dim, 10)])
+    tuned = load_config(pretrained.config.to_dict(), [*FT, "finetune.layer_decay=0.5"])
+    lrs = {g["name"]: g["lr"] for g in make_optimizer(start, head, tuned).param_groups}
+    assert lrs == {"head": cfg.finetune.lr, "encoder": cfg.finetune.lr}
 
 
 def test_finetuning_runs_the_configured_attention_kernel_on_copies(trained, pretrained):
@@ -135,6 +176,72 @@ def test_predictor_protocol_starts_from_the_run_at_a_tenth_of_the_lr(pretrained,
     _, lrs = group_lrs("end-to-end")
     assert lrs == {"head": lr, "predictor": pytest.approx(0.1 * lr),
                    "encoder": pytest.approx(cfg.finetune.encoder_lr_scale * lr)}
+
+
+def test_layer_decay_scales_each_block_of_a_pretrained_encoder(pretrained):
+    cfg = load_config(pretrained.config.to_dict(), ["finetune.layer_decay=0.5"])
+    backbone = build_backbone(pretrained, "encoder")
+    head = torch.nn.ModuleList([AttentiveClassifier(pretrained.encoder.embed_dim, 10)])
+    groups = make_optimizer(backbone, head, cfg).param_groups
+    lrs = {g["name"]: g["lr"] for g in groups}
+    base = cfg.finetune.lr * cfg.finetune.encoder_lr_scale
+    depth = len(backbone.encoder.blocks)
+    expected = {f"encoder.layer{i + 1}": base * 0.5 ** (depth - i) for i in range(depth)}
+    expected.update({"encoder.layer0": base * 0.5 ** (depth + 1),  # patch embedding
+                     f"encoder.layer{depth + 1}": base})  # final norm
+    assert lrs == {"head": cfg.finetune.lr, **{k: pytest.approx(v) for k, v in expected.items()}}
+    block0 = {id(p) for p in backbone.encoder.blocks[0].parameters()}
+    assert {id(p) for g in groups if g["name"] == "encoder.layer1" for p in g["params"]} == block0
+    # Every trainable encoder tensor is in exactly one group.
+    grouped = [id(p) for g in groups if g["name"].startswith("encoder") for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in backbone.encoder.parameters()
+                                     if p.requires_grad)
+
+
+def test_heads_and_label_smoothing_are_configurable(pretrained, cfg):
+    dim = pretrained.encoder.embed_dim
+    linear = load_config(pretrained.config.to_dict(), [*FT, "finetune.head=linear"])
+    head = build_head("classification", linear, dim, 10)
+    assert isinstance(head, PooledLinearClassifier)
+    assert isinstance(build_head("classification", cfg, dim, 10), AttentiveClassifier)
+    tokens = torch.randn(2, 5, dim)
+    torch.testing.assert_close(head(tokens), head.linear(head.norm(tokens.mean(1))))
+    task = load_task("fashion-mnist", cfg, "classification")
+    out = finetune(pretrained, "encoder", linear, [task]).result
+    assert out["head"] == "linear"
+    # Same start and data: the first loss differs only by the smoothing term.
+    smooth = load_config(pretrained.config.to_dict(), [*FT, "finetune.label_smoothing=0.5"])
+    first = [finetune(pretrained, "encoder", c, [task]).result["curve"]["loss"][0]
+             for c in (cfg, smooth)]
+    assert first[0] != first[1]
+
+
+def write_brightness_set(folder: Path, n_train: int = 256, n_test: int = 128) -> None:
+    """MNIST-format files whose class (0-3 of 10) is the brightness of a noisy image: any
+    working finetuning learns it whatever the crop and flip; chance is 1/4."""
+    gen = torch.Generator().manual_seed(1)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 4, (n,), generator=gen)
+        noise = torch.randint(-25, 26, (n, 28, 28), generator=gen)
+        images = ((30 + 60 * labels).view(n, 1, 1) + noise).clamp(0, 255)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images.to(torch.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+
+
+@pytest.mark.parametrize("protocol", ["encoder", "scratch"])
+def test_finetuning_learns_what_can_be_learnt_and_records_its_curve(protocol, pretrained,
+                                                                   tmp_path, monkeypatch):
+    write_brightness_set(tmp_path / "mnist")
+    monkeypatch.setenv("IWM_DATA", str(tmp_path))  # a transfer task: the run is Fashion-MNIST
+    cfg = load_config(pretrained.config.to_dict(), ["finetune.epochs=2", "finetune.batch_size=32",
+                                                    "finetune.eval_points=3"])
+    out = finetune(pretrained, protocol, cfg, [load_task("mnist", cfg, "classification")]).result
+    assert out["accuracy"] >= 0.5  # chance 0.25
+    curve = out["curve"]
+    assert curve["eval_steps"] == [5, 11, 16] and out["steps"] == 16  # 8 steps an epoch
+    assert curve["eval"]["mnist"][-1] == out["accuracy"] and len(curve["eval"]["mnist"]) == 3
+    assert curve["loss_steps"] == list(range(1, 17))  # every step: fewer than 100 of them
+    assert curve["loss"][-1] < curve["loss"][0]
 
 
 def test_heads_see_target_encoder_tokens_or_null_action_predictions(pretrained):
@@ -184,8 +291,10 @@ def test_cli_writes_the_results(run, capsys):
     seg = json.loads((run / "results" / "segment_random-predictor.json").read_text())
     assert 0 <= seg["miou"] <= 1 and set(seg["per_class_iou"]) == {"background", "edge",
                                                                    "interior"}
-    with pytest.raises(SystemExit):
-        main(["finetune", str(run), "--protocol", "sideways"])
+    capsys.readouterr()
+    assert main(["finetune", str(run), "--protocol", "scrach", *FT]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'scratch'" in err and err.count("\n") == 1
 
 
 def test_channel_conversion():
@@ -208,3 +317,131 @@ def test_classification_of_a_one_class_folder_says_it_needs_labels(tmp_path):
     # Segmentation's labels come from the pixels: one class is fine.
     task = load_task(f"imagefolder:{photos}", cfg, "segmentation")
     assert len(task.train) + len(task.test) == 4
+
+
+@pytest.fixture
+def run_copy(run, tmp_path) -> Path:
+    """The tiny run without results, for tests that read what earlier commands wrote."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("results", "report"))
+    return copy
+
+
+def read_result(run: Path, name: str) -> dict:
+    return json.loads((run / "results" / f"{name}.json").read_text())
+
+
+def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, capsys):
+    assert main(["finetune", str(run_copy), "--protocol", "predictor", *FT]) == 0
+    out = capsys.readouterr().out
+    base = read_result(run_copy, "finetune_predictor")["baselines"]
+    assert set(base) == {"scratch", "linear_probe", "raw_pixels"}
+    assert all("accuracy" not in b for b in base.values())
+    assert "--protocol scratch" in base["scratch"]["missing"]
+    assert "--baselines" in base["linear_probe"]["missing"] and "scratch missing" in out
+
+    assert main(["finetune", str(run_copy), "--protocol", "encoder", "--baselines", *FT]) == 0
+    assert "beside it: scratch 0." in capsys.readouterr().out
+    r = read_result(run_copy, "finetune_encoder")
+    base = r["baselines"]
+    scratch = read_result(run_copy, "finetune_scratch")
+    assert base["scratch"]["accuracy"] == scratch["accuracy"]
+    assert base["scratch"]["trainable_params"] == r["trainable_params"]
+    # Scratch, trained as a baseline, is a result of its own beside the same probes.
+    assert scratch["baselines"]["linear_probe"] == base["linear_probe"]
+    for key in ("linear_probe", "raw_pixels"):  # on the finetuning's own images
+        assert base[key]["source"] == "computed" and 0 <= base[key]["accuracy"] <= 1
+        assert (base[key]["n_train"], base[key]["n_test"]) == (16, 8)
+    assert base["raw_pixels"]["feature_dim"] == 28 * 28
+    assert base["linear_probe"]["step"] == r["pretrain_step"]
+    assert (run_copy / "results" / "finetune_encoder_curve.png").stat().st_size > 0
+    assert (run_copy / "results" / "finetune_scratch_curve.png").stat().st_size > 0
+
+    # Found again, nothing recomputed; scratch only for the same recipe.
+    assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT]) == 0
+    again = read_result(run_copy, "finetune_random-predictor")["baselines"]
+    assert again["scratch"]["source"].endswith("finetune_scratch.json")
+    assert again["linear_probe"] == {**base["linear_probe"],
+                                     "source": str(run_copy / "results" / "finetune_encoder.json")}
+    assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT,
+                 "finetune.epochs=2"]) == 0
+    other = read_result(run_copy, "finetune_random-predictor")["baselines"]
+    assert "another recipe (epochs 1.0 there, 2.0 here)" in other["scratch"]["missing"]
+    assert "finetune.epochs=2" in other["scratch"]["missing"]
+    assert "accuracy" in other["linear_probe"]  # same images: still a baseline
+    capsys.readouterr()
+
+    # The report: every protocol beside its baselines, and its curve.
+    assert main(["report", str(run_copy), "--bank", "4", "--images", "2"]) == 0
+    page = (run_copy / "report" / "index.html").read_text()
+    assert "<h2>Finetuning against its baselines</h2>" in page
+    lp, px = (f"{base[k]['accuracy']:.4f}" for k in ("linear_probe", "raw_pixels"))
+    row = (f"<tr><td>encoder</td><td>fashion-mnist</td><td class=num>{r['accuracy']:.4f}</td>"
+           f"<td class=num>{lp}</td><td class=num>{px}</td>"
+           f"<td class=num>{scratch['accuracy']:.4f}</td>"
+           f"<td class=num>{r['trainable_params']:,}</td>")
+    assert row in page
+    assert 'src="finetune_encoder_curve.png"' in page
+    assert (run_copy / "report" / "finetune_encoder_curve.png").is_file()
+    assert "another recipe" in page  # the random predictor's missing scratch, and why
+
+
+def write_folder(root: Path, per_class: int, split: bool) -> None:
+    """Dark and bright noisy PNGs in <class>/ folders (in train/ and test/ if ``split``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("dark", "bright")):
+        for i in range(per_class):
+            sub = ("train" if i % 3 else "test") if split else ""
+            path = root / sub / cls / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 60, (20, 20, 3)) + 150 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["train-test", "automatic"])
+def test_finetuning_on_an_image_folder(run_copy, tmp_path, split, capsys):
+    folder = tmp_path / "pets"
+    write_folder(folder, 12, split)
+    task = f"imagefolder:{folder}"
+    assert main(["finetune", str(run_copy), "--protocol", "encoder", "--tasks", task,
+                 "--baselines", *FT, "data.num_workers=0", "data.holdout=0.25"]) == 0
+    capsys.readouterr()
+    # Named after the task: never overwrites the run's own finetune_encoder.json.
+    (path,) = (run_copy / "results").glob("finetune_encoder_pets-*.json")
+    r = json.loads(path.read_text())
+    assert r["dataset"] == task and not (run_copy / "results" / "finetune_encoder.json").exists()
+    # The test/ folder's 8 images, or the slice of the 24 that data.holdout's hash split
+    # holds out (the rest is the train split, of which the limit's 16 are used).
+    held = len(open_image_folder(folder, "test", 0.25))
+    assert r["n_test"] == (8 if split else min(held, 8)) and (split or 0 < held < 24)
+    assert r["n_train"] == min(16, 16 if split else 24 - held)
+    assert 0 <= r["accuracy"] <= 1
+    assert all("accuracy" in r["baselines"][k] for k in ("scratch", "linear_probe", "raw_pixels"))
+    assert r["baselines"]["raw_pixels"]["feature_dim"] == 3 * 28 * 28  # the folder's RGB
+    assert (path.parent / path.name.replace("_encoder_", "_scratch_")).is_file()
+    assert path.with_name(f"{path.stem}_curve.png").is_file()
+
+
+def test_errors_are_one_line_naming_the_fix(run_copy, tmp_path, capsys):
+    one = tmp_path / "one" / "cat"
+    write_folder(tmp_path / "both", 3, split=False)
+    shutil.copytree(tmp_path / "both" / "dark", one)
+    cases = [
+        (["--tasks", "fashion-mnsit"], "unknown data set 'fashion-mnsit' (did you mean "
+                                       "'fashion-mnist'?)"),
+        (["--tasks", f"imagefolder:{one}"], "has no class sub-folders; put its images in "
+                                            "<class>/ sub-folders"),
+        (["--tasks", f"imagefolder:{one.parent}"], "has a single class (cat)"),
+        (["--task", "segmentation", "--baselines"], "--baselines: the linear probe and "
+                                                    "raw-pixel baselines are of a single "
+                                                    "classification task"),
+    ]
+    for args, message in cases:
+        assert main(["finetune", str(run_copy), "--protocol", "encoder", *args, *FT]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["finetune", str(run_copy), "--protocol", "end-2-end", *FT]) == 2
+    assert "did you mean 'end-to-end'" in capsys.readouterr().err

@@ -76,20 +76,23 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from iwm.evaluation.finetune import run_finetune
+    from iwm.evaluation.finetune import baselines_text, run_finetune
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     r = run_finetune(Path(args.run), args.protocol, tasks, args.task, args.overrides,
-                     device=args.device, compare_separate=args.compare_separate)
+                     device=args.device, compare_separate=args.compare_separate,
+                     baselines=args.baselines)
     metric = "accuracy" if args.task == "classification" else "miou"
     per_task = ", ".join(f"{name} {v[metric]:.4f}" for name, v in r["tasks"].items())
+    gflops = "".join(f"{v['flops_per_image'] / 1e9:.3g} GFLOPs/image, "
+                     for v in r["tasks"].values() if len(r["tasks"]) == 1)
     line = (f"{args.protocol} {metric}: {per_task} ({r['trainable_params']:,} trainable "
-            f"params, {r['seconds']:.1f} s)")
+            f"params, {gflops}{r['train_seconds']:.1f} s training, {r['seconds']:.1f} s)")
     if "separate" in r:
         s = r["separate"]
         line += (f"; separate predictors: mean {s[f'mean_{metric}']:.4f} "
                  f"({s['trainable_params']:,} params, {s['seconds']:.1f} s)")
-    print(f"{line} -> {r['path']}")
+    print(f"{line} -> {r['path']}", *baselines_text(r), sep="\n")
 
 
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:
@@ -425,13 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (results go to RUN/results/)")
     p.add_argument("overrides", nargs="*",
                    help="config overrides, e.g. finetune.epochs=2 train.precision=bf16")
+    # Not argparse choices: a typo gets the library's one-line "did you mean".
     p.add_argument("--protocol", required=True,
-                   choices=("encoder", "random-predictor", "predictor", "end-to-end"),
                    help="encoder: tune the target encoder; random-predictor / predictor: a "
                         "frozen encoder under a fresh / the pretrained predictor; end-to-end: "
-                        "both (docs/method.md)")
-    p.add_argument("--tasks", help="comma-separated data sets (default: the run's); several "
+                        "both (docs/method.md); scratch: the encoder's architecture at random "
+                        "init, all at the base lr")
+    p.add_argument("--tasks", help="comma-separated data sets (default: the run's), e.g. "
+                                   "mnist or imagefolder:PATH (class sub-folders); several "
                                    "= multitask tuning with task tokens")
+    p.add_argument("--baselines", action="store_true",
+                   help="compute the missing baselines shown beside the result: scratch, "
+                        "the linear probe of the run's encoder and raw pixels on the same "
+                        "images (single classification task)")
     p.add_argument("--task", choices=("classification", "segmentation"),
                    default="classification", help="head: attentive classifier or per-patch "
                                                   "linear segmentation")

@@ -1,11 +1,14 @@
 """Leveraging the world model: finetuning protocols (``iwm finetune``).
 
-Four protocols on the same budget and head: ``encoder`` (the target encoder trained),
+Five protocols on the same budget and head: ``encoder`` (the target encoder trained),
 ``random-predictor`` and ``predictor`` (a frozen encoder under a fresh or the pretrained
-predictor, used with the null action and every token as context) and ``end-to-end``.
-Several tasks tune one predictor with a learned task token per task. Learning rates,
-frozen parts, heads, the multitask schedule and what is counted as compute are in
-docs/evaluation.md, "The finetuning protocols".
+predictor, used with the null action and every token as context), ``end-to-end``, and
+``scratch`` (the encoder's architecture at random initialisation: what pretraining is
+worth). Several tasks tune one predictor with a learned task token per task. Each result
+carries its training curve and, beside it, its baselines (scratch, the linear probe of the
+same encoder, raw pixels on the same images). Learning rates, frozen parts, heads, the
+multitask schedule, baselines and what is counted as compute are in docs/evaluation.md,
+"The finetuning protocols".
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +35,7 @@ from iwm.api import Pretrained
 from iwm.config import Config
 from iwm.console import Progress, batches_of, track
 from iwm.data.actions import ACTION_DIM, null_action
-from iwm.data.datasets import FolderSet, ImageSet, get_dataset, require_labels
+from iwm.data.datasets import FOLDER_PREFIX, FolderSet, ImageSet, get_dataset, require_labels
 from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
@@ -40,17 +48,36 @@ from iwm.evaluation.segmentation import (
     patch_labels,
 )
 from iwm.models.attention import resolve_attention, set_attention
-from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead
+from iwm.models.heads import AttentiveClassifier, LinearSegmentationHead, PooledLinearClassifier
 from iwm.models.iwm import build_model
 from iwm.models.predictor import Predictor
 from iwm.models.vit import Encoder
 from iwm.training.schedules import warmup_cosine
 from iwm.training.step import autocast_dtype
 
-PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end")
+PROTOCOLS = ("encoder", "random-predictor", "predictor", "end-to-end", "scratch")
+PRETRAINED_ENCODER = ("encoder", "end-to-end")
+"""Protocols that train the run's encoder (at ``encoder_lr_scale``, ``layer_decay``)."""
 TASK_KINDS = ("classification", "segmentation")
 LOG_POINTS = 10
 """Loss reports per run (with ``progress``): lines in a log, the bar's postfix on a terminal."""
+LOSS_POINTS = 100
+"""Train-loss points of a result's ``curve``: the mean loss over each 1% of the steps."""
+BASELINES = ("scratch", "linear_probe", "raw_pixels")
+"""What every single-task classification result is shown beside."""
+# Keys of finetune_config a scratch result must share to be a baseline of another
+# protocol: the budget, data and recipe (not the scales of pretrained parts it lacks).
+_SCRATCH_RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "crop_scale",
+                   "hflip", "train_limit", "test_limit", "seed", "label_smoothing", "head")
+
+
+def check_protocol(protocol: str) -> None:
+    """ConfigError, with the nearest name, unless ``protocol`` is one of :data:`PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        close = difflib.get_close_matches(protocol, PROTOCOLS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"--protocol {protocol!r}: must be one of {', '.join(PROTOCOLS)}"
+                          f"{hint}")
 
 
 def match_channels(images: Tensor, channels: int) -> Tensor:
@@ -70,12 +97,14 @@ class Backbone(nn.Module):
     """Normalised images -> tokens (B, N, D) for the head, under one protocol."""
 
     def __init__(self, encoder: Encoder, predictor: Predictor | None, *, train_encoder: bool,
-                 pretrained_predictor: bool, num_tasks: int = 0) -> None:
+                 pretrained_predictor: bool, num_tasks: int = 0,
+                 pretrained_encoder: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
         self.train_encoder = train_encoder
         self.pretrained_predictor = pretrained_predictor
+        self.pretrained_encoder = pretrained_encoder
         if not train_encoder:
             encoder.requires_grad_(False)
         self.task_tokens: nn.Embedding | None = None
@@ -120,9 +149,14 @@ class Backbone(nn.Module):
 def build_backbone(pretrained: Pretrained, protocol: str, num_tasks: int = 0) -> Backbone:
     """The backbone of ``protocol``, made of COPIES of the run's modules (the run itself is
     never modified), on the run's device."""
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol {protocol!r}: must be one of {', '.join(PROTOCOLS)}")
-    encoder = copy.deepcopy(pretrained.encoder)
+    check_protocol(protocol)
+    if protocol == "scratch":
+        # The same architecture at random initialisation (seeded by the caller); a fresh
+        # context encoder already has pretraining's flags (sin-cos positions frozen).
+        encoder = build_model(pretrained.config, pretrained.in_chans).encoder
+        encoder.set_grad_checkpointing(pretrained.encoder.grad_checkpointing)
+    else:
+        encoder = copy.deepcopy(pretrained.encoder)
     predictor: Predictor | None = None
     if protocol == "random-predictor":
         # build_model gives the exact architecture of the run's predictor, freshly initialised.
@@ -132,8 +166,8 @@ def build_backbone(pretrained: Pretrained, protocol: str, num_tasks: int = 0) ->
         predictor = copy.deepcopy(pretrained.predictor)
     if predictor is not None:
         predictor.requires_grad_(True)
-    train_encoder = protocol in ("encoder", "end-to-end")
-    if train_encoder:
+    train_encoder = protocol in (*PRETRAINED_ENCODER, "scratch")
+    if protocol in PRETRAINED_ENCODER:
         # The copied EMA encoder is all requires_grad=False; train what pretraining trained
         # (the context encoder's flags: its fixed sin-cos positions stay frozen).
         for p, q in zip(encoder.parameters(), pretrained.context_encoder.parameters(),
@@ -142,7 +176,7 @@ def build_backbone(pretrained: Pretrained, protocol: str, num_tasks: int = 0) ->
     backbone = Backbone(encoder, predictor,
                         train_encoder=train_encoder,
                         pretrained_predictor=protocol in ("predictor", "end-to-end"),
-                        num_tasks=num_tasks)
+                        num_tasks=num_tasks, pretrained_encoder=protocol != "scratch")
     return backbone.to(pretrained.device)
 
 
@@ -165,8 +199,11 @@ def make_optimizer(backbone: Backbone, heads: nn.ModuleList, cfg: Config
         scale = ft.predictor_lr_scale if backbone.pretrained_predictor else 1.0
         parts.append(("predictor", list(backbone.predictor.parameters()), ft.lr * scale))
     if backbone.train_encoder:
-        params = [p for p in backbone.encoder.parameters() if p.requires_grad]
-        parts.append(("encoder", params, ft.lr * ft.encoder_lr_scale))
+        # Nothing pretrained to protect in a scratch encoder: the base lr, no layer decay.
+        pretrained = backbone.pretrained_encoder
+        parts += _encoder_parts(backbone.encoder,
+                                ft.lr * (ft.encoder_lr_scale if pretrained else 1.0),
+                                ft.layer_decay if pretrained else 1.0)
     groups = []
     for name, params, lr in parts:
         decay, no_decay = _split_decay(params)
@@ -174,6 +211,31 @@ def make_optimizer(backbone: Backbone, heads: nn.ModuleList, cfg: Config
                    {"name": name, "params": no_decay, "lr": lr, "weight_decay": 0.0}]
     device = next(backbone.parameters()).device
     return torch.optim.AdamW([g for g in groups if g["params"]], fused=device.type == "cuda")
+
+
+def encoder_layer(name: str, depth: int) -> int:
+    """The layer of encoder parameter ``name`` for layer-wise lr decay, as MAE's
+    ``util/lr_decay.py``: 0 the patch embedding, i + 1 block i, depth + 1 the final norm."""
+    if name.startswith(("patch_embed.", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def _encoder_parts(encoder: Encoder, lr: float, layer_decay: float
+                   ) -> list[tuple[str, list[nn.Parameter], float]]:
+    """The trainable encoder parameters as (name, params, lr) parts: one part at ``lr``, or
+    with ``layer_decay < 1`` one per layer at lr x layer_decay^(depth + 1 - layer)."""
+    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    if layer_decay == 1.0:
+        return [("encoder", [p for _, p in named], lr)]
+    depth = len(encoder.blocks)
+    layers: dict[int, list[nn.Parameter]] = {}
+    for name, p in named:
+        layers.setdefault(encoder_layer(name, depth), []).append(p)
+    return [(f"encoder.layer{i}", params, lr * layer_decay ** (depth + 1 - i))
+            for i, params in sorted(layers.items())]
 
 
 def count_trainable(*modules: nn.Module) -> int:
@@ -214,9 +276,26 @@ def _targets(images: Tensor, labels: Tensor, kind: str, cfg: Config) -> Tensor:
                         cfg.finetune.seg_classes)
 
 
-def _loss(logits: Tensor, targets: Tensor) -> Tensor:
+def _loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     # (B, C) for classification, (B, N, C) per token for segmentation.
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                           label_smoothing=label_smoothing)
+
+
+def build_head(kind: str, cfg: Config, dim: int, num_classes: int) -> nn.Module:
+    """The task head on (B, N, D) tokens: ``finetune.head`` for classification, a per-patch
+    linear head for segmentation."""
+    if kind == "segmentation":
+        return LinearSegmentationHead(dim, num_classes)
+    if cfg.finetune.head == "linear":
+        return PooledLinearClassifier(dim, num_classes)
+    return AttentiveClassifier(dim, num_classes)
+
+
+def eval_steps(total: int, points: int) -> list[int]:
+    """The steps (counted from 1) after which the curve evaluates: ``points`` evenly spaced,
+    the last at ``total`` (fewer where there are fewer steps than points)."""
+    return sorted({max(1, round(total * k / points)) for k in range(1, points + 1)})
 
 
 def _step_schedule(steps: list[int], seed: int) -> list[int]:
@@ -267,28 +346,33 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
              progress: bool = False) -> FinetuneOutcome:
     """Train ``protocol`` on ``tasks`` (one: single task; several: multitask with task
     tokens) and evaluate; ``cfg`` supplies ``finetune.*``, ``data.*`` and ``model.*``.
-    ``progress``: of the steps and the evaluation, see :mod:`iwm.console`."""
+    The result's ``curve`` holds the mean train loss of each 1% of the steps and the test
+    metric at ``finetune.eval_points`` steps. ``progress``: of the steps and the
+    evaluation, see :mod:`iwm.console`."""
     if kind not in TASK_KINDS:
         raise ConfigError(f"task {kind!r}: must be one of {', '.join(TASK_KINDS)}")
     if not tasks:
         raise ConfigError("no tasks to finetune on")
     ft = cfg.finetune
     device = pretrained.device
-    torch.manual_seed(ft.seed)  # the random predictor, heads and task tokens
+    torch.manual_seed(ft.seed)  # the random predictor or encoder, heads and task tokens
     start = time.perf_counter()
     multitask = len(tasks) > 1
     backbone = build_backbone(pretrained, protocol, num_tasks=len(tasks) if multitask else 0)
     # Finetuning trains like pretraining: same precision (amp below), same attention kernel.
     set_attention(backbone, resolve_attention(cfg.train.attention, device))
     dim = pretrained.encoder.embed_dim
-    heads = nn.ModuleList(
-        AttentiveClassifier(dim, t.num_classes) if kind == "classification"
-        else LinearSegmentationHead(dim, t.num_classes) for t in tasks).to(device)
+    heads = nn.ModuleList(build_head(kind, cfg, dim, t.num_classes) for t in tasks).to(device)
     optimizer = make_optimizer(backbone, heads, cfg)
     frozen = backbone.frozen_state()
     channels = pretrained.in_chans
     normalize = pretrained.normalize
     amp = autocast_dtype(cfg, device)
+    metric = "accuracy" if kind == "classification" else "miou"
+
+    def test(i: int, show: bool = False) -> dict[str, Any]:
+        return evaluate(backbone, heads[i], tasks[i], i if multitask else None, kind, cfg,
+                        normalize, channels, device, show)
 
     data_cfg = dataclasses.replace(cfg.data, crop_scale=ft.crop_scale, hflip=ft.hflip,
                                    limit=ft.train_limit)
@@ -301,6 +385,14 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total, warmup, 0.0, 1.0, 0.0))
     flops_per_image = [0.0] * len(tasks)
+    loss_every = max(1, total // LOSS_POINTS)
+    # The last point is the final evaluation below, on the same test images.
+    midway = set(eval_steps(total, ft.eval_points)) - {total}
+    curve: dict[str, Any] = {"metric": metric, "loss_steps": [], "loss": [], "eval_steps": [],
+                             "eval": {t.name: [] for t in tasks}}
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+    loss_n = 0
+    curve_seconds = 0.0
 
     backbone.train()
     heads.train()
@@ -315,7 +407,7 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
         with counter if counter is not None else contextlib.nullcontext():
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = _loss(heads[i](backbone(normalize(images), i if multitask else None)),
-                             targets)
+                             targets, ft.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if counter is not None:
@@ -323,9 +415,27 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
         optimizer.step()
         scheduler.step()
         bar.update()
-        if progress and ((step + 1) % max(1, total // LOG_POINTS) == 0 or step + 1 == total):
+        done = step + 1
+        loss_sum += loss.detach()
+        loss_n += 1
+        if done % loss_every == 0 or done == total:
+            curve["loss_steps"].append(done)
+            curve["loss"].append((loss_sum / loss_n).item())
+            loss_sum.zero_()
+            loss_n = 0
+        if done in midway:
+            at = time.perf_counter()
+            curve["eval_steps"].append(done)
+            for j, t in enumerate(tasks):
+                curve["eval"][t.name].append(test(j)[metric])
+            backbone.train()
+            heads.train()
+            curve_seconds += time.perf_counter() - at
+        if progress and (done % max(1, total // LOG_POINTS) == 0 or done == total):
             bar.log({"task": tasks[i].name, "loss": f"{loss.item():.4f}"})
     bar.close()
+    # The last loss point synchronised the device: the steps have all run.
+    train_seconds = time.perf_counter() - start - curve_seconds
 
     for source in sources:
         if isinstance(source, StreamingBatchSource):
@@ -334,11 +444,11 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
         if not torch.equal(before, backbone.encoder.state_dict()[key]):
             raise RuntimeError(f"frozen encoder tensor {key} changed during finetuning")
     per_task = {}
+    curve["eval_steps"].append(total)
     for i, t in enumerate(tasks):
-        per_task[t.name] = {
-            **evaluate(backbone, heads[i], t, i if multitask else None, kind, cfg, normalize,
-                       channels, device, progress),
-            "n_train": len(sources[i].dataset), "steps": steps[i]}
+        per_task[t.name] = {**test(i, progress), "n_train": len(sources[i].dataset),
+                            "steps": steps[i], "flops_per_image": flops_per_image[i]}
+        curve["eval"][t.name].append(per_task[t.name][metric])
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "protocol": protocol,
@@ -346,39 +456,239 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
         "tasks": per_task,
         "trainable_params": count_trainable(backbone, heads),
         "seconds": seconds,
+        "train_seconds": train_seconds,
         "train_flops": sum(f * n * ft.batch_size
                            for f, n in zip(flops_per_image, steps, strict=True)),
         "epochs": ft.epochs,
         "steps": total,
         "batch_size": ft.batch_size,
+        "head": ft.head if kind == "classification" else "linear-per-patch",
         "lr": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
         "frozen": ["encoder"] if frozen else [],
         "frozen_unchanged": True,  # checked above; a change raises instead
         "pretrain_step": pretrained.step,
         "finetune_config": dataclasses.asdict(ft),
+        "curve": curve,
     }
     if not multitask:
         # The single task's metrics at the top level, where the table reads them.
         result.update(dataset=tasks[0].name, **per_task[tasks[0].name])
     else:
-        metric = "accuracy" if kind == "classification" else "miou"
         result[f"mean_{metric}"] = sum(r[metric] for r in per_task.values()) / len(per_task)
     return FinetuneOutcome(backbone, heads, optimizer, result)
+
+
+def task_key(name: str) -> str:
+    """A data set's name as :func:`~iwm.data.datasets.get_dataset` names what it loads
+    (registry names lowercased, a folder's path kept as written)."""
+    key = name.strip()
+    if key.lower().startswith(FOLDER_PREFIX):
+        return FOLDER_PREFIX + key[len(FOLDER_PREFIX):]
+    return key.lower()
+
+
+def result_name(kind: str, protocol: str, tasks: list[str], run_data: str) -> str:
+    """The stem of a result file: ``finetune_<protocol>`` (``segment_`` for segmentation)
+    on the run's own data set, ``..._<task>`` on another (``..._<folder name>-<hash of
+    its path>`` for an image folder), so transfer results never overwrite the run's own;
+    ``..._multitask`` for several tasks."""
+    prefix = "finetune" if kind == "classification" else "segment"
+    if len(tasks) > 1:
+        return f"{prefix}_multitask"
+    if task_key(tasks[0]) == task_key(run_data):
+        return f"{prefix}_{protocol}"
+    key = task_key(tasks[0])
+    if key.startswith(FOLDER_PREFIX):
+        # The folder's name, and a hash of its path to tell two "train/" folders apart.
+        path = key[len(FOLDER_PREFIX):].rstrip("/")
+        key = f"{Path(path).name}-{hashlib.blake2b(path.encode(), digest_size=3).hexdigest()}"
+    return f"{prefix}_{protocol}_{re.sub(r'[^a-z0-9]+', '-', key.lower()).strip('-')}"
+
+
+def write_finetune_result(run_dir: Path, name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``RUN/results/<name>.json`` and, for a result with a curve, its plot beside it
+    (``<name>_curve.png``); returns the result with their ``path`` and ``curve_png``."""
+    from iwm.evaluation.report import plot_finetune_curve
+
+    path = write_result(run_dir, name, result)
+    extra = {"path": str(path)}
+    if result.get("curve"):
+        png = path.with_name(f"{path.stem}_curve.png")
+        plot_finetune_curve(result, png)
+        extra["curve_png"] = str(png)
+    return {**result, **extra}
+
+
+def _summary(result: dict[str, Any], source: str) -> dict[str, Any]:
+    """What a table shows of a finetuning result used as a baseline."""
+    keys = ("accuracy", "n_train", "n_test", "trainable_params", "flops_per_image",
+            "train_seconds", "seconds", "dataset", "protocol")
+    return {**{k: result[k] for k in keys if k in result}, "source": source}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _find_scratch(path: Path, result: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The scratch result at ``path`` if it was trained on the same images with the same
+    recipe as ``result``, else (None, why not)."""
+    data = _read_json(path)
+    if data is None:
+        return None, f"no {path.name}"
+    mine, theirs = result["finetune_config"], data.get("finetune_config") or {}
+    differ = [f"{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in _SCRATCH_RECIPE
+              if _plain(theirs.get(k)) != _plain(mine[k])]
+    differ += [f"{k} {data.get(k)!r} there, {result[k]!r} here"
+               for k in ("dataset", "n_train", "n_test") if data.get(k) != result[k]]
+    if differ:
+        return None, f"{path.name} is of another recipe ({'; '.join(differ)})"
+    return _summary(data, str(path)), ""
+
+
+def _plain(value: Any) -> Any:
+    # JSON has lists where the config has tuples (crop_scale).
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _find_probe(results: Path, key: str, want: dict[str, Any], run_data: bool
+                ) -> dict[str, Any] | None:
+    """A probe baseline ``key`` computed before on the same images: the file ``iwm probe``
+    (linear_probe) or ``iwm demo`` (raw_pixels) wrote, else one in another finetuning
+    result. A file without ``dataset`` is of the run's own data set, one without ``step``
+    of its current checkpoint (the demo writes neither)."""
+    own = results / ("probe_linear.json" if key == "linear_probe"
+                     else "probe_linear_raw_pixels.json")
+    candidates: list[tuple[Path, dict[str, Any] | None]] = [(own, _read_json(own))]
+    for path in sorted(results.glob("finetune_*.json")):
+        data = _read_json(path)
+        entry = (data or {}).get("baselines", {}).get(key)
+        candidates.append((path, entry if isinstance(entry, dict) else None))
+    for path, entry in candidates:
+        if entry is None or "accuracy" not in entry:
+            continue
+        if key == "linear_probe" and entry.get("encoder", "target") != "target":
+            continue
+        if "dataset" not in entry and not run_data:
+            continue
+        if "dataset" in entry:
+            entry = {**entry, "dataset": task_key(entry["dataset"])}
+        if all(entry.get(k, v) == v for k, v in want.items()):
+            return {**entry, "source": str(path)}  # where it was found
+    return None
+
+
+def _compute_probe(key: str, pretrained: Pretrained, cfg: Config, task: TaskData,
+                   progress: bool) -> dict[str, Any]:
+    """The linear probe of the run's target encoder (``linear_probe``) or of raw pixels
+    (``raw_pixels``) on the finetuning's own train and test images (its limits)."""
+    from iwm.evaluation.probe import probe_encoder, probe_pixels
+
+    ft = cfg.finetune
+    pcfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, name=task.name),
+        probe=dataclasses.replace(cfg.probe, train_limit=ft.train_limit,
+                                  test_limit=ft.test_limit))
+    start = time.perf_counter()
+    if key == "linear_probe":
+        channels, normalize = pretrained.in_chans, pretrained.normalize
+
+        def prepare(images: Tensor) -> Tensor:  # another data set in the run's input format
+            return normalize(match_channels(images, channels))
+
+        r = probe_encoder(pretrained.encoder, prepare, pcfg, pretrained.device,
+                          progress=progress)
+        extra: dict[str, Any] = {"encoder": "target", "step": pretrained.step}
+    else:
+        r = probe_pixels(pcfg, pretrained.device, progress=progress)
+        extra = {"encoder": "raw pixels"}
+    return {**dataclasses.asdict(r), **extra, "dataset": task.name,
+            "trainable_params": (r.feature_dim + 1) * task.num_classes,
+            "seconds": time.perf_counter() - start, "source": "computed"}
+
+
+def finetune_command(run_dir: Path, protocol: str, args: list[str],
+                     baselines: bool = False) -> str:
+    """The ``iwm finetune`` line of ``protocol`` with the other arguments ``args``."""
+    return shlex.join(["iwm", "finetune", str(run_dir), "--protocol", protocol,
+                       *(["--baselines"] if baselines else []), *args])
+
+
+def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task: TaskData,
+                       result: dict[str, Any], *, compute: bool, args: list[str],
+                       progress: bool = False) -> dict[str, dict[str, Any]]:
+    """The baselines of a single-task classification ``result`` (:data:`BASELINES`), each
+    found in ``RUN/results`` if made before on the same images (scratch: also with the same
+    recipe), else computed with ``compute`` (scratch: written as its own result), else
+    ``{"missing": why and the command that makes it}``. ``args``: the command line of
+    ``result`` after ``--protocol P`` (tasks, overrides), for those commands."""
+    results = Path(run_dir) / "results"
+    run_data = task_key(task.name) == task_key(pretrained.config.data.name)
+    out: dict[str, dict[str, Any]] = {}
+    scratch: dict[str, Any] | None = None  # trained here, as a baseline
+    name = result_name("classification", "scratch", [task.name], pretrained.config.data.name)
+    if result["protocol"] == "scratch":
+        out["scratch"] = _summary(result, "this result")
+    else:
+        found, why = _find_scratch(results / f"{name}.json", result)
+        if found is None and compute:
+            scratch = finetune(pretrained, "scratch", cfg, [task], progress=progress).result
+            found = _summary(scratch, str(results / f"{name}.json"))
+        out["scratch"] = found or {
+            "missing": f"{why}: run `{finetune_command(run_dir, 'scratch', args)}`"}
+    want = {"dataset": task_key(task.name), "n_train": result["n_train"],
+            "n_test": result["n_test"]}
+    again = finetune_command(run_dir, result["protocol"], args, baselines=True)
+    for key in ("linear_probe", "raw_pixels"):
+        need = {**want, "step": pretrained.step} if key == "linear_probe" else want
+        probe = _find_probe(results, key, need, run_data)
+        if probe is None and compute:
+            probe = _compute_probe(key, pretrained, cfg, task, progress)
+        out[key] = probe or {"missing": f"none on these {result['n_train']} train / "
+                                        f"{result['n_test']} test images: run `{again}`"}
+    if scratch is not None:  # a result of its own, beside the same baselines
+        write_finetune_result(run_dir, name, {**scratch, "baselines": {
+            **out, "scratch": _summary(scratch, "this result")}})
+    return out
+
+
+def baselines_text(result: dict[str, Any]) -> list[str]:
+    """Lines saying a result's baselines, or the commands that make the missing ones."""
+    base = result.get("baselines")
+    if not base:
+        return []
+    labels = {"scratch": "scratch", "linear_probe": "linear probe", "raw_pixels": "raw pixels"}
+    shown = ", ".join(f"{labels[k]} {base[k]['accuracy']:.4f}" for k in BASELINES
+                      if "accuracy" in base.get(k, {}))
+    lines = [f"  beside it: {shown or 'no baselines yet'}"]
+    lines += [f"  {labels[k]} missing: {base[k]['missing']}" for k in BASELINES
+              if "missing" in base.get(k, {})]
+    return lines
 
 
 def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
                  kind: str = "classification", overrides: list[str] | None = None,
                  device: str = "auto", compare_separate: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
-    """``iwm finetune``: writes and returns ``RUN/results/finetune_<protocol>.json``
-    (``segment_<protocol>.json`` for segmentation; ``*_multitask.json`` for several tasks,
-    with the separately tuned predictors under ``separate`` if ``compare_separate``)."""
+                 progress: bool = True, baselines: bool = False) -> dict[str, Any]:
+    """``iwm finetune``: writes and returns ``RUN/results/finetune_<protocol>.json`` (see
+    :func:`result_name`: ``segment_*`` for segmentation, ``*_<task>`` for another data set
+    than the run's, ``*_multitask.json`` for several tasks, with the separately tuned
+    predictors under ``separate`` if ``compare_separate``) and its curve's plot beside it.
+    A single classification task's result carries its ``baselines``
+    (:func:`finetune_baselines`; ``baselines`` computes the missing ones)."""
     from iwm.api import load
     from iwm.config import load_config
     from iwm.training.distributed import resolve_device
 
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"--protocol {protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
+    if baselines and (kind != "classification" or (tasks is not None and len(tasks) > 1)):
+        raise ConfigError("--baselines: the linear probe and raw-pixel baselines are of a "
+                          "single classification task; drop --baselines, or pass one --tasks "
+                          "without --task segmentation")
     pretrained = load(run_dir, device=resolve_device(device))
     cfg = load_config(pretrained.config.to_dict(), overrides)
     names = tasks or [cfg.data.name]
@@ -386,6 +696,7 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
         raise ConfigError(f"--tasks {','.join(names)}: a task is listed twice")
     data = [load_task(name, cfg, kind) for name in names]
     out = finetune(pretrained, protocol, cfg, data, kind, progress).result
+    name = result_name(kind, protocol, names, pretrained.config.data.name)
     if compare_separate and len(data) > 1:
         runs = [finetune(pretrained, protocol, cfg, [t], kind, progress).result for t in data]
         metric = "accuracy" if kind == "classification" else "miou"
@@ -396,7 +707,8 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
             "seconds": sum(r["seconds"] for r in runs),
             "train_flops": sum(r["train_flops"] for r in runs),
         }
-    prefix = "finetune" if kind == "classification" else "segment"
-    suffix = "multitask" if len(data) > 1 else protocol
-    path = write_result(run_dir, f"{prefix}_{suffix}", out)
-    return {**out, "path": str(path)}
+    if kind == "classification" and len(data) == 1:
+        args = [*(["--tasks", ",".join(tasks)] if tasks else []), *(overrides or [])]
+        out["baselines"] = finetune_baselines(run_dir, pretrained, cfg, data[0], out,
+                                              compute=baselines, args=args, progress=progress)
+    return write_finetune_result(run_dir, name, out)

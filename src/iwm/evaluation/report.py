@@ -10,6 +10,8 @@ the folder can be copied or served as is; no network, scripts or external CSS):
 - world-model quality from ``results/mrr.json`` (overall and per-transform bar chart);
 - every ``results/{probe,finetune,segment}_*.json`` (the demo's baselines among them) and
   ``results/api_check.json`` in one table, whatever keys it has;
+- each single-task classification finetuning beside its baselines (linear probe, raw
+  pixels, scratch) and its cost, with its training curve;
 - a retrieval grid: for a few test images, the requested transformation and the bank
   entries nearest to the predictor's output (MRR's protocol, small bank; see
   :mod:`iwm.evaluation.retrieval`). Needs a checkpoint; computed fresh on every report;
@@ -401,6 +403,94 @@ def _results_section(run_dir: Path) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+# ---------------------------------------------------------------- finetuning
+
+
+def plot_finetune_curve(result: dict[str, Any], path: Path) -> None:
+    """A finetuning result's ``curve``: train loss (mean of each 1% of the steps) and the
+    test metric against steps, the baselines' accuracies as horizontal lines."""
+    plt = _pyplot()
+    curve = result["curve"]
+    metric = curve.get("metric", "accuracy")
+    fig, (loss_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
+    loss_ax.plot(curve["loss_steps"], curve["loss"], color="C0")
+    loss_ax.set_title("train loss (mean of each 1% of the steps)")
+    for name, values in curve["eval"].items():
+        test_ax.plot(curve["eval_steps"], values, marker="o", label=name)
+    labels = {"linear_probe": "linear probe", "raw_pixels": "raw pixels", "scratch": "scratch"}
+    for i, (key, label) in enumerate(labels.items()):
+        base = (result.get("baselines") or {}).get(key) or {}
+        if isinstance(base.get("accuracy"), int | float):
+            test_ax.axhline(base["accuracy"], color=f"C{i + 3}", linestyle="--", linewidth=1,
+                            label=f"{label} {base['accuracy']:.3f}")
+    test_ax.set_title(f"test {metric} ({result.get('n_test', '?')} images)")
+    test_ax.legend(fontsize=8)
+    for ax in (loss_ax, test_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"finetune {result.get('protocol')} on {result.get('dataset', 'several tasks')}"
+                 f", {result.get('epochs')} epochs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _finetune_section(run_dir: Path, out_dir: Path) -> str:
+    from iwm.evaluation.finetune import BASELINES, PROTOCOLS
+
+    found = []
+    for path in sorted((run_dir / "results").glob("finetune_*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # the table above says it is unreadable
+        if isinstance(data, dict) and "accuracy" in data and data.get("task") == "classification":
+            found.append((path.stem, data))
+    if not found:
+        return _missing("no single-task finetuning results yet — run <code>iwm finetune "
+                        f"{_esc(run_dir)} --protocol encoder --baselines</code>")
+    order = {p: i for i, p in enumerate(PROTOCOLS)}
+    found.sort(key=lambda x: (str(x[1].get("dataset")), order.get(str(x[1].get("protocol")), 99)))
+
+    def num(value: Any, fmt: str) -> str:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return f"<td class=num>{format(value, fmt) if ok else '–'}</td>"
+
+    rows, notes, figures = [], [], []
+    for stem, d in found:
+        base = d.get("baselines") or {}
+        cells = [f"<td>{_esc(d.get('protocol'))}</td>", f"<td>{_esc(d.get('dataset'))}</td>",
+                 num(d.get("accuracy"), ".4f")]
+        cells += [num((base.get(k) or {}).get("accuracy"), ".4f")
+                  for k in ("linear_probe", "raw_pixels", "scratch")]
+        flops = d.get("flops_per_image")
+        cells += [num(d.get("trainable_params"), ","),
+                  num(flops / 1e9 if isinstance(flops, int | float) else None, ".3g"),
+                  num(d.get("train_seconds", d.get("seconds")), ".1f")]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+        if not base:
+            notes.append(f"{stem}: no baselines recorded — run <code>iwm finetune "
+                         f"{_esc(run_dir)} --protocol {_esc(d.get('protocol'))} --baselines"
+                         "</code> with its options")
+        notes += [f"{stem}: {_esc(k)} — {_esc(base[k]['missing'])}" for k in BASELINES
+                  if isinstance(base.get(k), dict) and "missing" in base[k]]
+        if isinstance(d.get("curve"), dict):
+            png = f"{stem}_curve.png"
+            plot_finetune_curve(d, out_dir / png)
+            figures.append(f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">')
+    head = "".join(f"<th>{h}</th>" for h in (
+        "protocol", "data set", "accuracy", "linear probe", "raw pixels", "scratch",
+        "trainable params", "GFLOPs/image", "seconds"))
+    note = "".join(f"<li>{n}</li>" for n in notes)
+    return ("<p>Each finetuning beside its baselines on the same train and test images: the "
+            "linear probe of the run's frozen encoder, raw pixels, and the encoder's "
+            "architecture trained from scratch with the same recipe. Cost: trainable "
+            "parameters, FLOPs of one training image (forward + backward; frozen parts "
+            "without backward), training wall time (without evaluations).</p>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+            + (f"<ul>{note}</ul>" if note else "") + "".join(figures))
+
+
 # ---------------------------------------------------------------- retrieval grid
 
 
@@ -759,6 +849,8 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
     # A figure left by an earlier report must not outlive the data it was drawn from.
     for name in (CURVES_PNG, MRR_PNG, RETRIEVAL_PNG, COLOUR_RETRIEVAL_PNG):
         (out_dir / name).unlink(missing_ok=True)
+    for old in out_dir.glob("finetune_*_curve.png"):
+        old.unlink()
 
     rows = read_metrics(run_dir)
     pretrained, problem = _load_run(run_dir, device)
@@ -768,6 +860,8 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
         _guarded("Training curves", lambda: _curves_section(run_dir, out_dir, rows)),
         _guarded("World-model quality (MRR)", lambda: _mrr_section(run_dir, out_dir)),
         _guarded("Probes and finetuning", lambda: _results_section(run_dir)),
+        _guarded("Finetuning against its baselines",
+                 lambda: _finetune_section(run_dir, out_dir)),
         _guarded("The world model at work: retrieval",
                  lambda: _retrieval_section(pretrained, problem, out_dir, n_images, bank_size,
                                             top_k, seed)),
