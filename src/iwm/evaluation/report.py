@@ -417,11 +417,12 @@ def plot_finetune_curve(result: dict[str, Any], path: Path) -> None:
     loss_ax.set_title("train loss (mean of each 1% of the steps)")
     for name, values in curve["eval"].items():
         test_ax.plot(curve["eval_steps"], values, marker="o", label=name)
-    labels = {"linear_probe": "linear probe", "raw_pixels": "raw pixels", "scratch": "scratch"}
-    for i, (key, label) in enumerate(labels.items()):
+    for key, label, color, style in (("linear_probe", "linear probe", "C3", "--"),
+                                     ("raw_pixels", "raw pixels", "C7", ":"),
+                                     ("scratch", "scratch", "C2", "-.")):
         base = (result.get("baselines") or {}).get(key) or {}
         if isinstance(base.get("accuracy"), int | float):
-            test_ax.axhline(base["accuracy"], color=f"C{i + 3}", linestyle="--", linewidth=1,
+            test_ax.axhline(base["accuracy"], color=color, linestyle=style, linewidth=1.2,
                             label=f"{label} {base['accuracy']:.3f}")
     test_ax.set_title(f"test {metric} ({result.get('n_test', '?')} images)")
     test_ax.legend(fontsize=8)
