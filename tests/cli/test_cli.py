@@ -179,6 +179,19 @@ def test_probe_of_missing_run_is_a_clear_error(tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
 
 
+def test_finetune_protocols_are_named_in_help_and_a_typo_fails_first(tmp_path, capsys):
+    from iwm.evaluation.finetune import PROTOCOLS
+
+    # --protocol is checked by the library, not argparse: its help must not drift from it.
+    parser = dict(_parsers(build_parser()))["iwm finetune"]
+    (text,) = (a.help for a in parser._actions if "--protocol" in a.option_strings)
+    assert all(f"{p}:" in text or f"{p} " in text for p in PROTOCOLS)
+    # Before the run is even loaded (this one does not exist).
+    assert main(["finetune", str(tmp_path / "nope"), "--protocol", "encodr"]) == 2
+    err = capsys.readouterr().err
+    assert "--protocol 'encodr': must be one of" in err and "did you mean 'encoder'" in err
+
+
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     from iwm.cli.demo import run_demo
 
