@@ -18,6 +18,7 @@ encoder's (B, N, D); anything else is a one-line ValueError saying what was expe
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,9 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iwm.config import Config, load_config
-from iwm.data.actions import ACTION_DIM, DestructiveParams, JitterParams, build_action
+from iwm.data.actions import (
+    ACTION_DIM,
+    ACTION_FIELDS,
+    BLUR_SIGMA_SCALE,
+    DestructiveParams,
+    JitterParams,
+    build_action,
+)
+from iwm.data.factors import JITTER_FACTORS
 from iwm.data.masks import Masks
 from iwm.data.normalize import Normalizer
+from iwm.data.views import resolve_view_params
 from iwm.errors import CheckpointError
 from iwm.interop.folder import (
     DECODER_DIR,
@@ -46,6 +56,15 @@ from iwm.interop.folder import (
     write_pretrained,
 )
 from iwm.interop.images import read_images
+from iwm.models.action_search import (
+    Energy,
+    SearchBudget,
+    SearchResult,
+    SearchSpace,
+    action_space,
+    latent_energy,
+    search_action,
+)
 from iwm.models.decoder import LatentDecoder, decoder_for
 from iwm.models.encoder_io import state_shapes_mismatch
 from iwm.models.iwm import IWM, build_model
@@ -99,6 +118,18 @@ class Action:
                                         blur_sigma=full(self.blur_sigma),
                                         solarize=full(self.solarize, torch.bool))
         return build_action(target, JitterParams.identity(batch_size, device), destructive)
+
+    @classmethod
+    def from_vector(cls, vector: Tensor) -> Action:
+        """The Action a (ACTION_DIM,) vector of :func:`build_action`'s layout means (the
+        inverse of :meth:`to_tensor`): factors from the log ratios, hue from its doubled
+        shift, flags on above 1/2, the blur sigma only where the blur flag is on."""
+        v = dict(zip(ACTION_FIELDS, vector.detach().double().cpu().tolist(), strict=True))
+        blur = v["blur"] > 0.5
+        factors = {name: math.exp(v[name]) for name in JITTER_FACTORS if name != "hue"}
+        return cls(**factors, hue=v["hue"] / 2, grayscale=v["grayscale"] > 0.5,
+                   blur_sigma=v["blur_sigma"] * BLUR_SIGMA_SCALE if blur else 0.0,
+                   solarize=v["solarize"] > 0.5)
 
 
 def _pooled_direction(x: Tensor, name: str) -> Tensor:
@@ -335,6 +366,76 @@ class Pretrained(PretrainedEncoder):
         height, width = self.encoder.grid
         scale = sum(self.config.mask.target_scale) / 2
         return max(1, round((scale * height * width) ** 0.5))
+
+    def action_space(self, destructive: bool = False) -> SearchSpace:
+        """Where :meth:`infer_action` looks: the factors that act on this model's channels,
+        within the ratios its training views could produce (:func:`action_space`)."""
+        return action_space(resolve_view_params(self.config.views), self.in_chans,
+                            self.image_size, destructive)
+
+    def _pair_energy(self, source: Tensor, target: Tensor) -> tuple[Energy, int]:
+        """The energy of candidate actions for these image pairs, and their number."""
+        pair = []
+        for name, images in (("source", source), ("target", target)):
+            if isinstance(images, Tensor) and images.ndim == 4 and not len(images):
+                raise ValueError(f"{name}: an empty batch; pass one target per source "
+                                 "image, at least one")
+            try:
+                pair.append(self.check_images(images).to(self.device))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if len(pair[0]) != len(pair[1]):
+            raise ValueError(f"source has {len(pair[0])} images, target {len(pair[1])}: "
+                             "pass one target per source image, in the same order")
+        return latent_energy(self.predictor, self.encode(pair[0]), self.encode(pair[1]),
+                             self.apply_tile), len(pair[0])
+
+    @torch.no_grad()
+    def action_energy(self, source: Tensor, target: Tensor, actions: Tensor, *,
+                      bf16: bool = False) -> Tensor:
+        """The energy :meth:`infer_action` minimises, for given candidate ``actions`` (B, P,
+        ACTION_DIM) of each of the B (source, target) image pairs: (B, P), the training
+        loss (per-token mean squared error) between the predictor's output from the
+        source's latents under each action and the target's layer-normed latents. E.g.
+        ``actions = torch.stack([a.to_tensor(1)[0] for a in candidates])[None]``."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            energy, batch = self._pair_energy(source, target)
+            if (not isinstance(actions, Tensor) or actions.ndim != 3
+                    or tuple(actions.shape[::2]) != (batch, ACTION_DIM)):
+                got = (tuple(actions.shape) if isinstance(actions, Tensor)
+                       else type(actions).__name__)
+                raise ValueError(f"actions: expected ({batch}, P, {ACTION_DIM}), got {got}; "
+                                 "stack P Action(...).to_tensor(1)[0] rows per image")
+            return energy(actions.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def search_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
+                      budget: SearchBudget | None = None, seed: int = 0,
+                      bf16: bool = False) -> SearchResult:
+        """:meth:`infer_action` with the raw result: action vectors (B, ACTION_DIM), their
+        energies (B,) and the evaluations spent per image."""
+        budget = budget if budget is not None else SearchBudget()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            energy, batch = self._pair_energy(source, target)
+            # A CPU generator: the draws, hence the answer, do not depend on the device.
+            return search_action(energy, self.action_space(destructive), budget,
+                                 torch.Generator().manual_seed(seed), batch_size=batch,
+                                 device=self.device)
+
+    def infer_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
+                     budget: SearchBudget | None = None, seed: int = 0,
+                     bf16: bool = False) -> list[Action]:
+        """The jitter (with ``destructive``, also the source-side flags and blur sigma)
+        that best maps each ``source`` image's latents onto its ``target``'s through the
+        world model: images (B, C, H, W) in [0, 1] as :meth:`encode` takes them, one target
+        per source. The action minimising :meth:`action_energy` is searched by the
+        cross-entropy method within :meth:`action_space`, ``budget`` (default
+        :class:`SearchBudget`: a fixed number of predictor evaluations per image) and a
+        ``seed`` that fixes the answer. Factors a model's channels do not have (saturation
+        and hue on grey images) stay at the identity. docs/world_model.md has the cost."""
+        result = self.search_action(source, target, destructive=destructive, budget=budget,
+                                    seed=seed, bf16=bf16)
+        return [Action.from_vector(row) for row in result.action]
 
     @staticmethod
     @torch.no_grad()

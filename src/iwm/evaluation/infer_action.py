@@ -1,0 +1,257 @@
+"""Action inference scored: ``iwm eval infer-action RUN``.
+
+Held-out images are jittered with torchvision's own functional ops at known, independently
+drawn factors (all varying together), and :meth:`iwm.api.Pretrained.infer_action` is
+asked which action maps each image onto its jittered copy. Per factor: R^2 and mean
+absolute error of the inferred against the true factor, beside two references: "no
+change" (always the identity: the floor) and a least-squares regression on pixel
+statistics (context: what the pixels alone tell). For a few images the energy along each
+factor, the others at their true values, shows the landscape the search walks. The
+protocol is in docs/world_model.md, "Inferring the action".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import kornia
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+from iwm.api import Action, Pretrained
+from iwm.data.factors import JITTER_FACTORS, acts_on
+from iwm.evaluation.api_check import RANGES, render
+from iwm.evaluation.results import write_result
+from iwm.models.action_search import SearchBudget
+
+__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "draw_jitters",
+           "energy_landscape", "pixel_features", "pixel_regression", "render_pairs",
+           "run_infer_action", "score"]
+
+RESULT_NAME = "infer_action"
+LANDSCAPE_IMAGES = 4
+LANDSCAPE_POINTS = 25
+_EPS = 1e-6
+
+
+def draw_jitters(n: int, channels: int, generator: torch.Generator) -> Tensor:
+    """True jitters (n, len(JITTER_FACTORS)) in the factors' units (ratios, hue in turns):
+    each factor that acts on ``channels`` uniform in :data:`RANGES` (the issue's: brightness
+    and contrast in [0.6, 1.4], saturation [0.8, 1.2], hue [-0.1, 0.1]), independently per
+    image; the others at the identity. One draw of (n, 4) whatever the channels, so a seed
+    gives grey and RGB runs the same brightness and contrast."""
+    u = torch.rand((n, len(JITTER_FACTORS)), generator=generator, dtype=torch.float64)
+    columns = []
+    for j, name in enumerate(JITTER_FACTORS):
+        lo, hi = RANGES[name]
+        identity = 0.0 if name == "hue" else 1.0
+        columns.append(lo + (hi - lo) * u[:, j] if acts_on(name, channels)
+                       else torch.full((n,), identity, dtype=torch.float64))
+    return torch.stack(columns, 1)
+
+
+def _action(jitter: Tensor) -> Action:
+    return Action(**dict(zip(JITTER_FACTORS, jitter.tolist(), strict=True)))
+
+
+def render_pairs(images: Tensor, jitters: Tensor) -> Tensor:
+    """Each image under its own jitter, rendered by torchvision (api_check.render)."""
+    # torchvision's functional ops take one factor per call, hence one call per image;
+    # rendering is a few hundred small images, nothing beside the search.
+    return torch.cat([render(images[i:i + 1], _action(j)) for i, j in enumerate(jitters)])
+
+
+def pixel_features(source: Tensor, target: Tensor) -> Tensor:
+    """Statistics of each (source, target) pair that a jitter moves (n, F): log ratios of
+    the mean and std of luma and, on RGB, of the mean chroma (max - min over the channels,
+    which saturation scales), and the circular mean hue shift in turns (per-pixel HSV hue
+    differences, weighted by both images' chroma)."""
+
+    def luma(x: Tensor) -> Tensor:
+        return TF.rgb_to_grayscale(x) if x.shape[1] == 3 else x
+
+    def log_ratio(stat_t: Tensor, stat_s: Tensor) -> Tensor:
+        return stat_t.clamp_min(_EPS).log() - stat_s.clamp_min(_EPS).log()
+
+    ls, lt = luma(source).flatten(1), luma(target).flatten(1)
+    features = [log_ratio(lt.mean(1), ls.mean(1)), log_ratio(lt.std(1), ls.std(1))]
+    if source.shape[1] == 3:
+        chroma_s = (source.amax(1) - source.amin(1)).flatten(1)
+        chroma_t = (target.amax(1) - target.amin(1)).flatten(1)
+        features.append(log_ratio(chroma_t.mean(1), chroma_s.mean(1)))
+        shift = (kornia.color.rgb_to_hsv(target)[:, 0] - kornia.color.rgb_to_hsv(source)[:, 0])
+        weight = chroma_s * chroma_t
+        angle = torch.atan2((weight * shift.flatten(1).sin()).sum(1),
+                            (weight * shift.flatten(1).cos()).sum(1))
+        features.append(angle / (2 * math.pi))
+    return torch.stack(features, 1).double()
+
+
+def _coordinates(jitters: Tensor) -> Tensor:
+    """Jitters in factor units -> the action's coordinates (log ratios; hue stays turns)."""
+    hue = JITTER_FACTORS.index("hue")
+    out = jitters.clamp_min(_EPS).log()
+    out[:, hue] = jitters[:, hue]
+    return out
+
+
+def _from_coordinates(coordinates: Tensor) -> Tensor:
+    hue = JITTER_FACTORS.index("hue")
+    out = coordinates.exp()
+    out[:, hue] = coordinates[:, hue]
+    return out
+
+
+def pixel_regression(features: Tensor, jitters: Tensor) -> Tensor | None:
+    """The pixel-statistics reference: least squares (with an intercept) of the true
+    jitters' coordinates (log ratios, hue in turns) on :func:`pixel_features`, 2-fold
+    cross-fitted: fitted on the first half of the images and predicted on the second, then
+    the other way round, so every prediction is of an image the fit never saw. In factor
+    units (n, 4); None with fewer images per half than coefficients."""
+    n = len(features)
+    x = torch.cat([features, torch.ones(n, 1, dtype=features.dtype)], 1)
+    y = _coordinates(jitters)
+    half = n // 2
+    if min(half, n - half) < x.shape[1]:
+        return None
+    out = torch.empty_like(y)
+    for fit, held in ((slice(0, half), slice(half, n)), (slice(half, n), slice(0, half))):
+        coef = torch.linalg.lstsq(x[fit], y[fit]).solution
+        out[held] = x[held] @ coef
+    return _from_coordinates(out)
+
+
+def score(predicted: Tensor, true: Tensor) -> dict[str, float | None]:
+    """R^2 (1 - residual / total sum of squares about the true mean; None if the truth
+    does not vary) and mean absolute error of ``predicted`` against ``true`` (n,)."""
+    total = (true - true.mean()).pow(2).sum()
+    residual = (predicted - true).pow(2).sum()
+    return {"r2": float(1 - residual / total) if total > 0 else None,
+            "mae": float((predicted - true).abs().mean())}
+
+
+def energy_landscape(pretrained: Pretrained, source: Tensor, target: Tensor,
+                     jitters: Tensor, inferred: Tensor, factors: tuple[str, ...],
+                     points: int = LANDSCAPE_POINTS, bf16: bool = False) -> dict[str, Any]:
+    """Energy along each factor in ``factors`` for these pairs, the other factors at their
+    true values: a grid of ``points`` over the factor's range of :data:`RANGES` widened by
+    a quarter of its width on each side (within the search's bounds), with the true and
+    inferred values, all in the factor's units."""
+    bounds = pretrained.action_space().factor_bounds()
+    truth = torch.cat([_action(j).to_tensor(1) for j in jitters]).to(pretrained.device)
+    out: dict[str, Any] = {}
+    for name in factors:
+        lo, hi = RANGES[name]
+        pad = (hi - lo) / 4
+        grid = torch.linspace(max(lo - pad, bounds[name][0]), min(hi + pad, bounds[name][1]),
+                              points, dtype=torch.float64)
+        column = JITTER_FACTORS.index(name)
+        coordinate = 2 * grid if name == "hue" else grid.log()
+        actions = truth[:, None].repeat(1, points, 1)
+        actions[..., column] = coordinate.float().to(actions.device)
+        energy = pretrained.action_energy(source, target, actions, bf16=bf16)
+        out[name] = {"grid": grid.tolist(), "energy": energy.cpu().tolist(),
+                     "true": jitters[:, column].tolist(),
+                     "inferred": inferred[:, column].tolist()}
+    return out
+
+
+def _jitter_of(actions: list[Action]) -> Tensor:
+    return torch.tensor([[getattr(a, name) for name in JITTER_FACTORS] for a in actions],
+                        dtype=torch.float64)
+
+
+def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: str = "auto",
+                     batch_size: int = 32, progress: bool = True, bf16: bool = False,
+                     budget: SearchBudget | None = None) -> dict:
+    """Score :meth:`~iwm.api.Pretrained.infer_action` of a run on the first ``n_images``
+    test images of its data (centre views, as the API check takes them), ``batch_size``
+    pairs per search. Writes and returns ``RUN/results/infer_action.json`` (the returned
+    dict also has ``path``); ``progress``: see :mod:`iwm.console`; ``bf16`` runs the
+    model under bf16 autocast; ``budget`` defaults to :class:`SearchBudget`'s."""
+    import iwm
+    from iwm.console import batches_of, track
+    from iwm.data.datasets import get_dataset
+    from iwm.data.sources import iter_eval_batches
+    from iwm.training.distributed import resolve_device
+
+    if n_images < 1 or batch_size < 1:
+        raise ValueError(f"n_images={n_images}, batch_size={batch_size}: must be at least 1")
+    budget = budget if budget is not None else SearchBudget()
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    pretrained = iwm.load(run_dir, device=dev)
+    cfg, channels = pretrained.config, pretrained.in_chans
+    if channels not in (1, 3):  # torchvision's colour ops know grey and RGB only
+        raise ValueError(f"the model takes {channels}-channel images: the check needs 1 or 3")
+    dataset = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
+    varied = tuple(f for f in JITTER_FACTORS if acts_on(f, channels))
+    # On the CPU, so the jitters and the searches' seeds do not depend on the device.
+    generator = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[Tensor]] = {"true": [], "inferred": [], "features": []}
+    landscape: dict[str, Any] = {}
+    search_seconds = 0.0
+    batches = iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev, limit=n_images)
+    total = batches_of(min(n_images, len(dataset)), batch_size)
+    for images in track((b[0] for b in batches), total, "eval infer-action", enabled=progress):
+        source = pretrained.check_images(images).float()
+        jitters = draw_jitters(len(source), channels, generator)
+        target = render_pairs(source, jitters).clamp(0, 1)
+        search_seed = int(torch.randint(2**62, (1,), generator=generator))
+        tic = time.perf_counter()
+        found = pretrained.infer_action(source, target, budget=budget, seed=search_seed,
+                                        bf16=bf16)
+        search_seconds += time.perf_counter() - tic
+        inferred = _jitter_of(found)
+        if not landscape:
+            k = min(LANDSCAPE_IMAGES, len(source))
+            landscape = energy_landscape(pretrained, source[:k], target[:k], jitters[:k],
+                                         inferred[:k], varied, bf16=bf16)
+        parts["true"].append(jitters)
+        parts["inferred"].append(inferred)
+        parts["features"].append(pixel_features(source.cpu(), target.cpu()))
+    if not parts["true"]:
+        raise ValueError(f"{cfg.data.name}: the test split has no images")
+    true, inferred = torch.cat(parts["true"]), torch.cat(parts["inferred"])
+    pixels = pixel_regression(torch.cat(parts["features"]), true)
+    n = len(true)
+    per_factor: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    for j, name in enumerate(JITTER_FACTORS):
+        if name not in varied:
+            per_factor[name] = None
+            notes[name] = "no-op on 1-channel images"
+            continue
+        identity = torch.full_like(true[:, j], 0.0 if name == "hue" else 1.0)
+        per_factor[name] = {"model": score(inferred[:, j], true[:, j]),
+                            "no_change": score(identity, true[:, j]),
+                            "pixels": None if pixels is None else score(pixels[:, j],
+                                                                        true[:, j])}
+    if pixels is None:
+        notes["pixels"] = f"{n} images: too few to fit the pixel regression on half of them"
+    out = {
+        "n_images": n, "seed": seed, "bf16": bf16, "step": pretrained.step,
+        "dataset": cfg.data.name, "channels": channels, "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "ranges": {f: RANGES[f] for f in varied},
+        "search_bounds": pretrained.action_space().factor_bounds(),
+        "budget": {**dataclasses.asdict(budget), "evaluations": budget.evaluations},
+        "ms_per_image": 1000 * search_seconds / n,
+        "per_factor": per_factor, "notes": notes,
+        "pixels": "least squares with an intercept of each factor's log ratio (hue: turns) "
+                  "on the pixel statistics, 2-fold cross-fitted (fitted on one half of "
+                  "the images, scored on the other, both ways)",
+        "pairs": {"true": {f: true[:, j].tolist() for j, f in enumerate(JITTER_FACTORS)
+                           if f in varied},
+                  "inferred": {f: inferred[:, j].tolist() for j, f in enumerate(JITTER_FACTORS)
+                               if f in varied}},
+        "landscape": landscape,
+        "seconds": time.perf_counter() - start,
+    }
+    path = write_result(run_dir, RESULT_NAME, out)
+    return {**out, "path": str(path)}
