@@ -186,6 +186,33 @@ def _cmd_eval_decoder(args: argparse.Namespace) -> None:
         print(f"  {factor:<11}" + "".join(f"{c:>16}" for c in cells))
 
 
+def _cmd_eval_infer_action(args: argparse.Namespace) -> None:
+    from iwm.evaluation.infer_action import run_infer_action
+
+    if args.images < 1:
+        raise IWMError(f"--images {args.images}: must be at least 1")
+    r = run_infer_action(Path(args.run), n_images=args.images, seed=args.seed,
+                         device=args.device, bf16=args.bf16)
+    b = r["budget"]
+    print(f"action inference: {r['n_images']} images, CEM {b['iterations']} x "
+          f"{b['population']} ({b['evaluations']} predictor calls, "
+          f"{r['ms_per_image']:.0f} ms per image on {r['device']})")
+    print(f"  {'factor':<11}{'R^2: model':>11}{'no change':>10}{'pixels':>8}"
+          f"{'MAE: model':>12}{'no change':>10}{'pixels':>8}")
+
+    def cell(v: dict | None, key: str, width: int) -> str:
+        value = None if v is None else v[key]
+        return f"{'-' if value is None else f'{value:.3f}':>{width}}"
+
+    for factor, s in r["per_factor"].items():
+        if s is not None:
+            print(f"  {factor:<11}{cell(s['model'], 'r2', 11)}{cell(s['no_change'], 'r2', 10)}"
+                  f"{cell(s['pixels'], 'r2', 8)}{cell(s['model'], 'mae', 12)}"
+                  f"{cell(s['no_change'], 'mae', 10)}{cell(s['pixels'], 'mae', 8)}")
+    print(f"(MAE in ratios; hue in turns. pixels: least squares on pixel statistics, "
+          f"2-fold cross-fitted) -> {r['path']}")
+
+
 def _cmd_eval_probe(args: argparse.Namespace) -> None:
     from iwm.evaluation.probe import run_probe
 
@@ -410,6 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
     _add_bank_options(p)
     p.set_defaults(fn=_cmd_eval_api_check)
+    p = evals.add_parser("infer-action", help="action inference: which jitter maps a test "
+                                              "image onto its torchvision-jittered copy, "
+                                              "searched through the world model; R^2 and "
+                                              "MAE per factor beside no-change and pixel "
+                                              "references")
+    p.add_argument("run", help="run directory or checkpoint (results go to RUN/results/)")
+    p.add_argument("--images", type=int, default=256, help="test images to evaluate")
+    _add_bank_options(p)
+    p.set_defaults(fn=_cmd_eval_infer_action)
     p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "
                                        "attentive or kNN")
     p.add_argument("run", help="run directory")

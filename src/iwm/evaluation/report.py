@@ -12,6 +12,8 @@ the folder can be copied or served as is; no network, scripts or external CSS):
   ``results/api_check.json`` in one table, whatever keys it has;
 - each single-task classification finetuning beside its baselines (linear probe, raw
   pixels, scratch) and its cost, with its training curve;
+- action inference from ``results/infer_action.json``: R^2 and MAE per factor beside its
+  references, inferred against true, and the energy landscape along each factor;
 - a retrieval grid: for a few test images, the requested transformation and the bank
   entries nearest to the predictor's output (MRR's protocol, small bank; see
   :mod:`iwm.evaluation.retrieval`). Needs a checkpoint; computed fresh on every report;
@@ -60,6 +62,7 @@ CURVES_PNG = "curves.png"
 MRR_PNG = "mrr.png"
 RETRIEVAL_PNG = "retrieval.png"
 COLOUR_RETRIEVAL_PNG = "retrieval_colour.png"
+INFER_ACTION_PNG = "infer_action.png"
 # Results a report tabulates: linear/attentive probes, predictor/encoder finetuning,
 # segmentation, the world model asked through the API (one row: MRR, chance, per factor).
 # Anything else in results/ (mrr.json has its own section) is left out.
@@ -331,6 +334,91 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
             "<th>oracle</th><th>residual</th><th>slope</th><th>encoder</th>"
             "<th>predictor</th>"
             f"<th>alignment</th><th>note</th></tr>{body}</table>")
+
+
+# ---------------------------------------------------------------- action inference
+
+
+def plot_infer_action(result: dict[str, Any], path: Path) -> None:
+    """Per scored factor: inferred against true (top) and, for the landscape's images, the
+    energy along the factor with the others at their true values (bottom; each curve
+    minus its minimum, the true value dashed, the inferred one a dot)."""
+    plt = _pyplot()
+    pairs, landscape = result.get("pairs") or {}, result.get("landscape") or {}
+    true_of, found_of = pairs.get("true") or {}, pairs.get("inferred") or {}
+    factors = [f for f in JITTER_FACTORS if f in true_of or f in landscape]
+    if not factors:
+        raise IWMError("infer_action.json holds no factor to plot")
+    fig, axes = plt.subplots(2, len(factors), figsize=(3.6 * len(factors), 6.6),
+                             squeeze=False)
+    for j, name in enumerate(factors):
+        ax = axes[0, j]
+        true, found = true_of.get(name, []), found_of.get(name, [])
+        ax.scatter(true, found, s=6, alpha=0.5)
+        if true:
+            lo, hi = min(true), max(true)
+            ax.plot([lo, hi], [lo, hi], color="#c00000", linewidth=1)
+        ax.set_title(f"{name}: inferred vs true")
+        ax.set_xlabel("true")
+        ax.set_ylabel("inferred")
+        ax = axes[1, j]
+        scan = landscape.get(name)
+        if not scan:
+            ax.set_axis_off()
+            continue
+        for i, energy in enumerate(scan["energy"]):
+            color = f"C{i % 10}"
+            base = min(energy)
+            ax.plot(scan["grid"], [e - base for e in energy], color=color)
+            ax.axvline(scan["true"][i], color=color, linestyle="--", linewidth=1)
+            k = min(range(len(scan["grid"])), key=lambda g: abs(scan["grid"][g]
+                                                                - scan["inferred"][i]))
+            ax.plot(scan["inferred"][i], energy[k] - base, "o", color=color, markersize=4)
+        ax.set_title(f"energy along {name}")
+        ax.set_xlabel(name + (" (turns)" if name == "hue" else " (ratio)"))
+        ax.set_ylabel("energy - its minimum")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _infer_action_section(run_dir: Path, out_dir: Path) -> str:
+    path = run_dir / "results" / "infer_action.json"
+    if not path.exists():
+        return _missing("no action inference yet — run <code>iwm eval infer-action "
+                        f"{_esc(run_dir)}</code>")
+    result = json.loads(path.read_text())
+    plot_infer_action(result, out_dir / INFER_ACTION_PNG)
+
+    def cells(scores: Any) -> str:
+        scores = scores if isinstance(scores, dict) else {}
+        return "".join(f"<td class=num>{_esc(_fmt(scores.get(key)))}</td>"
+                       for key in ("r2", "mae"))
+
+    body = "".join(
+        f"<tr><td>{_esc(name)}</td>{cells(s.get('model'))}{cells(s.get('no_change'))}"
+        f"{cells(s.get('pixels'))}</tr>"
+        for name, s in (result.get("per_factor") or {}).items() if isinstance(s, dict))
+    budget = result.get("budget") or {}
+    return (f"<p>Which jitter maps each of {_esc(result.get('n_images'))} test images onto "
+            "its torchvision-jittered copy (factors drawn uniformly, all at once), found by "
+            "searching the action that minimises the world model's energy (the training "
+            f"loss of the prediction against the copy's latents): CEM, "
+            f"{_esc(budget.get('iterations'))} rounds of {_esc(budget.get('population'))} "
+            f"candidates, {_esc(budget.get('evaluations'))} predictor calls and "
+            f"{_esc(_fmt(result.get('ms_per_image')))} ms per image on "
+            f"{_esc(result.get('device'))}. R^2 and mean absolute error (ratios; hue in "
+            "turns) of the inferred factor against the true one, beside <b>no change</b> "
+            "(always the identity: the floor) and <b>pixels</b> (least squares on pixel "
+            "statistics, 2-fold cross-fitted: context, not a bar).</p>"
+            "<table><tr><th rowspan=2>factor</th><th colspan=2>model</th>"
+            "<th colspan=2>no change</th><th colspan=2>pixels</th></tr><tr>"
+            + "<th>R^2</th><th>MAE</th>" * 3 + f"</tr>{body}</table>"
+            "<p>Top: inferred against true. Bottom: the energy along each factor for a few "
+            "images, the other factors at their true values; a world model that explains "
+            "the pair has its minimum at the dashed true value, and the dot is what the "
+            "search returned.</p>"
+            f'<img src="{INFER_ACTION_PNG}" alt="action inference">')
 
 
 # ---------------------------------------------------------------- probes / finetuning
@@ -848,7 +936,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     # A figure left by an earlier report must not outlive the data it was drawn from.
-    for name in (CURVES_PNG, MRR_PNG, RETRIEVAL_PNG, COLOUR_RETRIEVAL_PNG):
+    for name in (CURVES_PNG, MRR_PNG, RETRIEVAL_PNG, COLOUR_RETRIEVAL_PNG, INFER_ACTION_PNG):
         (out_dir / name).unlink(missing_ok=True)
     for old in out_dir.glob("finetune_*_curve.png"):
         old.unlink()
@@ -863,6 +951,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, n_images: int = 6,
         _guarded("Probes and finetuning", lambda: _results_section(run_dir)),
         _guarded("Finetuning against its baselines",
                  lambda: _finetune_section(run_dir, out_dir)),
+        _guarded("Action inference", lambda: _infer_action_section(run_dir, out_dir)),
         _guarded("The world model at work: retrieval",
                  lambda: _retrieval_section(pretrained, problem, out_dir, n_images, bank_size,
                                             top_k, seed)),
