@@ -40,6 +40,7 @@ from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
 from iwm.errors import ConfigError, DataError
+from iwm.evaluation.plotting import pyplot
 from iwm.evaluation.results import write_result
 from iwm.evaluation.segmentation import (
     SEG_CLASS_NAMES,
@@ -505,11 +506,39 @@ def result_name(kind: str, protocol: str, tasks: list[str], run_data: str) -> st
     return f"{prefix}_{protocol}_{re.sub(r'[^a-z0-9]+', '-', key.lower()).strip('-')}"
 
 
+def plot_finetune_curve(result: dict[str, Any], path: Path) -> None:
+    """A finetuning result's ``curve``: train loss (mean of each 1% of the steps) and the
+    test metric against steps, the baselines' accuracies as horizontal lines."""
+    plt = pyplot()
+    curve = result["curve"]
+    metric = curve.get("metric", "accuracy")
+    fig, (loss_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
+    loss_ax.plot(curve["loss_steps"], curve["loss"], color="C0")
+    loss_ax.set_title("train loss (mean of each 1% of the steps)")
+    for name, values in curve["eval"].items():
+        test_ax.plot(curve["eval_steps"], values, marker="o", label=name)
+    for key, label, color, style in (("linear_probe", "linear probe", "C3", "--"),
+                                     ("raw_pixels", "raw pixels", "C7", ":"),
+                                     ("scratch", "scratch", "C2", "-.")):
+        base = (result.get("baselines") or {}).get(key) or {}
+        if isinstance(base.get("accuracy"), int | float):
+            test_ax.axhline(base["accuracy"], color=color, linestyle=style, linewidth=1.2,
+                            label=f"{label} {base['accuracy']:.3f}")
+    test_ax.set_title(f"test {metric} ({result.get('n_test', '?')} images)")
+    test_ax.legend(fontsize=8)
+    for ax in (loss_ax, test_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"finetune {result.get('protocol')} on {result.get('dataset', 'several tasks')}"
+                 f", {result.get('epochs')} epochs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_finetune_result(run_dir: Path, name: str, result: dict[str, Any]) -> dict[str, Any]:
     """``RUN/results/<name>.json`` and, for a result with a curve, its plot beside it
     (``<name>_curve.png``); returns the result with their ``path`` and ``curve_png``."""
-    from iwm.evaluation.report import plot_finetune_curve
-
     path = write_result(run_dir, name, result)
     extra = {"path": str(path)}
     if result.get("curve"):

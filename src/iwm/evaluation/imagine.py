@@ -187,10 +187,9 @@ def plot_imagine(result: ImagineResult, path: str | Path, title: str | None = No
                  labels: Sequence[str] | None = None) -> Path:
     """The grid as a PNG: one row per image, :data:`COLUMNS` as columns; ``labels`` name
     the rows (default: each row's action)."""
-    import matplotlib
+    from iwm.evaluation.plotting import pyplot
 
-    matplotlib.use("Agg")  # no display on servers; imported late, it is slow to import
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = len(result.source)
     labels = list(labels) if labels is not None else [describe_action(a)

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from iwm.data.factors import JITTER_FACTORS, acts_on
 from iwm.errors import IWMError
+from iwm.evaluation.plotting import pyplot
 from iwm.evaluation.ranking import chance_mrr, chance_mrr_stderr
 from iwm.evaluation.retrieval import RetrievalExample, jitter_description, score_label
 from iwm.training.metrics import read_metrics
@@ -110,17 +111,6 @@ def _missing(text: str) -> str:
     return f'<p class="missing">{text}</p>'
 
 
-def _pyplot() -> Any:
-    # Agg: the report is written on servers without a display; imported lazily because
-    # matplotlib is slow to import and only the report needs it.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ---------------------------------------------------------------- training curves
 
 
@@ -147,7 +137,7 @@ _COLORS = {"loss": "C0", "pred_std": "C1", "target_std": "C2", "lr": "C3", "grad
 def plot_curves(rows: list[dict[str, float]], path: Path) -> list[str]:
     """Loss, collapse monitor, learning rate, gradient norm, RankMe and kNN accuracy vs
     step; returns the metrics that were plotted."""
-    plt = _pyplot()
+    plt = pyplot()
     panels: list[tuple[str, list[str]]] = [
         ("loss", ["loss"]),
         ("collapse monitor (std of latents)", ["pred_std", "target_std"]),
@@ -222,7 +212,7 @@ def _curves_section(run_dir: Path, out_dir: Path, rows: list[dict[str, float]]) 
 
 def plot_mrr(result: dict[str, Any], path: Path) -> None:
     """Bar chart: overall MRR, then each per-transform entry (hatched 'n/a' if None)."""
-    plt = _pyplot()
+    plt = pyplot()
     per = result.get("per_transform") or {}
     names = ["all", *per]
     values = [result.get("mrr"), *per.values()]
@@ -343,7 +333,7 @@ def plot_infer_action(result: dict[str, Any], path: Path) -> None:
     """Per scored factor: inferred against true (top) and, for the landscape's images, the
     energy along the factor with the others at their true values (bottom; each curve
     minus its minimum, the true value dashed, the inferred one a dot)."""
-    plt = _pyplot()
+    plt = pyplot()
     pairs, landscape = result.get("pairs") or {}, result.get("landscape") or {}
     true_of, found_of = pairs.get("true") or {}, pairs.get("inferred") or {}
     factors = [f for f in JITTER_FACTORS if f in true_of or f in landscape]
@@ -494,38 +484,8 @@ def _results_section(run_dir: Path) -> str:
 # ---------------------------------------------------------------- finetuning
 
 
-def plot_finetune_curve(result: dict[str, Any], path: Path) -> None:
-    """A finetuning result's ``curve``: train loss (mean of each 1% of the steps) and the
-    test metric against steps, the baselines' accuracies as horizontal lines."""
-    plt = _pyplot()
-    curve = result["curve"]
-    metric = curve.get("metric", "accuracy")
-    fig, (loss_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
-    loss_ax.plot(curve["loss_steps"], curve["loss"], color="C0")
-    loss_ax.set_title("train loss (mean of each 1% of the steps)")
-    for name, values in curve["eval"].items():
-        test_ax.plot(curve["eval_steps"], values, marker="o", label=name)
-    for key, label, color, style in (("linear_probe", "linear probe", "C3", "--"),
-                                     ("raw_pixels", "raw pixels", "C7", ":"),
-                                     ("scratch", "scratch", "C2", "-.")):
-        base = (result.get("baselines") or {}).get(key) or {}
-        if isinstance(base.get("accuracy"), int | float):
-            test_ax.axhline(base["accuracy"], color=color, linestyle=style, linewidth=1.2,
-                            label=f"{label} {base['accuracy']:.3f}")
-    test_ax.set_title(f"test {metric} ({result.get('n_test', '?')} images)")
-    test_ax.legend(fontsize=8)
-    for ax in (loss_ax, test_ax):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"finetune {result.get('protocol')} on {result.get('dataset', 'several tasks')}"
-                 f", {result.get('epochs')} epochs", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _finetune_section(run_dir: Path, out_dir: Path) -> str:
-    from iwm.evaluation.finetune import BASELINES, PROTOCOLS
+    from iwm.evaluation.finetune import BASELINES, PROTOCOLS, plot_finetune_curve
 
     found = []
     for path in sorted((run_dir / "results").glob("finetune_*.json")):
@@ -638,7 +598,7 @@ def _mask_overlay(ax: Any, ex: RetrievalExample, grid: tuple[int, int], size: in
 def plot_retrieval(examples: list[RetrievalExample], info: _GridInfo, path: Path) -> None:
     """One row per image: source (context + predicted block), requested transformation,
     then the nearest bank entries (the true one framed in green)."""
-    plt = _pyplot()
+    plt = pyplot()
     top_k = max(len(ex.top) for ex in examples)
     n_cols, n_rows = 2 + top_k, len(examples)
     # Fixed layout in inches (tight_layout on ~40 axes is slow and still let the

@@ -341,10 +341,9 @@ def _markdown(study: Study, scale: str, rows: list[dict], found: dict[str, Any],
 
 def _plots(study: Study, scale: str, by_cell: dict[str, list[dict]], out: Path,
            chance: float | None) -> list[Path]:
-    import matplotlib
+    from iwm.evaluation.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = [c for c in study.cells(scale) if c.name in by_cell]
     written: list[Path] = []
