@@ -28,6 +28,7 @@ from iwm.data.actions import DestructiveParams
 from iwm.data.factors import JITTER_FACTORS, acts_on
 from iwm.data.views import ViewParams, ViewSampler, jitter_range, resolve_view_params
 from iwm.errors import CheckpointError, ConfigError
+from iwm.evaluation.plotting import pyplot, show_image
 
 __all__ = ["ImagineResult", "describe_action", "imagine", "parse_action", "plot_imagine",
            "render_jitter", "require_decoder", "run_imagine", "showcase_actions"]
@@ -172,23 +173,10 @@ def showcase_actions(cfg: Config, channels: int) -> list[Action]:
     return actions
 
 
-def show_image(ax: Any, image: Tensor) -> None:
-    """One (C, H, W) image in [0, 1] on a matplotlib axis, without ticks."""
-    img = image.float().clamp(0, 1)
-    if img.shape[0] == 1:
-        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_imagine(result: ImagineResult, path: str | Path, title: str | None = None,
                  labels: Sequence[str] | None = None) -> Path:
     """The grid as a PNG: one row per image, :data:`COLUMNS` as columns; ``labels`` name
     the rows (default: each row's action)."""
-    from iwm.evaluation.plotting import pyplot
-
     plt = pyplot()
 
     rows = len(result.source)

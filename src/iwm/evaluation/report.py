@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from iwm.data.factors import JITTER_FACTORS, acts_on
 from iwm.errors import IWMError
-from iwm.evaluation.plotting import pyplot
+from iwm.evaluation.plotting import pyplot, show_image
 from iwm.evaluation.ranking import chance_mrr, chance_mrr_stderr
 from iwm.evaluation.retrieval import RetrievalExample, jitter_description, score_label
 from iwm.training.metrics import read_metrics
@@ -551,16 +550,6 @@ class _GridInfo:
     varied: tuple[str, ...]
 
 
-def _show(ax: Any, image: Tensor) -> None:
-    img = image.clamp(0, 1)
-    if img.shape[0] == 1:
-        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def _frame(ax: Any, color: str, width: float) -> None:
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
@@ -620,11 +609,11 @@ def plot_retrieval(examples: list[RetrievalExample], info: _GridInfo, path: Path
     for r, ex in enumerate(examples):
         size = ex.image.shape[-1]
         ax = cell_axes(r, 0)
-        _show(ax, ex.image)
+        show_image(ax, ex.image)
         _mask_overlay(ax, ex, info.grid, size)
         ax.set_title("source\n(blue: hidden, yellow: predicted)", fontsize=7)
         ax = cell_axes(r, 1)
-        _show(ax, ex.target)
+        show_image(ax, ex.target)
         _frame(ax, "#2e7d32", 3)
         ax.set_title(f"requested: entry {ex.true_index}\ntrue rank {ex.rank}/{info.bank_size}",
                      fontsize=8)
@@ -632,7 +621,7 @@ def plot_retrieval(examples: list[RetrievalExample], info: _GridInfo, path: Path
                       fontsize=7)
         for j, (entry, score) in enumerate(zip(ex.top, ex.top_scores, strict=True)):
             ax = cell_axes(r, 2 + j)
-            _show(ax, ex.top_images[j])
+            show_image(ax, ex.top_images[j])
             hit = entry == ex.true_index
             _frame(ax, "#2e7d32" if hit else "#999", 3 if hit else 0.8)
             ax.set_title(f"#{j + 1}: entry {entry}" + (" (true)" if hit else ""), fontsize=8,
