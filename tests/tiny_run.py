@@ -83,3 +83,13 @@ def make_tiny_decoder_run(folder: Path) -> Path:
         mp.setenv("IWM_DATA", str(folder / "fmnist"))
         run_decoder(run, DECODER_FAST, device="cpu", progress=False)
     return run
+
+
+def copy_without_outputs(run: Path, folder: Path) -> Path:
+    """A copy of ``run`` at ``folder / "run"`` without its results and report, so that a
+    test sees only what it writes itself."""
+    import shutil
+
+    copy = folder / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("results", "report"))
+    return copy

@@ -26,7 +26,7 @@ from iwm.evaluation.finetune import (
     match_channels,
 )
 from iwm.models.heads import AttentiveClassifier, PooledLinearClassifier
-from tiny_run import make_tiny_run
+from tiny_run import copy_without_outputs, make_tiny_run
 
 # Two steps of 8 images per task and 8 test images: the plumbing, not the accuracy.
 FT = ["finetune.epochs=1", "finetune.batch_size=8", "finetune.train_limit=16",
@@ -322,9 +322,7 @@ def test_classification_of_a_one_class_folder_says_it_needs_labels(tmp_path):
 @pytest.fixture
 def run_copy(run, tmp_path) -> Path:
     """The tiny run without results, for tests that read what earlier commands wrote."""
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("results", "report"))
-    return copy
+    return copy_without_outputs(run, tmp_path)
 
 
 def read_result(run: Path, name: str) -> dict:

@@ -23,7 +23,7 @@ from iwm.evaluation.report import build_report
 from iwm.evaluation.retrieval import jitter_description, retrieval_examples
 from iwm.models.iwm import build_model
 from iwm.models.tokens import gather_tokens
-from tiny_run import make_tiny_run
+from tiny_run import copy_without_outputs, make_tiny_run
 
 SECTIONS = ("Training curves", "World-model quality (MRR)", "Probes and finetuning",
             "The world model at work: retrieval", "Config")
@@ -38,9 +38,7 @@ def run(tmp_path_factory) -> Path:
 def fresh_run(run, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny run, so each test adds its own results."""
     monkeypatch.setenv("IWM_DATA", str(run.parent / "fmnist"))
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "results"))
-    return copy
+    return copy_without_outputs(run, tmp_path)
 
 
 def _build(run_dir: Path, out: Path | None = None) -> Path:

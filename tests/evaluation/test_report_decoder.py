@@ -12,7 +12,7 @@ from PIL import Image
 from iwm.evaluation.decoder_eval import run_decoder_eval
 from iwm.evaluation.report import IMAGINE_PNG, build_report
 from iwm.interop.folder import DECODER_DIR
-from tiny_run import make_tiny_decoder_run
+from tiny_run import copy_without_outputs, make_tiny_decoder_run
 
 HEADING = "<h2>What the world model imagines</h2>"
 
@@ -25,9 +25,7 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture
 def fresh_run(run, tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("IWM_DATA", str(run.parent / "fmnist"))
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "results"))
-    return copy
+    return copy_without_outputs(run, tmp_path)
 
 
 def _section(page: Path) -> str:
