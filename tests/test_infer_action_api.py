@@ -54,6 +54,44 @@ def test_infer_action_recovers_the_planted_action(channels, tolerance):
     assert model.predictor.calls >= N * SearchBudget().evaluations
 
 
+class Inpainting(torch.nn.Module):
+    """The planted predictor plus an error that depends on the source's tokens but not on
+    the action: what a predictor that fills a masked block imperfectly adds to every
+    candidate alike."""
+
+    def __init__(self, exact: torch.nn.Module) -> None:
+        super().__init__()
+        self.exact = exact
+        self.mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32 ** 0.5
+
+    def predict_by_halves(self, tokens, *, action, tile):
+        return self.exact.predict_by_halves(tokens, action=action, tile=tile) + 0.3 * torch.tanh(
+            tokens @ self.mix)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_residual_energy_cancels_an_error_every_action_shares(channels):
+    model = planted_pretrained(channels)
+    model.model.predictor = Inpainting(model.predictor)
+    source, target, jitters = pairs(channels)
+    at_truth = {kind: model.action_energy(source, target, truth(jitters)[:, None], energy=kind)
+                for kind in ("direct", "residual")}
+    assert at_truth["residual"].amax() < 1e-8 < at_truth["direct"].amin()
+    error = {}
+    for kind in ("direct", "residual"):
+        found = model.infer_action(source, target, energy=kind)
+        got = torch.tensor([[getattr(a, f) for f in JITTER_FACTORS] for a in found],
+                           dtype=torch.float64)
+        error[kind] = (got - jitters).abs().amax()
+    assert error["residual"] < 0.05 < error["direct"], error
+
+
+def test_an_unknown_energy_kind_is_refused(grey_model):
+    images = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="energy kind 'cosine': use one of direct, residual"):
+        grey_model.action_energy(images, images, torch.zeros(2, 3, 8), energy="cosine")
+
+
 def test_destructive_inference_finds_an_intact_source():
     # The planted predictor moves off the target for every flag: none is the answer.
     model = planted_pretrained(3)

@@ -58,6 +58,7 @@ from iwm.interop.folder import (
 from iwm.interop.images import read_images
 from iwm.models.action_search import (
     Energy,
+    EnergyKind,
     SearchBudget,
     SearchResult,
     SearchSpace,
@@ -373,7 +374,8 @@ class Pretrained(PretrainedEncoder):
         return action_space(resolve_view_params(self.config.views), self.in_chans,
                             self.image_size, destructive)
 
-    def _pair_energy(self, source: Tensor, target: Tensor) -> tuple[Energy, int]:
+    def _pair_energy(self, source: Tensor, target: Tensor,
+                     kind: EnergyKind) -> tuple[Energy, int]:
         """The energy of candidate actions for these image pairs, and their number."""
         pair = []
         for name, images in (("source", source), ("target", target)):
@@ -388,53 +390,56 @@ class Pretrained(PretrainedEncoder):
             raise ValueError(f"source has {len(pair[0])} images, target {len(pair[1])}: "
                              "pass one target per source image, in the same order")
         return latent_energy(self.predictor, self.encode(pair[0]), self.encode(pair[1]),
-                             self.apply_tile), len(pair[0])
+                             self.apply_tile, kind=kind), len(pair[0])
 
     @torch.no_grad()
     def action_energy(self, source: Tensor, target: Tensor, actions: Tensor, *,
-                      bf16: bool = False) -> Tensor:
+                      energy: EnergyKind = "direct", bf16: bool = False) -> Tensor:
         """The energy :meth:`infer_action` minimises, for given candidate ``actions`` (B, P,
         ACTION_DIM) of each of the B (source, target) image pairs: (B, P), the training
         loss (per-token mean squared error) between the predictor's output from the
-        source's latents under each action and the target's layer-normed latents. E.g.
+        source's latents under each action and the target's layer-normed latents (with
+        ``energy="residual"``, the predicted change added to the source's latents:
+        :func:`latent_energy`). E.g.
         ``actions = torch.stack([a.to_tensor(1)[0] for a in candidates])[None]``."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            energy, batch = self._pair_energy(source, target)
+            fn, batch = self._pair_energy(source, target, energy)
             if (not isinstance(actions, Tensor) or actions.ndim != 3
                     or tuple(actions.shape[::2]) != (batch, ACTION_DIM)):
                 got = (tuple(actions.shape) if isinstance(actions, Tensor)
                        else type(actions).__name__)
                 raise ValueError(f"actions: expected ({batch}, P, {ACTION_DIM}), got {got}; "
                                  "stack P Action(...).to_tensor(1)[0] rows per image")
-            return energy(actions.to(self.device, torch.float32))
+            return fn(actions.to(self.device, torch.float32))
 
     @torch.no_grad()
     def search_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
                       budget: SearchBudget | None = None, seed: int = 0,
-                      bf16: bool = False) -> SearchResult:
+                      energy: EnergyKind = "direct", bf16: bool = False) -> SearchResult:
         """:meth:`infer_action` with the raw result: action vectors (B, ACTION_DIM), their
         energies (B,) and the evaluations spent per image."""
         budget = budget if budget is not None else SearchBudget()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            energy, batch = self._pair_energy(source, target)
+            fn, batch = self._pair_energy(source, target, energy)
             # A CPU generator: the draws, hence the answer, do not depend on the device.
-            return search_action(energy, self.action_space(destructive), budget,
+            return search_action(fn, self.action_space(destructive), budget,
                                  torch.Generator().manual_seed(seed), batch_size=batch,
                                  device=self.device)
 
     def infer_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
                      budget: SearchBudget | None = None, seed: int = 0,
-                     bf16: bool = False) -> list[Action]:
+                     energy: EnergyKind = "direct", bf16: bool = False) -> list[Action]:
         """The jitter (with ``destructive``, also the source-side flags and blur sigma)
         that best maps each ``source`` image's latents onto its ``target``'s through the
         world model: images (B, C, H, W) in [0, 1] as :meth:`encode` takes them, one target
         per source. The action minimising :meth:`action_energy` is searched by the
         cross-entropy method within :meth:`action_space`, ``budget`` (default
         :class:`SearchBudget`: a fixed number of predictor evaluations per image) and a
-        ``seed`` that fixes the answer. Factors a model's channels do not have (saturation
-        and hue on grey images) stay at the identity. docs/world_model.md has the cost."""
+        ``seed`` that fixes the answer; ``energy`` is :func:`latent_energy`'s kind. Factors a
+        model's channels do not have (saturation and hue on grey images) stay at the
+        identity. docs/world_model.md has the cost."""
         result = self.search_action(source, target, destructive=destructive, budget=budget,
-                                    seed=seed, bf16=bf16)
+                                    seed=seed, energy=energy, bf16=bf16)
         return [Action.from_vector(row) for row in result.action]
 
     @staticmethod

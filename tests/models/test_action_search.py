@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -215,3 +216,25 @@ def test_latent_energy_is_the_training_loss_of_the_prediction_by_halves():
     assert energy.shape == (3, 5)
     torch.testing.assert_close(energy, expected)
     torch.testing.assert_close(whole, energy)  # chunking changes memory, not the answer
+
+
+def test_the_residual_energy_adds_the_predicted_change_to_the_source():
+    torch.manual_seed(0)
+    predictor = Predictor(grid=(4, 4), embed_dim=16, width=16, depth=1, num_heads=2,
+                          action_dim=ACTION_DIM, conditioning="sequence").eval()
+    source, target = torch.randn(3, 16, 16), torch.randn(3, 16, 16)
+    actions = torch.randn(3, 5, ACTION_DIM) * 0.3
+    ln = partial(torch.nn.functional.layer_norm, normalized_shape=(16,))
+    with torch.no_grad():
+        energy = latent_energy(predictor, source, target, tile=2, chunk_size=2,
+                               kind="residual")(actions)
+        null = predictor.predict_by_halves(source, action=torch.zeros(3, ACTION_DIM), tile=2)
+        expected = torch.stack([
+            torch.stack([(predictor.predict_by_halves(source[i:i + 1], action=actions[i, j:j + 1],
+                                                      tile=2)[0] - null[i] + ln(source[i])
+                          - ln(target[i])).pow(2).mean() for j in range(5)]) for i in range(3)])
+    torch.testing.assert_close(energy, expected)
+    # The null action explains a pair exactly as far as the clean latents do.
+    zero = latent_energy(predictor, source, target, tile=2, kind="residual")(
+        torch.zeros(3, 1, ACTION_DIM))
+    torch.testing.assert_close(zero[:, 0], (ln(source) - ln(target)).pow(2).mean((1, 2)))

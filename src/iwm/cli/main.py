@@ -21,6 +21,7 @@ import yaml
 from iwm.config import load_config, preset_description, preset_names, resolve_config_path
 from iwm.errors import Interrupted, IWMError, Preempted, Stopped
 from iwm.evaluation.bank import MRR_BLOCKS, MRR_TIES
+from iwm.models.action_search import ENERGY_KINDS
 from iwm.version import __version__
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def _cmd_eval_infer_action(args: argparse.Namespace) -> None:
     if args.images < 1:
         raise IWMError(f"--images {args.images}: must be at least 1")
     r = run_infer_action(Path(args.run), n_images=args.images, seed=args.seed,
-                         device=args.device, bf16=args.bf16)
+                         device=args.device, bf16=args.bf16, energy=args.energy)
     b = r["budget"]
     print(f"action inference: {r['n_images']} images, CEM {b['iterations']} x "
           f"{b['population']} ({b['evaluations']} predictor calls, "
@@ -444,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "references")
     p.add_argument("run", help="run directory or checkpoint (results go to RUN/results/)")
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
+    p.add_argument("--energy", choices=ENERGY_KINDS, default="direct",
+                   help="what the search minimises: direct, the prediction's distance to "
+                        "the target's latents (the training loss); residual, the predicted "
+                        "change added to the source's latents, against the target's")
     _add_bank_options(p)
     p.set_defaults(fn=_cmd_eval_infer_action)
     p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "

@@ -27,7 +27,7 @@ from iwm.api import Action, Pretrained
 from iwm.data.factors import JITTER_FACTORS, acts_on
 from iwm.evaluation.api_check import RANGES, render
 from iwm.evaluation.results import write_result
-from iwm.models.action_search import SearchBudget
+from iwm.models.action_search import EnergyKind, SearchBudget
 
 __all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "draw_jitters",
            "energy_landscape", "pixel_features", "pixel_regression", "render_pairs",
@@ -137,7 +137,8 @@ def score(predicted: Tensor, true: Tensor) -> dict[str, float | None]:
 
 def energy_landscape(pretrained: Pretrained, source: Tensor, target: Tensor,
                      jitters: Tensor, inferred: Tensor, factors: tuple[str, ...],
-                     points: int = LANDSCAPE_POINTS, bf16: bool = False) -> dict[str, Any]:
+                     points: int = LANDSCAPE_POINTS, bf16: bool = False,
+                     energy: EnergyKind = "direct") -> dict[str, Any]:
     """Energy along each factor in ``factors`` for these pairs, the other factors at their
     true values: a grid of ``points`` over the factor's range of :data:`RANGES` widened by
     a quarter of its width on each side (within the search's bounds), with the true and
@@ -154,8 +155,8 @@ def energy_landscape(pretrained: Pretrained, source: Tensor, target: Tensor,
         coordinate = 2 * grid if name == "hue" else grid.log()
         actions = truth[:, None].repeat(1, points, 1)
         actions[..., column] = coordinate.float().to(actions.device)
-        energy = pretrained.action_energy(source, target, actions, bf16=bf16)
-        out[name] = {"grid": grid.tolist(), "energy": energy.cpu().tolist(),
+        values = pretrained.action_energy(source, target, actions, energy=energy, bf16=bf16)
+        out[name] = {"grid": grid.tolist(), "energy": values.cpu().tolist(),
                      "true": jitters[:, column].tolist(),
                      "inferred": inferred[:, column].tolist()}
     return out
@@ -168,12 +169,14 @@ def _jitter_of(actions: list[Action]) -> Tensor:
 
 def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: str = "auto",
                      batch_size: int = 32, progress: bool = True, bf16: bool = False,
-                     budget: SearchBudget | None = None) -> dict:
+                     budget: SearchBudget | None = None,
+                     energy: EnergyKind = "direct") -> dict:
     """Score :meth:`~iwm.api.Pretrained.infer_action` of a run on the first ``n_images``
     test images of its data (centre views, as the API check takes them), ``batch_size``
     pairs per search. Writes and returns ``RUN/results/infer_action.json`` (the returned
     dict also has ``path``); ``progress``: see :mod:`iwm.console`; ``bf16`` runs the
-    model under bf16 autocast; ``budget`` defaults to :class:`SearchBudget`'s."""
+    model under bf16 autocast; ``budget`` defaults to :class:`SearchBudget`'s; ``energy``
+    is the kind of :func:`~iwm.models.action_search.latent_energy` searched."""
     import iwm
     from iwm.console import batches_of, track
     from iwm.data.datasets import get_dataset
@@ -205,13 +208,13 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
         search_seed = int(torch.randint(2**62, (1,), generator=generator))
         tic = time.perf_counter()
         found = pretrained.infer_action(source, target, budget=budget, seed=search_seed,
-                                        bf16=bf16)
+                                        energy=energy, bf16=bf16)
         search_seconds += time.perf_counter() - tic
         inferred = _jitter_of(found)
         if not landscape:
             k = min(LANDSCAPE_IMAGES, len(source))
             landscape = energy_landscape(pretrained, source[:k], target[:k], jitters[:k],
-                                         inferred[:k], varied, bf16=bf16)
+                                         inferred[:k], varied, bf16=bf16, energy=energy)
         parts["true"].append(jitters)
         parts["inferred"].append(inferred)
         parts["features"].append(pixel_features(source.cpu(), target.cpu()))
@@ -241,6 +244,7 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
         "ranges": {f: RANGES[f] for f in varied},
         "search_bounds": pretrained.action_space().factor_bounds(),
         "budget": {**dataclasses.asdict(budget), "evaluations": budget.evaluations},
+        "energy": energy,
         "ms_per_image": 1000 * search_seconds / n,
         "per_factor": per_factor, "notes": notes,
         "pixels": "least squares with an intercept of each factor's log ratio (hue: turns) "

@@ -37,8 +37,8 @@ from iwm.data.factors import DESTRUCTIVE_OPS, JITTER_FACTORS, acts_on
 from iwm.data.views import STRENGTHS, ViewParams, ViewSampler, jitter_range
 from iwm.models.predictor import Predictor
 
-__all__ = ["Energy", "SearchBudget", "SearchResult", "SearchSpace", "action_space",
-           "latent_energy", "search_action"]
+__all__ = ["ENERGY_KINDS", "Energy", "EnergyKind", "SearchBudget", "SearchResult",
+           "SearchSpace", "action_space", "latent_energy", "search_action"]
 
 Energy = Callable[[Tensor], Tensor]
 """Candidate actions (B, P, ACTION_DIM) -> energies (B, P); lower is better."""
@@ -271,16 +271,43 @@ def search_action(energy: Energy, space: SearchSpace, budget: SearchBudget,
     return SearchResult(final, energy(final[:, None]).float()[:, 0], budget.evaluations)
 
 
+EnergyKind = Literal["direct", "residual"]
+"""How :func:`latent_energy` compares a prediction with the target: ``direct``, the
+prediction against the target's latents (the training loss); ``residual``, the predicted
+change (the prediction minus the null action's) added to the source's own latents."""
+ENERGY_KINDS: tuple[EnergyKind, ...] = ("direct", "residual")
+
+
 def latent_energy(predictor: Predictor, source_tokens: Tensor, target_tokens: Tensor,
-                  tile: int, chunk_size: int = 256) -> Energy:
-    """The world model's energy of candidate actions for each (source, target) pair:
-    the training loss, per-token mean squared error between the predictor's output from
-    ``source_tokens`` (B, N, D) under the action and the layer-normed ``target_tokens``
-    (B, N, D), every position predicted from context that excludes it
-    (:meth:`Predictor.predict_by_halves` with squares of side ``tile``). All candidates of
-    all images go through the predictor as one flat batch, ``chunk_size`` rows at a time
-    (memory grows with it, not with the population). Call under ``torch.no_grad``."""
-    truth = F.layer_norm(target_tokens.float(), target_tokens.shape[-1:])
+                  tile: int, chunk_size: int = 256, kind: EnergyKind = "direct") -> Energy:
+    """The world model's energy of candidate actions for each (source, target) pair, the
+    per-token mean squared error between a prediction and a goal in the layer-normed
+    target space; predictions are the predictor's output from ``source_tokens`` (B, N, D)
+    under the action, every position predicted from context that excludes it
+    (:meth:`Predictor.predict_by_halves` with squares of side ``tile``).
+
+    ``kind="direct"``: the goal is the layer-normed ``target_tokens`` (B, N, D), so the
+    energy is the training loss. ``kind="residual"``: the goal is the target minus the
+    source (both layer-normed) plus the null action's prediction, i.e. the energy of
+    ``p(a) - p(null) + LN(source)`` against the target. The predictor's inpainting error,
+    which every candidate shares, then cancels instead of adding to every energy
+    (docs/world_model.md measures both). All candidates of all images go through the
+    predictor as one flat batch, ``chunk_size`` rows at a time (memory grows with it, not
+    with the population). Call under ``torch.no_grad``."""
+    if kind not in ENERGY_KINDS:
+        raise ValueError(f"energy kind {kind!r}: use one of {', '.join(ENERGY_KINDS)}")
+
+    def predict(tokens: Tensor, actions: Tensor) -> Tensor:
+        return predictor.predict_by_halves(tokens, action=actions, tile=tile).float()
+
+    width = target_tokens.shape[-1:]
+    goal = F.layer_norm(target_tokens.float(), width)
+    if kind == "residual":
+        null = torch.zeros(len(source_tokens), ACTION_DIM, device=source_tokens.device)
+        for start in range(0, len(source_tokens), chunk_size):
+            part = slice(start, start + chunk_size)
+            goal[part] += predict(source_tokens[part], null[part]) - F.layer_norm(
+                source_tokens[part].float(), width)
 
     def energy(actions: Tensor) -> Tensor:
         b, p = actions.shape[:2]
@@ -289,9 +316,8 @@ def latent_energy(predictor: Predictor, source_tokens: Tensor, target_tokens: Te
         for start in range(0, b * p, chunk_size):
             rows = torch.arange(start, min(b * p, start + chunk_size), device=flat.device)
             image = torch.div(rows, p, rounding_mode="floor")
-            pred = predictor.predict_by_halves(source_tokens[image], action=flat[rows],
-                                               tile=tile)
-            out[rows] = (pred.float() - truth[image]).pow(2).mean((1, 2))
+            error = predict(source_tokens[image], flat[rows]) - goal[image]
+            out[rows] = error.pow(2).mean((1, 2))
         return out.view(b, p)
 
     return energy
