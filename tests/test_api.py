@@ -93,6 +93,7 @@ def test_not_a_pretraining_checkpoint(tmp_path):
     (lambda: torch.rand(2, 1, 28, 28) - 0.5, r"must be floats in \[0, 1\]"),
     (lambda: torch.ones(2, 1, 28, 28, dtype=torch.int64), "dtype torch.int64"),
     (lambda: [[0.5]], "expected a tensor"),
+    (lambda: torch.rand(0, 1, 28, 28), "an empty batch.*at least one image"),
 ])
 def test_bad_images_are_one_line_value_errors(run, make, message):
     model = iwm.load(run)

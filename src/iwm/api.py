@@ -199,6 +199,9 @@ class PretrainedEncoder:
             hint = "; add a batch dimension: images[None]" if images.ndim == 3 else ""
             raise ValueError(f"images: expected (B, {channels}, {size}, {size}), got "
                              f"{tuple(images.shape)}; {fix}{hint}")
+        if not len(images):
+            raise ValueError(f"images: an empty batch (0, {channels}, {size}, {size}); pass "
+                             "at least one image")
         if images.dtype == torch.uint8:
             return images.float() / 255
         if not images.is_floating_point():

@@ -371,8 +371,8 @@ def _add_bank_options(p: argparse.ArgumentParser) -> None:
     _add_device(p)
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bf16 autocast: about twice as fast where bf16 is "
-                        "native (recent CPUs, GPUs); ranks can differ where two entries are "
-                        "within rounding")
+                        "native (recent CPUs, GPUs); results can differ where two "
+                        "candidates are within rounding")
 
 
 def build_parser() -> argparse.ArgumentParser:
