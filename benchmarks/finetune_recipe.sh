@@ -24,7 +24,9 @@ python=${PYTHON:-python}
 copy=$out/run
 if [ ! -f "$copy/config.yaml" ]; then
   mkdir -p "$out"
-  cp -a "$run" "$copy.tmp" && rm -rf "$copy.tmp"/{results,report,tensorboard,eval} &&
+  # RUN's contents (RUN may be a symlink: its target's results must never be removed).
+  mkdir -p "$copy.tmp" && cp -a "$run"/. "$copy.tmp"/ &&
+    rm -rf "$copy.tmp"/{results,report,tensorboard,eval} &&
     mv "$copy.tmp" "$copy" || exit 1
 fi
 for epochs in ${EPOCHS:-1 3}; do
