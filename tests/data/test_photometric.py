@@ -7,6 +7,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from iwm.data import photometric as P
+from iwm.data.actions import JitterParams
+from iwm.data.factors import IDENTITY, JITTER_FACTORS
 
 B = 12
 
@@ -143,3 +145,13 @@ def test_rejects_wrong_shapes() -> None:
         P.gaussian_blur(x, torch.ones(B), 4)
     with pytest.raises(ValueError, match="larger than 4 pixels"):
         P.gaussian_blur(x[..., :4, :4], torch.ones(B), 9)
+
+
+@pytest.mark.parametrize("name", JITTER_FACTORS)
+def test_each_factors_identity_leaves_images_unchanged(name):
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    op = getattr(P, f"adjust_{name}")
+    torch.testing.assert_close(op(x, IDENTITY[name]), x, atol=2e-6, rtol=0)
+    moved = IDENTITY[name] + 0.1
+    assert (op(x, moved) - x).abs().amax() > 1e-3  # the op is not a no-op elsewhere
+    assert float(getattr(JitterParams.identity(1), name)) == IDENTITY[name]

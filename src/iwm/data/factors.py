@@ -8,11 +8,15 @@ drawn from are the view presets' (:func:`iwm.data.views.jitter_ranges`).
 
 from __future__ import annotations
 
-__all__ = ["DESTRUCTIVE_OPS", "JITTER_FACTORS", "RGB_ONLY", "acts_on"]
+__all__ = ["DESTRUCTIVE_OPS", "IDENTITY", "JITTER_FACTORS", "RGB_ONLY", "acts_on"]
 
 JITTER_FACTORS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")
 """The colour-jitter factors, in the order they are applied (torchvision ColorJitter
 semantics: multiplicative factors, and a hue shift in turns)."""
+
+IDENTITY: dict[str, float] = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0,
+                              "hue": 0.0}
+"""The value of each jitter factor that leaves an image unchanged."""
 
 DESTRUCTIVE_OPS: tuple[str, ...] = ("grayscale", "blur", "solarize")
 """The source-only transforms, in the order they are applied."""

@@ -25,7 +25,7 @@ from iwm.api import Action, Pretrained
 from iwm.config import Config
 from iwm.data import photometric as P
 from iwm.data.actions import DestructiveParams
-from iwm.data.factors import JITTER_FACTORS, acts_on
+from iwm.data.factors import IDENTITY, JITTER_FACTORS, acts_on
 from iwm.data.views import ViewParams, ViewSampler, jitter_range, resolve_view_params
 from iwm.errors import CheckpointError, ConfigError
 from iwm.evaluation.plotting import pyplot, show_image
@@ -33,9 +33,6 @@ from iwm.evaluation.plotting import pyplot, show_image
 __all__ = ["ImagineResult", "describe_action", "imagine", "parse_action", "plot_imagine",
            "render_jitter", "require_decoder", "run_imagine", "showcase_actions"]
 
-IDENTITY: dict[str, float] = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0,
-                              "hue": 0.0}
-"""The value of each jitter factor that leaves an image unchanged."""
 _OPS = {"brightness": P.adjust_brightness, "contrast": P.adjust_contrast,
         "saturation": P.adjust_saturation, "hue": P.adjust_hue}
 COLUMNS = ("source", "prediction, decoded", "real transformed", "real, decoded")

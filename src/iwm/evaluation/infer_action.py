@@ -24,7 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from iwm.api import Action, Pretrained
-from iwm.data.factors import JITTER_FACTORS, acts_on
+from iwm.data.factors import IDENTITY, JITTER_FACTORS, acts_on
 from iwm.evaluation.api_check import RANGES, render
 from iwm.evaluation.results import write_result
 from iwm.models.action_search import EnergyKind, SearchBudget
@@ -49,9 +49,8 @@ def draw_jitters(n: int, channels: int, generator: torch.Generator) -> Tensor:
     columns = []
     for j, name in enumerate(JITTER_FACTORS):
         lo, hi = RANGES[name]
-        identity = 0.0 if name == "hue" else 1.0
         columns.append(lo + (hi - lo) * u[:, j] if acts_on(name, channels)
-                       else torch.full((n,), identity, dtype=torch.float64))
+                       else torch.full((n,), IDENTITY[name], dtype=torch.float64))
     return torch.stack(columns, 1)
 
 
@@ -230,7 +229,7 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
             per_factor[name] = None
             notes[name] = "no-op on 1-channel images"
             continue
-        identity = torch.full_like(true[:, j], 0.0 if name == "hue" else 1.0)
+        identity = torch.full_like(true[:, j], IDENTITY[name])
         per_factor[name] = {"model": score(inferred[:, j], true[:, j]),
                             "no_change": score(identity, true[:, j]),
                             "pixels": None if pixels is None else score(pixels[:, j],
