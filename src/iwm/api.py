@@ -397,13 +397,14 @@ class Pretrained(PretrainedEncoder):
 
     @torch.no_grad()
     def action_energy(self, source: Tensor, target: Tensor, actions: Tensor, *,
-                      energy: EnergyKind = "direct", bf16: bool = False) -> Tensor:
+                      energy: EnergyKind = "residual", bf16: bool = False) -> Tensor:
         """The energy :meth:`infer_action` minimises, for given candidate ``actions`` (B, P,
-        ACTION_DIM) of each of the B (source, target) image pairs: (B, P), the training
-        loss (per-token mean squared error) between the predictor's output from the
-        source's latents under each action and the target's layer-normed latents (with
-        ``energy="residual"``, the predicted change added to the source's latents:
-        :func:`latent_energy`). E.g.
+        ACTION_DIM) of each of the B (source, target) image pairs: (B, P), the per-token
+        mean squared error between the predicted change (the predictor's output from the
+        source's latents under each action, minus its output under the null action) added
+        to the source's layer-normed latents and the target's (``energy="direct"``: the
+        prediction itself against the target, the training loss; :func:`latent_energy`).
+        E.g.
         ``actions = torch.stack([a.to_tensor(1)[0] for a in candidates])[None]``."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             fn, batch = self._pair_energy(source, target, energy)
@@ -418,7 +419,7 @@ class Pretrained(PretrainedEncoder):
     @torch.no_grad()
     def search_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
                       budget: SearchBudget | None = None, seed: int = 0,
-                      energy: EnergyKind = "direct", bf16: bool = False) -> SearchResult:
+                      energy: EnergyKind = "residual", bf16: bool = False) -> SearchResult:
         """:meth:`infer_action` with the raw result: action vectors (B, ACTION_DIM), their
         energies (B,) and the evaluations spent per image."""
         budget = budget if budget is not None else SearchBudget()
@@ -431,7 +432,7 @@ class Pretrained(PretrainedEncoder):
 
     def infer_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
                      budget: SearchBudget | None = None, seed: int = 0,
-                     energy: EnergyKind = "direct", bf16: bool = False) -> list[Action]:
+                     energy: EnergyKind = "residual", bf16: bool = False) -> list[Action]:
         """The jitter (with ``destructive``, also the source-side flags and blur sigma)
         that best maps each ``source`` image's latents onto its ``target``'s through the
         world model: images (B, C, H, W) in [0, 1] as :meth:`encode` takes them, one target

@@ -206,13 +206,15 @@ def test_latent_energy_is_the_training_loss_of_the_prediction_by_halves():
     source, target = torch.randn(3, 16, 16), torch.randn(3, 16, 16)
     actions = torch.randn(3, 5, ACTION_DIM) * 0.3
     with torch.no_grad():
-        energy = latent_energy(predictor, source, target, tile=2, chunk_size=4)(actions)
+        energy = latent_energy(predictor, source, target, tile=2, chunk_size=4,
+                               kind="direct")(actions)
         truth = torch.nn.functional.layer_norm(target, (16,))
         expected = torch.stack([
             torch.stack([(predictor.predict_by_halves(source[i:i + 1], action=actions[i, j:j + 1],
                                                       tile=2) - truth[i]).pow(2).mean()
                          for j in range(5)]) for i in range(3)])
-        whole = latent_energy(predictor, source, target, tile=2, chunk_size=1000)(actions)
+        whole = latent_energy(predictor, source, target, tile=2, chunk_size=1000,
+                              kind="direct")(actions)
     assert energy.shape == (3, 5)
     torch.testing.assert_close(energy, expected)
     torch.testing.assert_close(whole, energy)  # chunking changes memory, not the answer

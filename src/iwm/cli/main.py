@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "references")
     p.add_argument("run", help="run directory or checkpoint (results go to RUN/results/)")
     p.add_argument("--images", type=int, default=256, help="test images to evaluate")
-    p.add_argument("--energy", choices=ENERGY_KINDS, default="direct",
+    p.add_argument("--energy", choices=ENERGY_KINDS, default="residual",
                    help="what the search minimises: direct, the prediction's distance to "
                         "the target's latents (the training loss); residual, the predicted "
                         "change added to the source's latents, against the target's")

@@ -137,7 +137,7 @@ def score(predicted: Tensor, true: Tensor) -> dict[str, float | None]:
 def energy_landscape(pretrained: Pretrained, source: Tensor, target: Tensor,
                      jitters: Tensor, inferred: Tensor, factors: tuple[str, ...],
                      points: int = LANDSCAPE_POINTS, bf16: bool = False,
-                     energy: EnergyKind = "direct") -> dict[str, Any]:
+                     energy: EnergyKind = "residual") -> dict[str, Any]:
     """Energy along each factor in ``factors`` for these pairs, the other factors at their
     true values: a grid of ``points`` over the factor's range of :data:`RANGES` widened by
     a quarter of its width on each side (within the search's bounds), with the true and
@@ -169,7 +169,7 @@ def _jitter_of(actions: list[Action]) -> Tensor:
 def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: str = "auto",
                      batch_size: int = 32, progress: bool = True, bf16: bool = False,
                      budget: SearchBudget | None = None,
-                     energy: EnergyKind = "direct") -> dict:
+                     energy: EnergyKind = "residual") -> dict:
     """Score :meth:`~iwm.api.Pretrained.infer_action` of a run on the first ``n_images``
     test images of its data (centre views, as the API check takes them), ``batch_size``
     pairs per search. Writes and returns ``RUN/results/infer_action.json`` (the returned

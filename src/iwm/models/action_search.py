@@ -12,10 +12,12 @@ the cross-entropy method (CEM) over the action vector, in its own coordinates
 - :func:`action_space` is where the search may look: the jitter factors that act on the
   images' channels, bounded by the ratios the run's views could produce (the predictor
   never saw larger ones), started from the spread of the run's own training actions.
-- :func:`latent_energy` is the model's energy: the training loss (per-token mean squared
-  error against the layer-normed target-encoder tokens) of the predictor's output for
-  each candidate, every position predicted from context that excludes it
-  (:meth:`Predictor.predict_by_halves`, as ``Pretrained.apply`` asks).
+- :func:`latent_energy` is the model's energy: the per-token mean squared error, in the
+  layer-normed target-encoder space, between the predicted change (the prediction for
+  each candidate minus the null action's) added to the source's latents and the
+  target's latents, every position predicted from context that excludes it
+  (:meth:`Predictor.predict_by_halves`, as ``Pretrained.apply`` asks); or, as
+  ``kind="direct"``, the training loss of the prediction itself.
 
 docs/world_model.md, "Inferring the action", has the protocol and its cost.
 """
@@ -279,18 +281,19 @@ ENERGY_KINDS: tuple[EnergyKind, ...] = ("direct", "residual")
 
 
 def latent_energy(predictor: Predictor, source_tokens: Tensor, target_tokens: Tensor,
-                  tile: int, chunk_size: int = 256, kind: EnergyKind = "direct") -> Energy:
+                  tile: int, chunk_size: int = 256, kind: EnergyKind = "residual") -> Energy:
     """The world model's energy of candidate actions for each (source, target) pair, the
     per-token mean squared error between a prediction and a goal in the layer-normed
     target space; predictions are the predictor's output from ``source_tokens`` (B, N, D)
     under the action, every position predicted from context that excludes it
     (:meth:`Predictor.predict_by_halves` with squares of side ``tile``).
 
-    ``kind="direct"``: the goal is the layer-normed ``target_tokens`` (B, N, D), so the
-    energy is the training loss. ``kind="residual"``: the goal is the target minus the
-    source (both layer-normed) plus the null action's prediction, i.e. the energy of
-    ``p(a) - p(null) + LN(source)`` against the target. The predictor's inpainting error,
-    which every candidate shares, then cancels instead of adding to every energy
+    ``kind="residual"`` (the default): the goal is the target minus the source (both
+    layer-normed) plus the null action's prediction, i.e. the energy of ``p(a) - p(null) +
+    LN(source)`` against the target. The predictor's inpainting error, which every
+    candidate shares, then cancels instead of adding to every energy. ``kind="direct"``:
+    the goal is the layer-normed ``target_tokens`` (B, N, D), so the energy is the
+    training loss; on a full-recipe run its minima drift to the search's bounds
     (docs/world_model.md measures both). All candidates of all images go through the
     predictor as one flat batch, ``chunk_size`` rows at a time (memory grows with it, not
     with the population). Call under ``torch.no_grad``."""
