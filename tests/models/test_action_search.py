@@ -199,12 +199,19 @@ def test_a_budget_that_cannot_search_is_refused(kwargs, match):
         SearchBudget(**kwargs)
 
 
-def test_latent_energy_is_the_training_loss_of_the_prediction_by_halves():
+def _energy_case() -> tuple[Predictor, Tensor, Tensor, Tensor]:
+    """A small predictor, 3 (source, target) token pairs (16 positions, width 16) and 5
+    candidate actions per pair."""
     torch.manual_seed(0)
     predictor = Predictor(grid=(4, 4), embed_dim=16, width=16, depth=1, num_heads=2,
                           action_dim=ACTION_DIM, conditioning="sequence").eval()
     source, target = torch.randn(3, 16, 16), torch.randn(3, 16, 16)
     actions = torch.randn(3, 5, ACTION_DIM) * 0.3
+    return predictor, source, target, actions
+
+
+def test_latent_energy_is_the_training_loss_of_the_prediction_by_halves():
+    predictor, source, target, actions = _energy_case()
     with torch.no_grad():
         energy = latent_energy(predictor, source, target, tile=2, chunk_size=4,
                                kind="direct")(actions)
@@ -221,11 +228,7 @@ def test_latent_energy_is_the_training_loss_of_the_prediction_by_halves():
 
 
 def test_the_residual_energy_adds_the_predicted_change_to_the_source():
-    torch.manual_seed(0)
-    predictor = Predictor(grid=(4, 4), embed_dim=16, width=16, depth=1, num_heads=2,
-                          action_dim=ACTION_DIM, conditioning="sequence").eval()
-    source, target = torch.randn(3, 16, 16), torch.randn(3, 16, 16)
-    actions = torch.randn(3, 5, ACTION_DIM) * 0.3
+    predictor, source, target, actions = _energy_case()
     ln = partial(torch.nn.functional.layer_norm, normalized_shape=(16,))
     with torch.no_grad():
         energy = latent_energy(predictor, source, target, tile=2, chunk_size=2,
