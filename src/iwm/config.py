@@ -179,6 +179,11 @@ class ViewsConfig(_Section):
     blur_p: float | None = None
     blur_sigma: tuple[float, float] | None = None
     solarize_p: float | None = None
+    source_jitter_p: float | None = None
+    """Probability that a source's colour jitter is applied; None: ``jitter_p``, as both
+    views in the paper. Lower, more sources are clean crops, whose pairs' action is the
+    target's own jitter: what a clean image meets at evaluation (a contrast increase then
+    leaves Fashion-MNIST's black background clipped at 0; docs/world_model.md)."""
 
     def check(self) -> None:
         super().check()
@@ -188,7 +193,7 @@ class ViewsConfig(_Section):
 def check_view_values(views: Any) -> None:
     """The rules of the photometric values, for a :class:`ViewsConfig` (where None means
     "the preset's") and for the resolved :class:`~iwm.data.views.ViewParams` alike."""
-    for key in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+    for key in ("jitter_p", "source_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
         value = getattr(views, key)
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"views.{key}={value}: a probability must be in [0, 1]")

@@ -71,6 +71,7 @@ def test_resolve_applies_preset_then_overrides() -> None:
     ("key", "value"),
     [
         ("jitter_p", 1.5),
+        ("source_jitter_p", -0.5),
         ("grayscale_p", -0.1),
         ("blur_p", float("nan")),
         ("solarize_p", 2.0),
@@ -226,6 +227,37 @@ def test_target_and_source_jitter_are_independent() -> None:
         torch.rand(4000, 3, 4, 4, generator=_gen()), _gen(1))
     both = torch.stack([v.target_jitter.brightness, v.source_jitter.brightness])
     assert torch.corrcoef(both)[0, 1].abs() < 0.05
+
+
+@pytest.mark.parametrize("source_p", [0.0, 0.3])
+def test_source_jitter_p_leaves_that_share_of_sources_clean(source_p: float) -> None:
+    crops = torch.rand(4000, 3, 4, 4, generator=_gen())
+    params = STRENGTHS["strong"]
+    base = ViewSampler(params, channels=3, image_size=SIZE)(crops, _gen(1))
+    v = ViewSampler(dataclasses.replace(params, source_jitter_p=source_p), channels=3,
+                    image_size=SIZE)(crops, _gen(1))
+    clean = ~v.source_jitter.applied
+    assert abs(clean.float().mean().item() - (1 - source_p)) < 0.025
+    # A clean source is the crop (before its destructive ops), and the action is then the
+    # target's own jitter; the target's draws are the same as without the knob.
+    gen_free = ~(v.destructive.grayscale | v.destructive.blur | v.destructive.solarize)
+    assert torch.equal(v.source[clean & gen_free], crops[clean & gen_free])
+    assert torch.allclose(v.action[clean, _col("contrast")],
+                          v.target_jitter.contrast[clean].log(), atol=1e-6)
+    assert torch.equal(v.target_jitter.contrast, base.target_jitter.contrast)
+    # Where the source is jittered it is jittered exactly as without the knob.
+    assert torch.equal(v.source[~clean], base.source[~clean])
+
+
+def test_source_jitter_p_unset_is_jitter_p() -> None:
+    crops = _crops(64)
+    params = STRENGTHS["jitter"]
+    a = ViewSampler(params, channels=3, image_size=SIZE)(crops, _gen(3))
+    b = ViewSampler(dataclasses.replace(params, source_jitter_p=params.jitter_p), channels=3,
+                    image_size=SIZE)(crops, _gen(3))
+    assert torch.equal(a.source, b.source) and torch.equal(a.action, b.action)
+    assert resolve_view_params(ViewsConfig(strength="strong", source_jitter_p=0.5)
+                               ).source_jitter_p == 0.5
 
 
 def test_single_channel_never_claims_colour_changes() -> None:

@@ -42,7 +42,8 @@ SOLARIZE_THRESHOLD = 0.5
 class ViewParams:
     """Strengths of the photometric views (torchvision ColorJitter semantics).
 
-    ``jitter_p`` is the probability that a view's colour jitter is applied; ``brightness``,
+    ``jitter_p`` is the probability that a view's colour jitter is applied (the source's:
+    ``source_jitter_p`` where set, so that some sources stay clean crops); ``brightness``,
     ``contrast`` and ``saturation`` draw a factor from U[max(0, 1 - s), 1 + s] and ``hue``
     a shift from U[-h, h]. ``grayscale_p``, ``blur_p`` and ``solarize_p`` are per-sample
     probabilities of the source-only destructive transforms; the blur's sigma is drawn
@@ -60,6 +61,7 @@ class ViewParams:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     pairing: Pairing = "relative"
+    source_jitter_p: float | None = None
 
     def __post_init__(self) -> None:
         # YAML gives lists; a frozen dataclass must hold a hashable tuple.
@@ -164,11 +166,15 @@ class ViewSampler:
         batch_size: int,
         generator: torch.Generator,
         device: torch.device | str | None = None,
+        source: bool = False,
     ) -> JitterParams:
-        """Per-sample ColorJitter parameters; identity where the jitter is not applied."""
+        """Per-sample ColorJitter parameters; identity where the jitter is not applied.
+        ``source``: a source view's, applied with ``source_jitter_p`` where that is set (the
+        same draws either way: only the threshold differs)."""
         p = self.params
         u = self._uniform((5, batch_size), generator, device)
-        applied = u[0] < p.jitter_p
+        chance = p.source_jitter_p if source and p.source_jitter_p is not None else p.jitter_p
+        applied = u[0] < chance
 
         def factor(name: str, v: Tensor) -> Tensor:
             lo, hi = jitter_range(p, name)
@@ -237,13 +243,14 @@ class ViewSampler:
         b, device = crops.shape[0], crops.device
         rows = shard.rows(b)
         target_jitter = take_rows(self.sample_jitter(b * shard.count, generator, device), rows)
-        source_jitter = take_rows(self.sample_jitter(b * shard.count, generator, device), rows)
+        source_jitter = take_rows(self.sample_jitter(b * shard.count, generator, device,
+                                                     source=True), rows)
         destructive = take_rows(self.sample_destructive(b * shard.count, generator, device),
                                 rows)
         # Ops a preset never draws are skipped (their parameters are identities, so the
         # result is the same) to spare the I-JEPA and jitter-only presets their cost.
         p = self.params
-        jitter = p.jitter_p > 0
+        jitter = max(p.jitter_p, p.source_jitter_p or 0.0) > 0
         destroy = p.blur_p > 0 or p.solarize_p > 0 or (p.grayscale_p > 0 and self.channels == 3)
         source = self.apply_jitter(crops, source_jitter) if jitter else crops
         if not jitter:

@@ -154,7 +154,7 @@ def action_space(params: ViewParams, channels: int, image_size: int,
     sampler = ViewSampler(params, channels, image_size)
     gen = torch.Generator().manual_seed(_PRIOR_SEED)
     drawn = build_action(sampler.sample_jitter(_PRIOR_DRAWS, gen),
-                         sampler.sample_jitter(_PRIOR_DRAWS, gen),
+                         sampler.sample_jitter(_PRIOR_DRAWS, gen, source=True),
                          sampler.sample_destructive(_PRIOR_DRAWS, gen))
     # A preset that never applies its jitter (jitter_p = 0) has no spread to start from.
     std = torch.where(drawn.std(0) > 0, drawn.std(0), high / 2)
