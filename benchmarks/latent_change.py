@@ -20,7 +20,6 @@ no longer clips), a counterfactual that separates clipping from the factor itsel
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -74,12 +73,10 @@ def energy_argmin(pretrained: Pretrained, source: Tensor, target: Tensor, factor
                   grid: Tensor) -> float:
     """Median over images of the grid value with the lowest residual energy along
     ``factor``, the other factors at the identity (they are: only ``factor`` varies)."""
-    column = JITTER_FACTORS.index(factor)
-    base = Action().to_tensor(1)[0]
-    actions = base.repeat(len(source), len(grid), 1)
-    coordinate = 2 * grid if factor == "hue" else grid.log()
-    actions[..., column] = coordinate.float()
-    energy = pretrained.action_energy(source, target, actions)
+    # Through Action, which alone knows how a factor becomes the action's coordinate.
+    candidates = torch.cat([Action(**{factor: float(v)}).to_tensor(1) for v in grid])
+    energy = pretrained.action_energy(source, target,
+                                      candidates.expand(len(source), -1, -1))
     return float(grid[energy.argmin(1).cpu()].median())
 
 
@@ -117,7 +114,7 @@ def main() -> None:
           "unchanged / changed | |pred| unchanged / changed | energy argmin |")
     print("|---|---|---|---|---|---|---|")
     for value in args.values:
-        action = dataclasses.replace(Action(), **{args.factor: value})
+        action = Action(**{args.factor: value})
         target = render(source, action).clamp(0, 1)
         row = {"value": value, **alignment(pretrained, source, target, action),
                "energy_argmin": energy_argmin(pretrained, source, target, args.factor, grid)}
