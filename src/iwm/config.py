@@ -391,6 +391,10 @@ class ProbeConfig(_Section):
     train_limit: int | None = None
     test_limit: int | None = None
     batch_size: int = 512
+    bf16: bool = False
+    """Extract the frozen features under bf16 autocast; the probe itself trains in fp32.
+    On a 2-core bf16 CPU it extracts 2.4x faster, with the demo run's linear probe equal
+    to the last digit (docs/RESULTS.md)."""
     weight_decay: float = 1e-4
     max_iter: int = 200
     """Linear probe: L2 penalty and L-BFGS iterations."""

@@ -13,7 +13,7 @@ from iwm.errors import ConfigError
 from iwm.evaluation.attentive_probe import train_attentive_probe
 from iwm.evaluation.knn import knn_predict, train_knn_probe
 from iwm.evaluation.linear_probe import train_linear_probe
-from iwm.evaluation.probe import probe_encoder, probe_pixels
+from iwm.evaluation.probe import extract_features, probe_encoder, probe_pixels
 from iwm.models.vit import create_encoder
 from tiny_run import make_tiny_run
 
@@ -133,6 +133,21 @@ def test_probe_leaves_the_encoder_frozen(kind, probe_cfg):
     assert all(p.grad is None for p in encoder.parameters())
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_bf16_probe_features_are_bf16_rounded_copies_of_the_fp32_ones(probe_cfg):
+    # probe.bf16 runs the encoder under autocast: the features must differ from fp32 (else
+    # autocast never ran) by no more than bf16's rounding, and come back as fp32.
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_micro", img_size=28, patch_size=7, in_chans=1)
+    normalize = Normalizer.create((0.5,), (0.25,), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    fp32, y32 = extract_features(encoder, normalize, probe_cfg, "test", None, cpu)
+    bf16_cfg = load_config(probe_cfg.to_dict(), ["probe.bf16=true"])
+    bf16, y16 = extract_features(encoder, normalize, bf16_cfg, "test", None, cpu)
+    assert bf16.dtype == torch.float32 and torch.equal(y16, y32)
+    assert not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).norm() / fp32.norm() < 0.05
 
 
 def test_raw_pixel_probe_is_the_linear_probe_on_the_images_themselves(fake_mnist_dir,

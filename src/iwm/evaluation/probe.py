@@ -37,7 +37,7 @@ def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
                fn: Callable[[Tensor], Tensor], progress: bool = True
                ) -> tuple[Tensor, Tensor]:
     """``fn`` of every batch of a split's centre views (no augmentation), concatenated on
-    the CPU, and the labels."""
+    the CPU, and the labels; under bf16 autocast with ``probe.bf16``."""
     dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
     require_labels(dataset, "a probe")
     batches = iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size, device,
@@ -45,7 +45,8 @@ def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
     total = batches_of(len(dataset) if limit is None else min(limit, len(dataset)),
                        cfg.probe.batch_size)
     outs, labels = [], []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                         enabled=cfg.probe.bf16):
         for images, y in track(batches, total, f"features of {split}", enabled=progress):
             outs.append(fn(images).cpu())
             labels.append(y.cpu())
