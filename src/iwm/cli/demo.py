@@ -66,6 +66,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     precision = "bf16" if native_bf16(dev) else "fp32"
     cfg = load_config(DEMO_PRESET, [*DEMO_OVERRIDES, f"train.epochs={DEMO_EPOCHS[precision]}",
                                     f"train.precision={precision}",
+                                    f"probe.bf16={precision == 'bf16'}",
                                     *(QUICK_OVERRIDES if quick else []),
                                     f"train.device={dev}", *(overrides or [])])
     run_dir = out / f"{DEMO_PRESET}-{datetime.now():%Y%m%d-%H%M%S}"
