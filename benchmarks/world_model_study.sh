@@ -12,31 +12,22 @@
 # (iwm-equi-shapes), then about 12 min of decoder and evaluation per cell. Finished
 # steps are skipped, so it can be stopped and started again.
 set -u
+. "$(dirname "$0")/study_steps.sh"
 out=${1:-runs/full}
 for preset in ${PRESETS:-iwm-equi-tiny iwm-equi-shapes}; do
   for seed in ${SEEDS:-0 1 2}; do
     run=$out/$preset-s$seed
-    mkdir -p "$run/eval"
-    if [ ! -f "$run/eval/pretrained" ]; then
-      if [ -d "$run/checkpoints" ]; then resume=--resume; else resume=; fi
-      iwm pretrain "$preset" train.precision=bf16 train.progress=false \
-        train.checkpoint_every=500 train.seed="$seed" --run-dir "$run" $resume || exit 1
-      touch "$run/eval/pretrained"
-    fi
+    pretrain_once "$run" "$preset" train.checkpoint_every=500 train.seed="$seed" || exit 1
     [ -f "$run/decoder/decoder.json" ] || iwm decoder "$run" || exit 1
-    step() {  # step NAME RESULT COMMAND...: run COMMAND unless eval/NAME.json exists
-      local name=$1 result=$2; shift 2
-      [ -f "$run/eval/$name.json" ] && return
-      "$@" > "$run/eval/$name.txt" && cp "$run/results/$result.json" "$run/eval/$name.json"
-    }
-    step decoder decoder iwm eval decoder "$run" --images 512
+    eval_step "$run" decoder decoder iwm eval decoder "$run" --images 512
     for energy in direct residual; do
-      step "infer_action_$energy" infer_action iwm eval infer-action "$run" --images 256 \
-        --bf16 --energy "$energy"
+      eval_step "$run" "infer_action_$energy" infer_action iwm eval infer-action "$run" \
+        --images 256 --bf16 --energy "$energy"
     done
-    step mrr mrr iwm eval mrr "$run" --bank 64 --images 256 --bf16
+    eval_step "$run" mrr mrr iwm eval mrr "$run" --bank 64 --images 256 --bf16
     # The paper's protocol: every field of the action varying together, bank 256.
-    step mrr_bank256 mrr iwm eval mrr "$run" --bank 256 --images 256 --bf16
-    step api_check api_check iwm eval api-check "$run" --bank 64 --images 256 --bf16
+    eval_step "$run" mrr_bank256 mrr iwm eval mrr "$run" --bank 256 --images 256 --bf16
+    eval_step "$run" api_check api_check iwm eval api-check "$run" --bank 64 --images 256 \
+      --bf16
   done
 done
