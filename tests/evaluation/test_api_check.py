@@ -21,7 +21,7 @@ from iwm.evaluation.api_check import (
     sample_jitters,
     world_model_api_check,
 )
-from iwm.evaluation.ranking import chance_mrr
+from iwm.evaluation.ranking import chance_mrr, chance_mrr_stderr
 from tiny_run import make_tiny_run
 
 SIZE = 16  # 4 x 4 patches: the check's code path at a fraction of 28 x 28's cost
@@ -95,12 +95,14 @@ def test_an_oracle_world_model_scores_one(channels, monkeypatch):
     varied = JITTER_FACTORS if channels == 3 else ("brightness", "contrast")
     assert answered[0] == 12 * (1 + len(varied))  # one query per image and bank
     assert r.mrr == 1.0 and r.bank == K and r.n_images == 12
+    assert r.stderr == 0.0  # every rank is 1: no spread
     assert r.chance == pytest.approx(chance_mrr(K))
     for factor in JITTER_FACTORS:
         if factor in varied:
-            assert r.per_factor[factor] == 1.0, factor
+            assert r.per_factor[factor] == 1.0 and r.per_factor_stderr[factor] == 0.0, factor
         else:  # saturation and hue do nothing to grey images
             assert r.per_factor[factor] is None and factor in r.notes
+            assert r.per_factor_stderr[factor] is None
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -112,8 +114,13 @@ def test_a_world_model_that_ignores_the_action_scores_chance(channels, monkeypat
     r = world_model_api_check(pretrained, images, k=K)
     # 128 independent true indices: the standard error of the mean is ~0.02 at K = 16.
     assert abs(r.mrr - chance_mrr(K)) < 0.07, r
+    # The spread of a rank uniform on 1..K over 128 images (0.022); a wrong divisor (n
+    # for sqrt(n)) would be 11x off.
+    noise = chance_mrr_stderr(K, 128)
+    assert r.stderr == pytest.approx(noise, rel=0.35), r
     for factor in ("brightness", "contrast"):
         assert abs(r.per_factor[factor] - chance_mrr(K)) < 0.07, (factor, r)
+        assert r.per_factor_stderr[factor] == pytest.approx(noise, rel=0.35), (factor, r)
 
 
 def test_a_world_model_that_answers_for_the_wrong_image_fails(monkeypatch):
@@ -205,5 +212,7 @@ def test_run_api_check_writes_its_result_and_the_cli_prints_it(run, monkeypatch,
 
     assert main(["eval", "api-check", str(run), "--bank", "4", "--images", "3"]) == 0
     out = capsys.readouterr().out
-    assert "chance 0.521" in out and "brightness" in out and "3 images" in out
-    assert json.loads((run / "results" / "api_check.json").read_text())["n_images"] == 3
+    assert "chance 0.521 ± " in out and "brightness" in out and "3 images" in out
+    printed = json.loads((run / "results" / "api_check.json").read_text())
+    assert printed["n_images"] == 3
+    assert f"MRR {printed['mrr']:.4f} ± {printed['stderr']:.4f}" in out

@@ -60,6 +60,11 @@ QUICK_API_CHECK = (64, 64)
 SUMMARY_FACTORS = ("brightness", "contrast")
 
 
+def _pm(err: float | None) -> str:
+    """`` ± 0.025`` for a standard error, nothing where there is none (one image)."""
+    return "" if err is None else f" ± {err:.3f}"
+
+
 def _scores(per: dict[str, float | None], names: tuple[str, ...]) -> str:
     """``brightness 0.912, contrast 0.455`` (n/a for a factor that was not scored)."""
     return ", ".join(f"{n} {'n/a' if per.get(n) is None else f'{per[n]:.3f}'}" for n in names)
@@ -96,7 +101,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
                   seed=cfg.train.seed, bf16=bf16)
     chance = mrr["chance"]
     mrr_factors = _scores(mrr["per_transform"], SUMMARY_FACTORS)
-    print(f"      MRR {mrr['mrr']:.3f} (chance {chance:.3f}; {mrr_factors}; "
+    print(f"      MRR {mrr['mrr']:.3f}{_pm(mrr['stderr'])} (chance {chance:.3f}; {mrr_factors}; "
           f"{mrr['seconds']:.0f} s)")
 
     n_api, bank_api = QUICK_API_CHECK if quick else DEMO_API_CHECK
@@ -105,8 +110,8 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     api = run_api_check(run_dir, n_images=n_api, k=bank_api, seed=cfg.train.seed,
                         device=str(dev), bf16=bf16)
     api_factors = _scores(api["per_factor"], SUMMARY_FACTORS)
-    print(f"      MRR {api['mrr']:.3f} (chance {api['chance']:.3f}; {api_factors}; "
-          f"{api['seconds']:.0f} s)")
+    print(f"      MRR {api['mrr']:.3f}{_pm(api['stderr'])} (chance {api['chance']:.3f}; "
+          f"{api_factors}; {api['seconds']:.0f} s)")
 
     print("[5/6] linear probe (frozen target encoder vs. the same ViT at random init and "
           "raw pixels)")
@@ -140,8 +145,9 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     report_seconds = time.perf_counter() - reported_at
     summary.update(mrr=mrr["mrr"], mrr_bank=bank, mrr_chance=chance,
                    mrr_per_transform=mrr["per_transform"],
-                   api_check={k: api[k] for k in ("mrr", "chance", "bank", "n_images",
-                                                  "per_factor", "path")},
+                   mrr_stderr=mrr["stderr"],
+                   api_check={k: api[k] for k in ("mrr", "stderr", "chance", "bank",
+                                                  "n_images", "per_factor", "path")},
                    report=str(report), seconds=time.perf_counter() - start,
                    wall={"train": train_seconds, "evaluate": evaluate_seconds,
                          "report": report_seconds})
@@ -154,10 +160,11 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"  linear probe, random-init encoder    : {probe_random.accuracy:.2%}")
     print(f"  linear probe, raw pixels             : {probe_raw.accuracy:.2%}")
     print(f"  difference (vs. random init)         : {gain:+.2%}")
-    print(f"  {f'world-model MRR (bank {bank})':<37}: {mrr['mrr']:.3f} (chance {chance:.3f})")
+    print(f"  {f'world-model MRR (bank {bank})':<37}: {mrr['mrr']:.3f}{_pm(mrr['stderr'])} "
+          f"(chance {chance:.3f}, {n_images} images)")
     print(f"  {'  per transform':<37}: {mrr_factors}")
-    print(f"  {f'world model via the API (bank {bank_api})':<37}: {api['mrr']:.3f} "
-          f"(chance {api['chance']:.3f})")
+    print(f"  {f'world model via the API (bank {bank_api})':<37}: {api['mrr']:.3f}"
+          f"{_pm(api['stderr'])} (chance {api['chance']:.3f}, {n_api} images)")
     scored = tuple(f for f in JITTER_FACTORS if api["per_factor"][f] is not None)
     print(f"  {'  per factor':<37}: {_scores(api['per_factor'], scored)}")
     print(f"  run directory                        : {run_dir}")

@@ -129,6 +129,7 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
 
 def _cmd_eval_api_check(args: argparse.Namespace) -> None:
     from iwm.evaluation.api_check import run_api_check
+    from iwm.evaluation.ranking import chance_mrr_stderr
 
     # Checked here too: the library raises ValueError (a caller's bug), the command line
     # answers a typo with one line.
@@ -137,8 +138,11 @@ def _cmd_eval_api_check(args: argparse.Namespace) -> None:
     r = run_api_check(Path(args.run), n_images=args.images, k=args.bank, seed=args.seed,
                       device=args.device, bf16=args.bf16)
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_factor"].items() if v is not None)
-    print(f"world model through the API: MRR {r['mrr']:.4f} (chance {r['chance']:.3f}; bank "
-          f"{r['bank']}, {r['n_images']} images); per factor: {parts} -> {r['path']}")
+    err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
+    noise = chance_mrr_stderr(r["bank"], r["n_images"])
+    print(f"world model through the API: MRR {r['mrr']:.4f}{err} (chance {r['chance']:.3f} ± "
+          f"{noise:.3f}; bank {r['bank']}, {r['n_images']} images); per factor: {parts} -> "
+          f"{r['path']}")
 
 
 def _cmd_decoder(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from iwm.api import Action, Pretrained, _pooled_direction
 from iwm.data.factors import JITTER_FACTORS, acts_on
 from iwm.data.views import STRENGTHS, jitter_ranges
-from iwm.evaluation.ranking import chance_mrr, ranks_from_scores
+from iwm.evaluation.ranking import chance_mrr, ranks_from_scores, reciprocal_rank_stderr
 from iwm.evaluation.results import write_result
 
 __all__ = ["RANGES", "ApiCheckResult", "render", "run_api_check", "sample_jitters",
@@ -39,14 +39,17 @@ RESULT_NAME = "api_check"
 
 @dataclass
 class ApiCheckResult:
-    """MRR through the public API; ``per_factor`` values are ``None`` where not meaningful
-    (the reason is in ``notes``)."""
+    """MRR through the public API, with the standard errors of the means over images
+    (``None`` for one image); ``per_factor`` values are ``None`` where not meaningful (the
+    reason is in ``notes``)."""
 
     mrr: float
+    stderr: float | None
     bank: int
     n_images: int
     chance: float
     per_factor: dict[str, float | None]
+    per_factor_stderr: dict[str, float | None]
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -132,8 +135,11 @@ def _summarise(ranks: dict[str, Tensor | None], notes: dict[str, str],
     overall = ranks["all"]
     assert overall is not None
     per = {f: None if (r := ranks[f]) is None else float(r.mean()) for f in JITTER_FACTORS}
-    return ApiCheckResult(mrr=float(overall.mean()), bank=k, n_images=overall.numel(),
-                          chance=chance_mrr(k), per_factor=per, notes=notes)
+    per_err = {f: None if (r := ranks[f]) is None else reciprocal_rank_stderr(r)
+               for f in JITTER_FACTORS}
+    return ApiCheckResult(mrr=float(overall.mean()), stderr=reciprocal_rank_stderr(overall),
+                          bank=k, n_images=overall.numel(), chance=chance_mrr(k),
+                          per_factor=per, per_factor_stderr=per_err, notes=notes)
 
 
 def world_model_api_check(pretrained: Pretrained, images: Tensor, k: int = 64,
