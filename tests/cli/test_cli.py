@@ -109,6 +109,12 @@ def test_pretrain_probe_and_mrr_end_to_end(tmp_path, capsys):
     assert {"mrr", "bank", "n_images", "per_transform"} <= mrr.keys()
     assert mrr["bank"] == 8 and mrr["n_images"] == 4
     assert "iwm: eval mrr batch 1/1 elapsed " in capsys.readouterr().err
+    # Only the main bank: within one batch its draws come first, so the same score.
+    assert main(["eval", "mrr", str(run), "--bank", "8", "--images", "4",
+                 "--no-per-transform"]) == 0
+    main_only = json.loads((run / "results" / "mrr.json").read_text())
+    assert main_only["mrr"] == mrr["mrr"] and mrr["per_transform"]
+    assert main_only["per_transform"] == {} and main_only["sensitivity"] == {}
 
 
 def test_flat_image_folder_end_to_end(tmp_path, capsys):
