@@ -26,7 +26,9 @@ for seed in ${SEEDS:-0 1 2}; do
       *) echo "unknown model '$model': use equi, inv or ijepa" >&2; exit 2 ;;
     esac
     run=$out/$model-s$seed
-    pretrain_once "$run" "${preset[@]}" train.checkpoint_every=625 train.seed="$seed" || exit 1
+    # Every checkpoint kept, for the MRR against steps.
+    pretrain_once "$run" "${preset[@]}" train.checkpoint_every=625 train.keep_checkpoints=6 \
+      train.seed="$seed" || exit 1
     # The paper's protocol (the main bank alone); bank 64 below breaks it down by factor.
     eval_step "$run" mrr_bank256 mrr iwm eval mrr "$run" --bank 256 --images 256 --bf16 \
       --no-per-transform
