@@ -52,6 +52,11 @@ def duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def plus_minus(stderr: float | None, digits: int = 3) -> str:
+    """`` ± 0.025`` for a standard error; nothing where there is none (one image)."""
+    return "" if stderr is None else f" ± {stderr:.{digits}f}"
+
+
 class Progress:
     """Progress of ``total`` units: a tqdm bar on a terminal, else plain lines.
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from iwm.config import load_config
+from iwm.console import plus_minus
 from iwm.data.datasets import get_dataset
 from iwm.data.factors import JITTER_FACTORS
 from iwm.evaluation.api_check import run_api_check
@@ -60,11 +61,6 @@ QUICK_API_CHECK = (64, 64)
 SUMMARY_FACTORS = ("brightness", "contrast")
 
 
-def _pm(err: float | None) -> str:
-    """`` ± 0.025`` for a standard error, nothing where there is none (one image)."""
-    return "" if err is None else f" ± {err:.3f}"
-
-
 def _scores(per: dict[str, float | None], names: tuple[str, ...]) -> str:
     """``brightness 0.912, contrast 0.455`` (n/a for a factor that was not scored)."""
     return ", ".join(f"{n} {'n/a' if per.get(n) is None else f'{per[n]:.3f}'}" for n in names)
@@ -101,8 +97,8 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
                   seed=cfg.train.seed, bf16=bf16)
     chance = mrr["chance"]
     mrr_factors = _scores(mrr["per_transform"], SUMMARY_FACTORS)
-    print(f"      MRR {mrr['mrr']:.3f}{_pm(mrr['stderr'])} (chance {chance:.3f}; {mrr_factors}; "
-          f"{mrr['seconds']:.0f} s)")
+    print(f"      MRR {mrr['mrr']:.3f}{plus_minus(mrr['stderr'])} (chance {chance:.3f}; "
+          f"{mrr_factors}; {mrr['seconds']:.0f} s)")
 
     n_api, bank_api = QUICK_API_CHECK if quick else DEMO_API_CHECK
     print(f"[4/6] world model through the API (iwm.Action, encode, apply): {n_api} test "
@@ -110,7 +106,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     api = run_api_check(run_dir, n_images=n_api, k=bank_api, seed=cfg.train.seed,
                         device=str(dev), bf16=bf16)
     api_factors = _scores(api["per_factor"], SUMMARY_FACTORS)
-    print(f"      MRR {api['mrr']:.3f}{_pm(api['stderr'])} (chance {api['chance']:.3f}; "
+    print(f"      MRR {api['mrr']:.3f}{plus_minus(api['stderr'])} (chance {api['chance']:.3f}; "
           f"{api_factors}; {api['seconds']:.0f} s)")
 
     print("[5/6] linear probe (frozen target encoder vs. the same ViT at random init and "
@@ -160,11 +156,11 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto",
     print(f"  linear probe, random-init encoder    : {probe_random.accuracy:.2%}")
     print(f"  linear probe, raw pixels             : {probe_raw.accuracy:.2%}")
     print(f"  difference (vs. random init)         : {gain:+.2%}")
-    print(f"  {f'world-model MRR (bank {bank})':<37}: {mrr['mrr']:.3f}{_pm(mrr['stderr'])} "
+    print(f"  {f'world-model MRR (bank {bank})':<37}: {mrr['mrr']:.3f}{plus_minus(mrr['stderr'])} "
           f"(chance {chance:.3f}, {n_images} images)")
     print(f"  {'  per transform':<37}: {mrr_factors}")
     print(f"  {f'world model via the API (bank {bank_api})':<37}: {api['mrr']:.3f}"
-          f"{_pm(api['stderr'])} (chance {api['chance']:.3f}, {n_api} images)")
+          f"{plus_minus(api['stderr'])} (chance {api['chance']:.3f}, {n_api} images)")
     scored = tuple(f for f in JITTER_FACTORS if api["per_factor"][f] is not None)
     print(f"  {'  per factor':<37}: {_scores(api['per_factor'], scored)}")
     print(f"  run directory                        : {run_dir}")

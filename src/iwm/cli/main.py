@@ -97,6 +97,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:
+    from iwm.console import plus_minus
     from iwm.evaluation.mrr import run_mrr
     from iwm.evaluation.ranking import chance_mrr_stderr
 
@@ -106,9 +107,9 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
                 ties=args.ties, bf16=args.bf16)
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_transform"].items() if v is not None)
     noise = chance_mrr_stderr(r["bank"], r["n_images"])
-    err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
-    print(f"MRR {r['mrr']:.4f}{err} (bank {r['bank']}, {r['n_images']} images, "
-          f"{r['distance']}, blocks {r['blocks']}, ties {r['ties']}; chance "
+    print(f"MRR {r['mrr']:.4f}{plus_minus(r['stderr'], 4)} (bank {r['bank']}, "
+          f"{r['n_images']} images, {r['distance']}, blocks {r['blocks']}, ties {r['ties']}; "
+          f"chance "
           f"{r['chance']:.4f} ± {noise:.4f}); per transform: {parts} -> {r['path']}")
     if r["decomposition"]:
         print("why (chance / MRR / oracle: transformed context, null action / residual: "
@@ -129,6 +130,7 @@ def _cmd_eval_mrr(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_api_check(args: argparse.Namespace) -> None:
+    from iwm.console import plus_minus
     from iwm.evaluation.api_check import run_api_check
     from iwm.evaluation.ranking import chance_mrr_stderr
 
@@ -139,11 +141,10 @@ def _cmd_eval_api_check(args: argparse.Namespace) -> None:
     r = run_api_check(Path(args.run), n_images=args.images, k=args.bank, seed=args.seed,
                       device=args.device, bf16=args.bf16)
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["per_factor"].items() if v is not None)
-    err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
     noise = chance_mrr_stderr(r["bank"], r["n_images"])
-    print(f"world model through the API: MRR {r['mrr']:.4f}{err} (chance {r['chance']:.3f} ± "
-          f"{noise:.3f}; bank {r['bank']}, {r['n_images']} images); per factor: {parts} -> "
-          f"{r['path']}")
+    print(f"world model through the API: MRR {r['mrr']:.4f}{plus_minus(r['stderr'], 4)} "
+          f"(chance {r['chance']:.3f} ± {noise:.3f}; bank {r['bank']}, {r['n_images']} "
+          f"images); per factor: {parts} -> {r['path']}")
 
 
 def _cmd_decoder(args: argparse.Namespace) -> None:
