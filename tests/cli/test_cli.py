@@ -218,10 +218,24 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert set(summary["mrr_per_transform"]) >= {"brightness", "contrast"}
     # The wall split: its parts add up to (at most) the whole, and it is printed.
     wall = summary["wall"]
-    assert set(wall) == {"train", "evaluate", "report"} and min(wall.values()) > 0
+    assert set(wall) == {"train", "evaluate", "finetune", "report"} and min(wall.values()) > 0
     assert sum(wall.values()) <= summary["seconds"]
-    assert re.search(r"wall time\s*: \d+ s \(train \d+ s, evaluate \d+ s, report \d+ s\)", out)
-
+    assert re.search(r"wall time\s*: \d+ s \(train \d+ s, evaluate \d+ s, finetune \d+ s, "
+                     r"report \d+ s\)", out)
+    # Reusing the world model, pretrained against random predictor, on the linear probe's
+    # images: each result carries the demo's own probe and raw pixels as its baselines.
+    assert set(summary["finetune"]) == {"predictor", "random-predictor"}
+    assert re.search(r"predictor finetuning, pretrained\s*: \d+\.\d\d% \(\d+ steps", out)
+    assert re.search(r"predictor finetuning, random init\s*: \d+\.\d\d% \(the same", out)
+    for protocol, tuned in summary["finetune"].items():
+        assert 0 <= tuned["accuracy"] <= 1 and tuned["steps"] > 0
+        saved_ft = json.loads((Path(summary["run_dir"]) / "results" /
+                               f"finetune_{protocol}.json").read_text())
+        assert saved_ft["protocol"] == protocol and saved_ft["frozen_unchanged"]
+        assert saved_ft["accuracy"] == tuned["accuracy"]
+        base = saved_ft["baselines"]
+        assert base["linear_probe"]["accuracy"] == summary["probe_linear"]["accuracy"]
+        assert base["raw_pixels"]["accuracy"] == summary["probe_linear_raw_pixels"]["accuracy"]
     results = Path(summary["run_dir"]) / "results"
     saved = json.loads((results / "demo_summary.json").read_text())
     assert saved["api_check"] == api
