@@ -65,8 +65,8 @@ QUICK_API_CHECK = (64, 64)
 # steps, about 30 s of training each on 2 cores) is what the 10 minutes leave: far from
 # converged (a second epoch added 6.6 points), so below the probe, which L-BFGS solves
 # exactly; but enough to show the pretrained predictor the better start (69.9% against
-# 48.2% on the demo's run). Of six one-epoch recipes tried there (57.8-69.9%), this one
-# scored highest: a linear head at lr 3e-3, no crops or flips (docs/RESULTS.md). The full
+# 58.4% on the demo's run). Of the seven one-epoch recipes tried there, this one scored
+# highest: a linear head at lr 3e-3, no crops or flips (docs/RESULTS.md). The full
 # recipe is `iwm finetune RUN --protocol predictor` (5 epochs of all 60,000 images).
 DEMO_FINETUNE = ["finetune.train_limit=10000", "finetune.test_limit=5000",
                  "finetune.epochs=1", "finetune.batch_size=64", "finetune.eval_points=1",
