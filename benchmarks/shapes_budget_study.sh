@@ -10,8 +10,10 @@
 #
 # Cells: sjp = half the sources clean (views.source_jitter_p=0.5, what lifted the
 # Fashion-MNIST presets' API check), 4 epochs; long = 8 epochs (the schedule stretched,
-# not continued). On a 2-core AMD EPYC (bf16 CPU), about 29 min of pretraining per 4
-# epochs and 50 s per checkpoint scored on 128 images. Finished steps are skipped.
+# not continued), the preset's source jitter unless LONG_SJP sets
+# views.source_jitter_p (the 2026-12-04 run had LONG_SJP=0.0: every source clean). On
+# a 2-core AMD EPYC (bf16 CPU), 16-29 min of pretraining per 4 epochs (by machine) and
+# 50 s per checkpoint scored on 128 images. Finished steps are skipped.
 set -u
 . "$(dirname "$0")/study_steps.sh"
 out=${1:-runs/shapes-budget}
@@ -19,8 +21,8 @@ for seed in ${SEEDS:-0}; do
   for cell in ${CELLS:-sjp long}; do
     case $cell in
       sjp) args=(views.source_jitter_p=0.5 train.checkpoint_every=625) ;;
-      long) args=(views.source_jitter_p="${LONG_SJP:-0.0}" train.epochs=8
-                  train.checkpoint_every=1250) ;;
+      long) args=(train.epochs=8 train.checkpoint_every=1250
+                  ${LONG_SJP:+views.source_jitter_p=$LONG_SJP}) ;;
       *) echo "unknown cell '$cell': use sjp or long" >&2; exit 2 ;;
     esac
     run=$out/$cell-s$seed
@@ -28,8 +30,8 @@ for seed in ${SEEDS:-0}; do
       train.seed="$seed" || exit 1
     for ckpt in "$run"/checkpoints/step_*.pt; do
       step=$(basename "$ckpt" .pt)
-      eval_step "$run" "mrr_bank256_$step" "mrr_$step" iwm eval mrr "$ckpt" --bank 256 --images 128 \
-        --bf16 --no-per-transform
+      eval_step "$run" "mrr_bank256_$step" "mrr_$step" iwm eval mrr "$ckpt" --bank 256 \
+        --images 128 --bf16 --no-per-transform
     done
     eval_step "$run" mrr_bank256 mrr iwm eval mrr "$run" --bank 256 --images 256 --bf16 \
       --no-per-transform
