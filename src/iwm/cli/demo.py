@@ -3,8 +3,8 @@
 Fetch Fashion-MNIST, pretrain a tiny IWM, measure its world model (MRR, and the same
 question asked through the public API), probe its frozen encoder against two baselines
 (the same architecture at random initialisation, and raw pixels), reuse the world model
-for classification (the frozen encoder under its pretrained predictor, finetuned with an
-attentive head on a short schedule), write the HTML report and print a summary.
+for classification (the frozen encoder under its pretrained predictor, and under a random
+one, finetuned with a head on a short schedule), write the HTML report and print a summary.
 """
 
 from __future__ import annotations
