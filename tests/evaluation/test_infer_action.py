@@ -16,7 +16,9 @@ from iwm.evaluation import report
 from iwm.evaluation.infer_action import (
     LANDSCAPE_POINTS,
     RANGES,
+    apply_calibration,
     draw_jitters,
+    fit_calibration,
     pixel_features,
     pixel_regression,
     render_pairs,
@@ -92,21 +94,29 @@ def data(run, monkeypatch):
 
 
 def test_cli_scores_a_run_beside_its_references(run, data, capsys):
-    assert main(["eval", "infer-action", str(run), "--images", "10", "--seed", "3"]) == 0
+    assert main(["eval", "infer-action", str(run), "--images", "10", "--seed", "3",
+                 "--calibration-images", "6"]) == 0
     out = capsys.readouterr().out
     assert "brightness" in out and "contrast" in out and "saturation" not in out
+    assert "fitted on 6 training pairs" in out
     r = json.loads((run / "results" / "infer_action.json").read_text())
+    assert r["calibration"]["n_images"] == 6 and r["calibration"]["split"] == "train"
+    assert set(r["calibration"]["maps"]) == {"brightness", "contrast"}
     assert r["n_images"] == 10 and r["seed"] == 3 and r["channels"] == 1
     assert r["budget"]["evaluations"] == SearchBudget().evaluations and r["ms_per_image"] > 0
     assert r["per_factor"]["saturation"] is None and r["per_factor"]["hue"] is None
     for name in ("brightness", "contrast"):
         scores = r["per_factor"][name]
-        assert set(scores) == {"model", "no_change", "pixels"}
+        assert set(scores) == {"model", "calibrated", "no_change", "pixels"}
         assert all(set(s) == {"r2", "mae"} for s in scores.values())
         true = torch.tensor(r["pairs"]["true"][name])
         assert scores["no_change"]["mae"] == pytest.approx(float((true - 1).abs().mean()))
         inferred = torch.tensor(r["pairs"]["inferred"][name])
         assert scores["model"]["mae"] == pytest.approx(float((inferred - true).abs().mean()))
+        fit = r["calibration"]["maps"][name]
+        mapped = (fit["intercept"] + fit["slope"] * inferred.log()).exp()
+        assert torch.tensor(r["pairs"]["calibrated"][name]) == pytest.approx(mapped)
+        assert scores["calibrated"]["mae"] == pytest.approx(float((mapped - true).abs().mean()))
         lo, hi = r["search_bounds"][name]
         assert (inferred >= lo - 1e-6).all() and (inferred <= hi + 1e-6).all()
         scan = r["landscape"][name]
@@ -123,6 +133,53 @@ def test_a_seed_fixes_the_result(run, data):
     assert again["pairs"] == first["pairs"]
     other = run_infer_action(run, n_images=5, seed=2, progress=False, budget=budget)
     assert other["pairs"]["true"] != first["pairs"]["true"]
+    # The calibration pairs draw from a stream of their own: the test pairs do not move.
+    alone = run_infer_action(run, n_images=5, seed=1, progress=False, budget=budget,
+                             calibration_images=0)
+    assert alone["calibration"] is None and "calibrated" not in alone["pairs"]
+    assert alone["pairs"]["true"] == first["pairs"]["true"]
+    assert alone["pairs"]["inferred"] == first["pairs"]["inferred"]
+
+
+def test_calibration_undoes_a_systematic_bias_but_not_scatter():
+    gen = torch.Generator().manual_seed(0)
+    true = draw_jitters(400, 3, gen)
+    coords = true.log()
+    hue = JITTER_FACTORS.index("hue")
+    coords[:, hue] = true[:, hue]
+    # A biased model: every answer 8% too bright, contrast answers shrunk towards 1, hue
+    # shifted by 0.02 turns; plus scatter that no map can remove.
+    biased = coords.clone()
+    biased[:, 0] += 0.08
+    biased[:, 1] *= 0.7
+    biased[:, hue] += 0.02
+    noisy = biased + 0.01 * torch.randn(biased.shape, generator=gen, dtype=biased.dtype)
+    inferred = noisy.exp()
+    inferred[:, hue] = noisy[:, hue]
+    factors = ("brightness", "contrast", "hue")
+    maps = fit_calibration(inferred[:200], true[:200], factors)
+    assert maps["brightness"]["intercept"] == pytest.approx(-0.08, abs=0.01)
+    assert maps["contrast"]["slope"] == pytest.approx(1 / 0.7, rel=0.05)
+    assert maps["hue"]["intercept"] == pytest.approx(-0.02, abs=0.005)
+    fixed = apply_calibration(inferred[200:], maps)
+    for name in factors:
+        j = JITTER_FACTORS.index(name)
+        before = score(inferred[200:, j], true[200:, j])["r2"]
+        after = score(fixed[:, j], true[200:, j])["r2"]
+        assert after > before and after > 0.9
+        # Scatter stays: the map is affine, it cannot reach the truth exactly.
+        assert (fixed[:, j] - true[200:, j]).abs().max() > 1e-3
+    # A factor the search never moved keeps the identity; so does saturation here.
+    constant = true.clone()
+    constant[:, 2] = 1.0
+    assert fit_calibration(constant, true, ("saturation",))["saturation"] == {
+        "intercept": 0.0, "slope": 1.0}
+    assert torch.allclose(apply_calibration(inferred, {}), inferred)
+
+
+def test_a_negative_calibration_count_is_a_clear_error(run, data, capsys):
+    assert main(["eval", "infer-action", str(run), "--calibration-images", "-1"]) != 0
+    assert "--calibration-images -1" in capsys.readouterr().err
 
 
 def test_the_report_shows_the_table_and_the_landscape(run, data, tmp_path):

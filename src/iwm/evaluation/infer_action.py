@@ -29,9 +29,9 @@ from iwm.evaluation.api_check import RANGES, render
 from iwm.evaluation.results import write_result
 from iwm.models.action_search import EnergyKind, SearchBudget
 
-__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "draw_jitters",
-           "energy_landscape", "pixel_features", "pixel_regression", "render_pairs",
-           "run_infer_action", "score"]
+__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "apply_calibration",
+           "draw_jitters", "energy_landscape", "fit_calibration", "pixel_features",
+           "pixel_regression", "render_pairs", "run_infer_action", "score"]
 
 RESULT_NAME = "infer_action"
 LANDSCAPE_IMAGES = 4
@@ -166,41 +166,63 @@ def _jitter_of(actions: list[Action]) -> Tensor:
                         dtype=torch.float64)
 
 
-def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: str = "auto",
-                     batch_size: int = 32, progress: bool = True, bf16: bool = False,
-                     budget: SearchBudget | None = None,
-                     energy: EnergyKind = "residual") -> dict:
-    """Score :meth:`~iwm.api.Pretrained.infer_action` of a run on the first ``n_images``
-    test images of its data (centre views, as the API check takes them), ``batch_size``
-    pairs per search. Writes and returns ``RUN/results/infer_action.json`` (the returned
-    dict also has ``path``); ``progress``: see :mod:`iwm.console`; ``bf16`` runs the
-    model under bf16 autocast; ``budget`` defaults to :class:`SearchBudget`'s; ``energy``
-    is the kind of :func:`~iwm.models.action_search.latent_energy` searched."""
-    import iwm
-    from iwm.console import batches_of, track
-    from iwm.data.datasets import get_dataset
-    from iwm.data.sources import iter_eval_batches
-    from iwm.training.distributed import resolve_device
+def fit_calibration(inferred: Tensor, true: Tensor, factors: tuple[str, ...]
+                    ) -> dict[str, dict[str, float]]:
+    """Per factor in ``factors``: least squares of the true coordinate (log ratio; hue in
+    turns) on the inferred one, ``true ~ intercept + slope * inferred``, from pairs of
+    jitters (n, len(JITTER_FACTORS)) whose truth is known. It undoes a world model's
+    systematic bias (an energy whose minimum sits off the truth by the same amount for
+    every image), not its image-to-image scatter. A factor the search never moved keeps
+    the identity map."""
+    x, y = _coordinates(inferred), _coordinates(true)
+    out = {}
+    for name in factors:
+        j = JITTER_FACTORS.index(name)
+        if float(x[:, j].var()) <= 0 or len(x) < 2:
+            out[name] = {"intercept": 0.0, "slope": 1.0}
+            continue
+        design = torch.stack([torch.ones_like(x[:, j]), x[:, j]], 1)
+        intercept, slope = torch.linalg.lstsq(design, y[:, j:j + 1]).solution[:, 0].tolist()
+        out[name] = {"intercept": intercept, "slope": slope}
+    return out
 
-    if n_images < 1 or batch_size < 1:
-        raise ValueError(f"n_images={n_images}, batch_size={batch_size}: must be at least 1")
-    budget = budget if budget is not None else SearchBudget()
-    start = time.perf_counter()
-    dev = resolve_device(device)
-    pretrained = iwm.load(run_dir, device=dev)
-    cfg, channels = pretrained.config, pretrained.in_chans
-    if channels not in (1, 3):  # torchvision's colour ops know grey and RGB only
-        raise ValueError(f"the model takes {channels}-channel images: the check needs 1 or 3")
-    dataset = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
-    varied = tuple(f for f in JITTER_FACTORS if acts_on(f, channels))
-    # On the CPU, so the jitters and the searches' seeds do not depend on the device.
-    generator = torch.Generator().manual_seed(seed)
+
+def apply_calibration(inferred: Tensor, calibration: dict[str, dict[str, float]]) -> Tensor:
+    """Jitters (n, len(JITTER_FACTORS)) mapped through :func:`fit_calibration`'s maps, in
+    the factors' units; factors without a map unchanged."""
+    x = _coordinates(inferred)
+    for name, fit in calibration.items():
+        j = JITTER_FACTORS.index(name)
+        x[:, j] = fit["intercept"] + fit["slope"] * x[:, j]
+    return _from_coordinates(x)
+
+
+@dataclasses.dataclass
+class _Searched:
+    """The protocol's pairs on one split: true and inferred jitters, pixel features, the
+    first batch (for the landscape) and the seconds spent searching."""
+
+    true: Tensor
+    inferred: Tensor
+    features: Tensor
+    first: tuple[Tensor, Tensor, Tensor, Tensor]
+    seconds: float
+
+
+def _search_split(pretrained: Pretrained, dataset: Any, n_images: int, batch_size: int,
+                  generator: torch.Generator, budget: SearchBudget, energy: EnergyKind,
+                  bf16: bool, label: str, progress: bool) -> _Searched:
+    from iwm.console import batches_of, track
+    from iwm.data.sources import iter_eval_batches
+
+    channels = pretrained.in_chans
     parts: dict[str, list[Tensor]] = {"true": [], "inferred": [], "features": []}
-    landscape: dict[str, Any] = {}
-    search_seconds = 0.0
-    batches = iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev, limit=n_images)
+    first: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    seconds = 0.0
+    batches = iter_eval_batches(dataset, batch_size, pretrained.config.data.image_size,
+                                pretrained.device, limit=n_images)
     total = batches_of(min(n_images, len(dataset)), batch_size)
-    for images in track((b[0] for b in batches), total, "eval infer-action", enabled=progress):
+    for images in track((b[0] for b in batches), total, label, enabled=progress):
         source = pretrained.check_images(images).float()
         jitters = draw_jitters(len(source), channels, generator)
         target = render_pairs(source, jitters).clamp(0, 1)
@@ -208,19 +230,80 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
         tic = time.perf_counter()
         found = pretrained.infer_action(source, target, budget=budget, seed=search_seed,
                                         energy=energy, bf16=bf16)
-        search_seconds += time.perf_counter() - tic
+        seconds += time.perf_counter() - tic
         inferred = _jitter_of(found)
-        if not landscape:
-            k = min(LANDSCAPE_IMAGES, len(source))
-            landscape = energy_landscape(pretrained, source[:k], target[:k], jitters[:k],
-                                         inferred[:k], varied, bf16=bf16, energy=energy)
+        if first is None:
+            first = (source, target, jitters, inferred)
         parts["true"].append(jitters)
         parts["inferred"].append(inferred)
         parts["features"].append(pixel_features(source.cpu(), target.cpu()))
-    if not parts["true"]:
-        raise ValueError(f"{cfg.data.name}: the test split has no images")
-    true, inferred = torch.cat(parts["true"]), torch.cat(parts["inferred"])
-    pixels = pixel_regression(torch.cat(parts["features"]), true)
+    if first is None:
+        raise ValueError(f"{pretrained.config.data.name}: the {label.split()[-1]} split "
+                         "has no images")
+    return _Searched(true=torch.cat(parts["true"]), inferred=torch.cat(parts["inferred"]),
+                     features=torch.cat(parts["features"]), first=first, seconds=seconds)
+
+
+# The calibration pairs' draws: a stream of their own, so that adding or removing them
+# leaves the test pairs (and every earlier result) as they were.
+_CALIBRATION_SEED_OFFSET = 1_000_003
+
+
+def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: str = "auto",
+                     batch_size: int = 32, progress: bool = True, bf16: bool = False,
+                     budget: SearchBudget | None = None,
+                     energy: EnergyKind = "residual", calibration_images: int = 128) -> dict:
+    """Score :meth:`~iwm.api.Pretrained.infer_action` of a run on the first ``n_images``
+    test images of its data (centre views, as the API check takes them), ``batch_size``
+    pairs per search. Writes and returns ``RUN/results/infer_action.json`` (the returned
+    dict also has ``path``); ``progress``: see :mod:`iwm.console`; ``bf16`` runs the
+    model under bf16 autocast; ``budget`` defaults to :class:`SearchBudget`'s; ``energy``
+    is the kind of :func:`~iwm.models.action_search.latent_energy` searched.
+
+    With ``calibration_images`` > 0 the same protocol first runs on that many *training*
+    images (jitters of their own draw), :func:`fit_calibration` maps their inferred
+    factors onto the true ones, and the test answers are scored again through that map
+    (``calibrated``): the world model's answers with its systematic bias removed, fitted
+    without the test pairs' truth. ``model`` stays the search's own answer."""
+    import iwm
+    from iwm.data.datasets import get_dataset
+    from iwm.training.distributed import resolve_device
+
+    if n_images < 1 or batch_size < 1:
+        raise ValueError(f"n_images={n_images}, batch_size={batch_size}: must be at least 1")
+    if calibration_images < 0:
+        raise ValueError(f"calibration_images={calibration_images}: must be 0 (none) or more")
+    budget = budget if budget is not None else SearchBudget()
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    pretrained = iwm.load(run_dir, device=dev)
+    cfg, channels = pretrained.config, pretrained.in_chans
+    if channels not in (1, 3):  # torchvision's colour ops know grey and RGB only
+        raise ValueError(f"the model takes {channels}-channel images: the check needs 1 or 3")
+    varied = tuple(f for f in JITTER_FACTORS if acts_on(f, channels))
+
+    def search(split: str, n: int, split_seed: int) -> _Searched:
+        dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
+        # On the CPU, so the jitters and the searches' seeds do not depend on the device.
+        return _search_split(pretrained, dataset, n, batch_size,
+                             torch.Generator().manual_seed(split_seed), budget, energy,
+                             bf16, f"eval infer-action {split}", progress)
+
+    test = search("test", n_images, seed)
+    calibration: dict[str, Any] | None = None
+    calibrated: Tensor | None = None
+    if calibration_images:
+        fitted = search("train", calibration_images, seed + _CALIBRATION_SEED_OFFSET)
+        maps = fit_calibration(fitted.inferred, fitted.true, varied)
+        calibration = {"n_images": len(fitted.true), "split": "train", "maps": maps,
+                       "seconds": fitted.seconds}
+        calibrated = apply_calibration(test.inferred, maps)
+    source, target, jitters, first_inferred = test.first
+    k = min(LANDSCAPE_IMAGES, len(source))
+    landscape = energy_landscape(pretrained, source[:k], target[:k], jitters[:k],
+                                 first_inferred[:k], varied, bf16=bf16, energy=energy)
+    true, inferred = test.true, test.inferred
+    pixels = pixel_regression(test.features, true)
     n = len(true)
     per_factor: dict[str, Any] = {}
     notes: dict[str, str] = {}
@@ -234,8 +317,14 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
                             "no_change": score(identity, true[:, j]),
                             "pixels": None if pixels is None else score(pixels[:, j],
                                                                         true[:, j])}
+        if calibrated is not None:
+            per_factor[name]["calibrated"] = score(calibrated[:, j], true[:, j])
     if pixels is None:
         notes["pixels"] = f"{n} images: too few to fit the pixel regression on half of them"
+    pairs: dict[str, dict[str, list[float]]] = {
+        kind: {f: values[:, j].tolist() for j, f in enumerate(JITTER_FACTORS) if f in varied}
+        for kind, values in (("true", true), ("inferred", inferred), ("calibrated", calibrated))
+        if values is not None}
     out = {
         "n_images": n, "seed": seed, "bf16": bf16, "step": pretrained.step,
         "dataset": cfg.data.name, "channels": channels, "device": str(dev),
@@ -244,15 +333,13 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
         "search_bounds": pretrained.action_space().factor_bounds(),
         "budget": {**dataclasses.asdict(budget), "evaluations": budget.evaluations},
         "energy": energy,
-        "ms_per_image": 1000 * search_seconds / n,
+        "ms_per_image": 1000 * test.seconds / n,
         "per_factor": per_factor, "notes": notes,
         "pixels": "least squares with an intercept of each factor's log ratio (hue: turns) "
                   "on the pixel statistics, 2-fold cross-fitted (fitted on one half of "
                   "the images, scored on the other, both ways)",
-        "pairs": {"true": {f: true[:, j].tolist() for j, f in enumerate(JITTER_FACTORS)
-                           if f in varied},
-                  "inferred": {f: inferred[:, j].tolist() for j, f in enumerate(JITTER_FACTORS)
-                               if f in varied}},
+        "calibration": calibration,
+        "pairs": pairs,
         "landscape": landscape,
         "seconds": time.perf_counter() - start,
     }
