@@ -189,4 +189,8 @@ def test_the_report_shows_the_table_and_the_landscape(run, data, tmp_path):
                      budget=SearchBudget(iterations=2, population=6, elites=2))
     html = report._infer_action_section(run, tmp_path)
     assert "<td>brightness</td>" in html and "<td>saturation</td>" not in html
+    assert "<th colspan=2>calibrated</th>" in html
+    fitted = json.loads((run / "results" / "infer_action.json").read_text())["calibration"]
+    assert f"fitted on {fitted['n_images']} training pairs" in html
+    assert "None" not in html  # a missing score is a dash
     assert (tmp_path / report.INFER_ACTION_PNG).stat().st_size > 0

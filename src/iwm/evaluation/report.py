@@ -329,12 +329,14 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
 
 
 def plot_infer_action(result: dict[str, Any], path: Path) -> None:
-    """Per scored factor: inferred against true (top) and, for the landscape's images, the
+    """Per scored factor: inferred (and calibrated, where the result has them) against
+    true (top) and, for the landscape's images, the
     energy along the factor with the others at their true values (bottom; each curve
     minus its minimum, the true value dashed, the inferred one a dot)."""
     plt = pyplot()
     pairs, landscape = result.get("pairs") or {}, result.get("landscape") or {}
     true_of, found_of = pairs.get("true") or {}, pairs.get("inferred") or {}
+    fixed_of = pairs.get("calibrated") or {}
     factors = [f for f in JITTER_FACTORS if f in true_of or f in landscape]
     if not factors:
         raise IWMError("infer_action.json holds no factor to plot")
@@ -343,7 +345,10 @@ def plot_infer_action(result: dict[str, Any], path: Path) -> None:
     for j, name in enumerate(factors):
         ax = axes[0, j]
         true, found = true_of.get(name, []), found_of.get(name, [])
-        ax.scatter(true, found, s=6, alpha=0.5)
+        ax.scatter(true, found, s=6, alpha=0.5, label="search")
+        if fixed_of.get(name):
+            ax.scatter(true, fixed_of[name], s=6, alpha=0.5, color="C2", label="calibrated")
+            ax.legend(fontsize=7, loc="upper left")
         if true:
             lo, hi = min(true), max(true)
             ax.plot([lo, hi], [lo, hi], color="#c00000", linewidth=1)
@@ -381,8 +386,9 @@ def _infer_action_section(run_dir: Path, out_dir: Path) -> str:
 
     def cells(scores: Any) -> str:
         scores = scores if isinstance(scores, dict) else {}
-        return "".join(f"<td class=num>{_esc(_fmt(scores.get(key)))}</td>"
-                       for key in ("r2", "mae"))
+        values = (scores.get(key) for key in ("r2", "mae"))
+        return "".join(f"<td class=num>{'–' if v is None else _esc(_fmt(v))}</td>"
+                       for v in values)
 
     body = "".join(
         f"<tr><td>{_esc(name)}</td>{cells(s.get('model'))}{cells(s.get('calibrated'))}"
@@ -408,10 +414,10 @@ def _infer_action_section(run_dir: Path, out_dir: Path) -> str:
             "<th colspan=2>calibrated</th><th colspan=2>no change</th>"
             "<th colspan=2>pixels</th></tr><tr>"
             + "<th>R^2</th><th>MAE</th>" * 4 + f"</tr>{body}</table>"
-            "<p>Top: inferred against true. Bottom: the energy along each factor for a few "
-            "images, the other factors at their true values; a world model that explains "
-            "the pair has its minimum at the dashed true value, and the dot is what the "
-            "search returned.</p>"
+            "<p>Top: inferred (blue) and calibrated (green) against true. Bottom: the "
+            "energy along each factor for a few images, the other factors at their true "
+            "values; a world model that explains the pair has its minimum at the dashed "
+            "true value, and the dot is what the search returned.</p>"
             f'<img src="{INFER_ACTION_PNG}" alt="action inference">')
 
 
