@@ -178,7 +178,7 @@ def fit_calibration(inferred: Tensor, true: Tensor, factors: tuple[str, ...]
     out = {}
     for name in factors:
         j = JITTER_FACTORS.index(name)
-        if float(x[:, j].var()) <= 0 or len(x) < 2:
+        if len(x) < 2 or float(x[:, j].var()) <= 0:
             out[name] = {"intercept": 0.0, "slope": 1.0}
             continue
         design = torch.stack([torch.ones_like(x[:, j]), x[:, j]], 1)
@@ -209,9 +209,9 @@ class _Searched:
     seconds: float
 
 
-def _search_split(pretrained: Pretrained, dataset: Any, n_images: int, batch_size: int,
-                  generator: torch.Generator, budget: SearchBudget, energy: EnergyKind,
-                  bf16: bool, label: str, progress: bool) -> _Searched:
+def _search_split(pretrained: Pretrained, dataset: Any, split: str, n_images: int,
+                  batch_size: int, generator: torch.Generator, budget: SearchBudget,
+                  energy: EnergyKind, bf16: bool, progress: bool) -> _Searched:
     from iwm.console import batches_of, track
     from iwm.data.sources import iter_eval_batches
 
@@ -222,7 +222,8 @@ def _search_split(pretrained: Pretrained, dataset: Any, n_images: int, batch_siz
     batches = iter_eval_batches(dataset, batch_size, pretrained.config.data.image_size,
                                 pretrained.device, limit=n_images)
     total = batches_of(min(n_images, len(dataset)), batch_size)
-    for images in track((b[0] for b in batches), total, label, enabled=progress):
+    for images in track((b[0] for b in batches), total, f"eval infer-action {split}",
+                        enabled=progress):
         source = pretrained.check_images(images).float()
         jitters = draw_jitters(len(source), channels, generator)
         target = render_pairs(source, jitters).clamp(0, 1)
@@ -238,8 +239,7 @@ def _search_split(pretrained: Pretrained, dataset: Any, n_images: int, batch_siz
         parts["inferred"].append(inferred)
         parts["features"].append(pixel_features(source.cpu(), target.cpu()))
     if first is None:
-        raise ValueError(f"{pretrained.config.data.name}: the {label.split()[-1]} split "
-                         "has no images")
+        raise ValueError(f"{pretrained.config.data.name}: the {split} split has no images")
     return _Searched(true=torch.cat(parts["true"]), inferred=torch.cat(parts["inferred"]),
                      features=torch.cat(parts["features"]), first=first, seconds=seconds)
 
@@ -285,9 +285,9 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
     def search(split: str, n: int, split_seed: int) -> _Searched:
         dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
         # On the CPU, so the jitters and the searches' seeds do not depend on the device.
-        return _search_split(pretrained, dataset, n, batch_size,
+        return _search_split(pretrained, dataset, split, n, batch_size,
                              torch.Generator().manual_seed(split_seed), budget, energy,
-                             bf16, f"eval infer-action {split}", progress)
+                             bf16, progress)
 
     test = search("test", n_images, seed)
     calibration: dict[str, Any] | None = None

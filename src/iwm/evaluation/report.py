@@ -330,9 +330,9 @@ def _mrr_section(run_dir: Path, out_dir: Path) -> str:
 
 def plot_infer_action(result: dict[str, Any], path: Path) -> None:
     """Per scored factor: inferred (and calibrated, where the result has them) against
-    true (top) and, for the landscape's images, the
-    energy along the factor with the others at their true values (bottom; each curve
-    minus its minimum, the true value dashed, the inferred one a dot)."""
+    true (top) and, for the landscape's images, the energy along the factor with the
+    others at their true values (bottom; each curve minus its minimum, the true value
+    dashed, the inferred one a dot)."""
     plt = pyplot()
     pairs, landscape = result.get("pairs") or {}, result.get("landscape") or {}
     true_of, found_of = pairs.get("true") or {}, pairs.get("inferred") or {}
