@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import iwm
 from iwm.data.factors import JITTER_FACTORS
-from iwm.evaluation.infer_action import draw_jitters, render_pairs
+from iwm.evaluation.infer_action import calibrate, draw_jitters, render_pairs
 from iwm.models.action_search import SearchBudget
-from planted_world_model import planted_images, planted_pretrained
+from planted_world_model import COLUMN, planted_images, planted_pretrained
 
 N = 8
 
@@ -151,3 +153,61 @@ def test_action_energy_checks_the_candidates_shape(grey_model):
         grey_model.action_energy(images, images, torch.zeros(2, 8))
     energy = grey_model.action_energy(images, images, torch.zeros(2, 3, 8))
     assert energy.shape == (2, 3)
+
+
+class Biased(torch.nn.Module):
+    """The planted predictor with a systematic bias: it applies 1.25 times the brightness
+    and 0.8 times the contrast it is asked for (in log ratio), so the energy's minimum sits
+    at brightness^(1/1.25) and contrast^(1/0.8) for every image. (A constant offset would
+    not do: the residual energy cancels what the null action shares.)"""
+
+    def __init__(self, exact: torch.nn.Module) -> None:
+        super().__init__()
+        self.exact = exact
+
+    def predict_by_halves(self, tokens, *, action, tile):
+        action = action.clone()
+        action[..., COLUMN["brightness"]] *= 1.25
+        action[..., COLUMN["contrast"]] *= 0.8
+        return self.exact.predict_by_halves(tokens, action=action, tile=tile)
+
+
+def test_calibration_removes_a_planted_bias_and_leaves_an_exact_model_alone():
+    model = planted_pretrained(1)
+    fitting_images = planted_images(1, 32, seed=1)
+    exact = calibrate(model, fitting_images, seed=1)
+    for name in ("brightness", "contrast"):
+        assert exact.maps[name].slope == pytest.approx(1, abs=0.02)
+        assert exact.maps[name].intercept == pytest.approx(0, abs=0.005)
+    model.model.predictor = Biased(model.predictor)
+    source, target, jitters = pairs(1, 16)
+    raw = infer(model, source, target)
+    assert (raw - jitters).abs().amax() > 0.05
+    cal = calibrate(model, fitting_images, seed=1)
+    assert cal.maps["brightness"].slope == pytest.approx(1.25, abs=0.03)
+    assert cal.maps["contrast"].slope == pytest.approx(0.8, abs=0.03)
+    fixed = infer(model, source, target, calibration=cal)
+    assert (fixed - jitters).abs().amax() < 0.02
+    assert torch.allclose(fixed, cal.apply(raw))
+
+
+def test_calibration_keeps_the_flags_and_refuses_too_few_images():
+    model = planted_pretrained(3)
+    source, target, _ = pairs(3, 2)
+    shift = iwm.ActionCalibration.from_dict({"brightness": {"intercept": 0.1, "slope": 1}})
+    budget = SearchBudget(iterations=2, population=8, elites=2)
+    plain = model.infer_action(source, target, destructive=True, budget=budget)
+    moved = model.infer_action(source, target, destructive=True, budget=budget,
+                               calibration=shift)
+    for a, b in zip(plain, moved, strict=True):
+        assert b.brightness == pytest.approx(a.brightness * math.exp(0.1))
+        assert (b.contrast, b.hue, b.grayscale, b.blur_sigma, b.solarize) == \
+            (a.contrast, a.hue, a.grayscale, a.blur_sigma, a.solarize)
+    with pytest.raises(ValueError, match="1 image"):
+        calibrate(model, source[:1])
+
+
+def infer(model, source, target, **kwargs) -> torch.Tensor:
+    found = model.infer_action(source, target, **kwargs)
+    return torch.tensor([[getattr(a, f) for f in JITTER_FACTORS] for a in found],
+                        dtype=torch.float64)

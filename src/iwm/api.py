@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from iwm.interop.folder import (
     write_pretrained,
 )
 from iwm.interop.images import read_images
+from iwm.models.action_calibration import ActionCalibration
 from iwm.models.action_search import (
     Energy,
     EnergyKind,
@@ -432,7 +433,8 @@ class Pretrained(PretrainedEncoder):
 
     def infer_action(self, source: Tensor, target: Tensor, *, destructive: bool = False,
                      budget: SearchBudget | None = None, seed: int = 0,
-                     energy: EnergyKind = "residual", bf16: bool = False) -> list[Action]:
+                     energy: EnergyKind = "residual", bf16: bool = False,
+                     calibration: ActionCalibration | None = None) -> list[Action]:
         """The jitter (with ``destructive``, also the source-side flags and blur sigma)
         that best maps each ``source`` image's latents onto its ``target``'s through the
         world model: images (B, C, H, W) in [0, 1] as :meth:`encode` takes them, one target
@@ -441,10 +443,19 @@ class Pretrained(PretrainedEncoder):
         :class:`SearchBudget`: a fixed number of predictor evaluations per image) and a
         ``seed`` that fixes the answer; ``energy`` is :func:`latent_energy`'s kind. Factors a
         model's channels do not have (saturation and hue on grey images) stay at the
-        identity. docs/world_model.md has the cost."""
+        identity. ``calibration`` (``iwm.evaluation.infer_action.calibrate`` or
+        ``load_calibration``) maps the jitter factors of the answers through its per-factor
+        maps, the flags untouched. docs/world_model.md has the cost."""
         result = self.search_action(source, target, destructive=destructive, budget=budget,
                                     seed=seed, energy=energy, bf16=bf16)
-        return [Action.from_vector(row) for row in result.action]
+        actions = [Action.from_vector(row) for row in result.action]
+        if calibration is None:
+            return actions
+        jitters = calibration.apply(torch.tensor(
+            [[getattr(a, name) for name in JITTER_FACTORS] for a in actions],
+            dtype=torch.float64))
+        return [replace(a, **dict(zip(JITTER_FACTORS, row.tolist(), strict=True)))
+                for a, row in zip(actions, jitters, strict=True)]
 
     @staticmethod
     @torch.no_grad()

@@ -16,9 +16,8 @@ from iwm.evaluation import report
 from iwm.evaluation.infer_action import (
     LANDSCAPE_POINTS,
     RANGES,
-    apply_calibration,
     draw_jitters,
-    fit_calibration,
+    load_calibration,
     pixel_features,
     pixel_regression,
     render_pairs,
@@ -141,40 +140,24 @@ def test_a_seed_fixes_the_result(run, data):
     assert alone["pairs"]["inferred"] == first["pairs"]["inferred"]
 
 
-def test_calibration_undoes_a_systematic_bias_but_not_scatter():
-    gen = torch.Generator().manual_seed(0)
-    true = draw_jitters(400, 3, gen)
-    coords = true.log()
-    hue = JITTER_FACTORS.index("hue")
-    coords[:, hue] = true[:, hue]
-    # A biased model: every answer 8% too bright, contrast answers shrunk towards 1, hue
-    # shifted by 0.02 turns; plus scatter that no map can remove.
-    biased = coords.clone()
-    biased[:, 0] += 0.08
-    biased[:, 1] *= 0.7
-    biased[:, hue] += 0.02
-    noisy = biased + 0.01 * torch.randn(biased.shape, generator=gen, dtype=biased.dtype)
-    inferred = noisy.exp()
-    inferred[:, hue] = noisy[:, hue]
-    factors = ("brightness", "contrast", "hue")
-    maps = fit_calibration(inferred[:200], true[:200], factors)
-    assert maps["brightness"]["intercept"] == pytest.approx(-0.08, abs=0.01)
-    assert maps["contrast"]["slope"] == pytest.approx(1 / 0.7, rel=0.05)
-    assert maps["hue"]["intercept"] == pytest.approx(-0.02, abs=0.005)
-    fixed = apply_calibration(inferred[200:], maps)
-    for name in factors:
-        j = JITTER_FACTORS.index(name)
-        before = score(inferred[200:, j], true[200:, j])["r2"]
-        after = score(fixed[:, j], true[200:, j])["r2"]
-        assert after > before and after > 0.9
-        # Scatter stays: the map is affine, it cannot reach the truth exactly.
-        assert (fixed[:, j] - true[200:, j]).abs().max() > 1e-3
-    # A factor the search never moved keeps the identity; so does saturation here.
-    constant = true.clone()
-    constant[:, 2] = 1.0
-    assert fit_calibration(constant, true, ("saturation",))["saturation"] == {
-        "intercept": 0.0, "slope": 1.0}
-    assert torch.allclose(apply_calibration(inferred, {}), inferred)
+def test_the_fitted_calibration_loads_from_the_run_and_reproduces_its_scores(run, data,
+                                                                           tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `iwm eval infer-action RUN` first"):
+        load_calibration(tmp_path)
+    budget = SearchBudget(iterations=2, population=6, elites=2)
+    r = run_infer_action(run, n_images=4, progress=False, budget=budget, calibration_images=4)
+    cal = load_calibration(run)
+    assert cal.to_dict() == r["calibration"]["maps"]
+    assert load_calibration(run / "results" / "infer_action.json") == cal
+    inferred = torch.tensor([r["pairs"]["inferred"][f] for f in ("brightness", "contrast")]).T
+    padded = torch.cat([inferred, torch.ones(len(inferred), 1), torch.zeros(len(inferred), 1)],
+                       1)
+    mapped = cal.apply(padded)[:, :2].T
+    calibrated = torch.tensor([r["pairs"]["calibrated"][f] for f in ("brightness", "contrast")])
+    assert torch.allclose(mapped.float(), calibrated)
+    run_infer_action(run, n_images=4, progress=False, budget=budget, calibration_images=0)
+    with pytest.raises(ValueError, match="without --calibration-images 0"):
+        load_calibration(run)
 
 
 def test_a_negative_calibration_count_is_a_clear_error(run, data, capsys):

@@ -13,6 +13,7 @@ protocol is in docs/world_model.md, "Inferring the action".
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -27,10 +28,15 @@ from iwm.api import Action, Pretrained
 from iwm.data.factors import IDENTITY, JITTER_FACTORS, acts_on
 from iwm.evaluation.api_check import RANGES, render
 from iwm.evaluation.results import write_result
+from iwm.models.action_calibration import (
+    ActionCalibration,
+    jitter_coordinates,
+    jitters_from_coordinates,
+)
 from iwm.models.action_search import EnergyKind, SearchBudget
 
-__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "apply_calibration",
-           "draw_jitters", "energy_landscape", "fit_calibration", "pixel_features",
+__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "calibrate",
+           "draw_jitters", "energy_landscape", "load_calibration", "pixel_features",
            "pixel_regression", "render_pairs", "run_infer_action", "score"]
 
 RESULT_NAME = "infer_action"
@@ -91,21 +97,6 @@ def pixel_features(source: Tensor, target: Tensor) -> Tensor:
     return torch.stack(features, 1).double()
 
 
-def _coordinates(jitters: Tensor) -> Tensor:
-    """Jitters in factor units -> the action's coordinates (log ratios; hue stays turns)."""
-    hue = JITTER_FACTORS.index("hue")
-    out = jitters.clamp_min(_EPS).log()
-    out[:, hue] = jitters[:, hue]
-    return out
-
-
-def _from_coordinates(coordinates: Tensor) -> Tensor:
-    hue = JITTER_FACTORS.index("hue")
-    out = coordinates.exp()
-    out[:, hue] = coordinates[:, hue]
-    return out
-
-
 def pixel_regression(features: Tensor, jitters: Tensor) -> Tensor | None:
     """The pixel-statistics reference: least squares (with an intercept) of the true
     jitters' coordinates (log ratios, hue in turns) on :func:`pixel_features`, 2-fold
@@ -114,7 +105,7 @@ def pixel_regression(features: Tensor, jitters: Tensor) -> Tensor | None:
     units (n, 4); None with fewer images per half than coefficients."""
     n = len(features)
     x = torch.cat([features, torch.ones(n, 1, dtype=features.dtype)], 1)
-    y = _coordinates(jitters)
+    y = jitter_coordinates(jitters)
     half = n // 2
     if min(half, n - half) < x.shape[1]:
         return None
@@ -122,7 +113,7 @@ def pixel_regression(features: Tensor, jitters: Tensor) -> Tensor | None:
     for fit, held in ((slice(0, half), slice(half, n)), (slice(half, n), slice(0, half))):
         coef = torch.linalg.lstsq(x[fit], y[fit]).solution
         out[held] = x[held] @ coef
-    return _from_coordinates(out)
+    return jitters_from_coordinates(out)
 
 
 def score(predicted: Tensor, true: Tensor) -> dict[str, float | None]:
@@ -166,37 +157,6 @@ def _jitter_of(actions: list[Action]) -> Tensor:
                         dtype=torch.float64)
 
 
-def fit_calibration(inferred: Tensor, true: Tensor, factors: tuple[str, ...]
-                    ) -> dict[str, dict[str, float]]:
-    """Per factor in ``factors``: least squares of the true coordinate (log ratio; hue in
-    turns) on the inferred one, ``true ~ intercept + slope * inferred``, from pairs of
-    jitters (n, len(JITTER_FACTORS)) whose truth is known. It undoes a world model's
-    systematic bias (an energy whose minimum sits off the truth by the same amount for
-    every image), not its image-to-image scatter. A factor the search never moved keeps
-    the identity map."""
-    x, y = _coordinates(inferred), _coordinates(true)
-    out = {}
-    for name in factors:
-        j = JITTER_FACTORS.index(name)
-        if len(x) < 2 or float(x[:, j].var()) <= 0:
-            out[name] = {"intercept": 0.0, "slope": 1.0}
-            continue
-        design = torch.stack([torch.ones_like(x[:, j]), x[:, j]], 1)
-        intercept, slope = torch.linalg.lstsq(design, y[:, j:j + 1]).solution[:, 0].tolist()
-        out[name] = {"intercept": intercept, "slope": slope}
-    return out
-
-
-def apply_calibration(inferred: Tensor, calibration: dict[str, dict[str, float]]) -> Tensor:
-    """Jitters (n, len(JITTER_FACTORS)) mapped through :func:`fit_calibration`'s maps, in
-    the factors' units; factors without a map unchanged."""
-    x = _coordinates(inferred)
-    for name, fit in calibration.items():
-        j = JITTER_FACTORS.index(name)
-        x[:, j] = fit["intercept"] + fit["slope"] * x[:, j]
-    return _from_coordinates(x)
-
-
 @dataclasses.dataclass
 class _Searched:
     """The protocol's pairs on one split: true and inferred jitters, pixel features, the
@@ -215,7 +175,6 @@ def _search_split(pretrained: Pretrained, dataset: Any, split: str, n_images: in
     from iwm.console import batches_of, track
     from iwm.data.sources import iter_eval_batches
 
-    channels = pretrained.in_chans
     parts: dict[str, list[Tensor]] = {"true": [], "inferred": [], "features": []}
     first: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
     seconds = 0.0
@@ -225,14 +184,9 @@ def _search_split(pretrained: Pretrained, dataset: Any, split: str, n_images: in
     for images in track((b[0] for b in batches), total, f"eval infer-action {split}",
                         enabled=progress):
         source = pretrained.check_images(images).float()
-        jitters = draw_jitters(len(source), channels, generator)
-        target = render_pairs(source, jitters).clamp(0, 1)
-        search_seed = int(torch.randint(2**62, (1,), generator=generator))
-        tic = time.perf_counter()
-        found = pretrained.infer_action(source, target, budget=budget, seed=search_seed,
-                                        energy=energy, bf16=bf16)
-        seconds += time.perf_counter() - tic
-        inferred = _jitter_of(found)
+        jitters, target, inferred, spent = _search_batch(pretrained, source, generator,
+                                                         budget, energy, bf16)
+        seconds += spent
         if first is None:
             first = (source, target, jitters, inferred)
         parts["true"].append(jitters)
@@ -244,8 +198,71 @@ def _search_split(pretrained: Pretrained, dataset: Any, split: str, n_images: in
                      features=torch.cat(parts["features"]), first=first, seconds=seconds)
 
 
-# The calibration pairs' draws: a stream of their own, so that adding or removing them
-# leaves the test pairs (and every earlier result) as they were.
+def _search_batch(pretrained: Pretrained, source: Tensor, generator: torch.Generator,
+                  budget: SearchBudget, energy: EnergyKind, bf16: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, float]:
+    """One batch of the protocol: true jitters drawn from ``generator``, the targets they
+    render, the inferred jitters and the seconds the search took."""
+    jitters = draw_jitters(len(source), pretrained.in_chans, generator)
+    target = render_pairs(source, jitters).clamp(0, 1)
+    search_seed = int(torch.randint(2**62, (1,), generator=generator))
+    tic = time.perf_counter()
+    found = pretrained.infer_action(source, target, budget=budget, seed=search_seed,
+                                    energy=energy, bf16=bf16)
+    return jitters, target, _jitter_of(found), time.perf_counter() - tic
+
+
+def _varied(pretrained: Pretrained) -> tuple[str, ...]:
+    channels = pretrained.in_chans
+    if channels not in (1, 3):  # torchvision's colour ops know grey and RGB only
+        raise ValueError(f"the model takes {channels}-channel images: the check needs 1 or 3")
+    return tuple(f for f in JITTER_FACTORS if acts_on(f, channels))
+
+
+def calibrate(pretrained: Pretrained, images: Tensor, *, seed: int = 0,
+              batch_size: int = 32, budget: SearchBudget | None = None,
+              energy: EnergyKind = "residual", bf16: bool = False) -> ActionCalibration:
+    """The calibration of ``pretrained``'s action inference, fitted on ``images`` (B, C, H,
+    W) in [0, 1], e.g. a few hundred of its training images: each is jittered with
+    torchvision at factors drawn uniform in :data:`RANGES` (``seed`` fixes the draws and
+    the searches), :meth:`~iwm.api.Pretrained.infer_action` is asked for the jitter, and
+    :meth:`ActionCalibration.fit` maps the answers onto the truth. Pass the result as
+    ``infer_action(..., calibration=...)`` with the same ``budget``, ``energy`` and
+    ``bf16``: a map fits one search. Costs as much as inferring ``len(images)`` actions."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    images = pretrained.check_images(images).float()
+    if len(images) < 2:
+        raise ValueError(f"{len(images)} image(s): a calibration fits a line per factor, "
+                         "give it at least 2 (128 or more for a stable fit)")
+    varied = _varied(pretrained)
+    budget = budget if budget is not None else SearchBudget()
+    generator = torch.Generator().manual_seed(seed)
+    true, inferred = [], []
+    for start in range(0, len(images), batch_size):
+        jitters, _, found, _ = _search_batch(pretrained, images[start:start + batch_size],
+                                             generator, budget, energy, bf16)
+        true.append(jitters)
+        inferred.append(found)
+    return ActionCalibration.fit(torch.cat(inferred), torch.cat(true), varied)
+
+
+def load_calibration(run_or_result: str | Path) -> ActionCalibration:
+    """The calibration ``iwm eval infer-action RUN`` fitted (RUN/results/infer_action.json,
+    or that JSON file itself)."""
+    path = Path(run_or_result)
+    if path.is_dir():
+        path = path / "results" / f"{RESULT_NAME}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no action-inference result; run `iwm eval "
+                                "infer-action RUN` first")
+    calibration = json.loads(path.read_text()).get("calibration")
+    if not calibration:
+        raise ValueError(f"{path}: scored without calibration; run `iwm eval infer-action "
+                         "RUN` again without --calibration-images 0")
+    return ActionCalibration.from_dict(calibration["maps"])
+
+
 _CALIBRATION_SEED_OFFSET = 1_000_003
 
 
@@ -261,7 +278,7 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
     is the kind of :func:`~iwm.models.action_search.latent_energy` searched.
 
     With ``calibration_images`` > 0 the same protocol first runs on that many *training*
-    images (jitters of their own draw), :func:`fit_calibration` maps their inferred
+    images (jitters of their own draw), :meth:`ActionCalibration.fit` maps their inferred
     factors onto the true ones, and the test answers are scored again through that map
     (``calibrated``): the world model's answers with its systematic bias removed, fitted
     without the test pairs' truth. ``model`` stays the search's own answer."""
@@ -278,9 +295,7 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
     dev = resolve_device(device)
     pretrained = iwm.load(run_dir, device=dev)
     cfg, channels = pretrained.config, pretrained.in_chans
-    if channels not in (1, 3):  # torchvision's colour ops know grey and RGB only
-        raise ValueError(f"the model takes {channels}-channel images: the check needs 1 or 3")
-    varied = tuple(f for f in JITTER_FACTORS if acts_on(f, channels))
+    varied = _varied(pretrained)
 
     def search(split: str, n: int, split_seed: int) -> _Searched:
         dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
@@ -294,10 +309,10 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
     calibrated: Tensor | None = None
     if calibration_images:
         fitted = search("train", calibration_images, seed + _CALIBRATION_SEED_OFFSET)
-        maps = fit_calibration(fitted.inferred, fitted.true, varied)
-        calibration = {"n_images": len(fitted.true), "split": "train", "maps": maps,
+        maps = ActionCalibration.fit(fitted.inferred, fitted.true, varied)
+        calibration = {"n_images": len(fitted.true), "split": "train", "maps": maps.to_dict(),
                        "seconds": fitted.seconds}
-        calibrated = apply_calibration(test.inferred, maps)
+        calibrated = maps.apply(test.inferred)
     source, target, jitters, first_inferred = test.first
     k = min(LANDSCAPE_IMAGES, len(source))
     landscape = energy_landscape(pretrained, source[:k], target[:k], jitters[:k],
