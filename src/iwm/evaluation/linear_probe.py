@@ -22,29 +22,44 @@ class ProbeResult:
     feature_dim: int
 
 
-def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                       weight_decay: float = 1e-4, max_iter: int = 200) -> ProbeResult:
-    """Fit on (train_x, train_y), report top-1 accuracy on (test_x, test_y)."""
-    train_x, test_x = train_x.double(), test_x.double()
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    weight = torch.zeros(train_x.shape[1], n_classes, dtype=torch.float64,
-                         device=train_x.device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, device=train_x.device, requires_grad=True)
+def fit_logistic(x: Tensor, y: Tensor, n_classes: int, weight_decay: float = 1e-4,
+                 max_iter: int = 200) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression of labels ``y`` (N,) on features ``x`` (N, D),
+    fitted by full-batch L-BFGS on standardised features (``weight_decay`` penalises the
+    standardised weights). Returns ``(weight (n_classes, D), bias (n_classes,))`` in float64
+    with the standardisation folded in, so ``x @ weight.T + bias`` are the logits on the
+    raw features: the layout of an ``nn.Linear`` that can be loaded with them."""
+    x = x.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0])
+    z = (x - mean) / std
+    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, device=x.device,
+                         requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
                                   history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(train_x @ weight + bias, train_y)
+        loss = F.cross_entropy(z @ weight + bias, y)
         loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     with torch.no_grad():
-        train_acc = ((train_x @ weight + bias).argmax(1) == train_y).double().mean().item()
-        test_acc = ((test_x @ weight + bias).argmax(1) == test_y).double().mean().item()
-    return ProbeResult(accuracy=test_acc, train_accuracy=train_acc, n_train=len(train_y),
+        raw = weight / std[:, None]
+        return raw.T.contiguous(), bias - mean @ raw
+
+
+def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                       weight_decay: float = 1e-4, max_iter: int = 200) -> ProbeResult:
+    """Fit on (train_x, train_y), report top-1 accuracy on (test_x, test_y)."""
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    weight, bias = fit_logistic(train_x, train_y, n_classes, weight_decay, max_iter)
+
+    def accuracy(x: Tensor, y: Tensor) -> float:
+        return ((x.double() @ weight.T + bias).argmax(1) == y).double().mean().item()
+
+    return ProbeResult(accuracy=accuracy(test_x, test_y),
+                       train_accuracy=accuracy(train_x, train_y), n_train=len(train_y),
                        n_test=len(test_y), feature_dim=train_x.shape[1])
