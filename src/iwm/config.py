@@ -48,6 +48,7 @@ LoggerName = Literal["tensorboard", "wandb"]
 """Where metrics go besides ``metrics.csv``, which is always written (reports read it)."""
 SegClasses = Literal[2, 3]
 FinetuneHead = Literal["attentive", "linear"]
+HeadInit = Literal["random", "probe"]
 
 # The Predictor takes its conditioning as a plain argument, checked against this.
 CONDITIONINGS: tuple[str, ...] = typing.get_args(Conditioning)
@@ -456,6 +457,13 @@ class FinetuneConfig(_Section):
     head: FinetuneHead = "attentive"
     """Classification head: attentive (a learned query cross-attends to the tokens) or
     linear (LayerNorm + Linear on the mean-pooled tokens, as MAE finetuning)."""
+    head_init: HeadInit = "random"
+    """The head's last Linear layer: random (ViT init) or probe, fitted before finetuning
+    as a linear probe (L-BFGS logistic regression, ``probe.weight_decay`` and
+    ``probe.max_iter``) on the features that enter it, over the training images' centre
+    views (LP-FT, Kumar et al. 2022): training starts at the probe's accuracy, and the
+    backbone's first steps follow a head that already reads its features. Classification
+    only."""
 
     def check(self) -> None:
         super().check()

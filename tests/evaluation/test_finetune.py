@@ -20,6 +20,7 @@ from iwm.evaluation.finetune import (
     build_backbone,
     build_head,
     count_trainable,
+    evaluate,
     finetune,
     load_task,
     make_optimizer,
@@ -244,6 +245,42 @@ def test_finetuning_learns_what_can_be_learnt_and_records_its_curve(protocol, pr
     assert curve["loss"][-1] < curve["loss"][0]
 
 
+@pytest.mark.parametrize("head", ["linear", "attentive"])
+def test_a_probe_initialised_head_starts_where_the_probe_ends(head, pretrained, tmp_path,
+                                                              monkeypatch):
+    write_brightness_set(tmp_path / "mnist")
+    monkeypatch.setenv("IWM_DATA", str(tmp_path))
+    overrides = ["finetune.epochs=1", "finetune.batch_size=32", "finetune.eval_points=2",
+                 f"finetune.head={head}", "finetune.head_init=probe"]
+    cfg = load_config(pretrained.config.to_dict(), overrides)
+    task = load_task("mnist", cfg, "classification")
+    outcome = finetune(pretrained, "predictor", cfg, [task])
+    out = outcome.result
+    assert out["head_init"]["kind"] == "probe" and out["head_init"]["seconds"] > 0
+    # The brightness classes are linearly separable in the features: the fitted head
+    # starts far above chance (0.25), and the curve records that start at step 0.
+    assert out["head_init"]["train_accuracy"]["mnist"] >= 0.9
+    assert out["curve"]["eval_steps"] == [0, 4, 8]
+    start = out["curve"]["eval"]["mnist"][0]
+    assert start >= 0.9
+    # The same head at random init starts near chance: the fit, not the data, did it.
+    torch.manual_seed(0)
+    fresh = build_head("classification", cfg, pretrained.encoder.embed_dim, 4)
+    backbone = build_backbone(pretrained, "predictor")
+    accuracy = evaluate(backbone, fresh.to(pretrained.device), task, None, "classification",
+                        cfg, pretrained.normalize, 1, pretrained.device)["accuracy"]
+    assert accuracy < start - 0.3
+
+
+def test_probe_initialisation_is_for_classification(pretrained):
+    cfg = load_config(pretrained.config.to_dict(), [*FT, "finetune.head_init=probe"])
+    with pytest.raises(ConfigError, match="head_init=probe fits a classifier"):
+        finetune(pretrained, "encoder", cfg, [load_task("fashion-mnist", cfg, "segmentation")],
+                 kind="segmentation")
+    with pytest.raises(ConfigError, match="head_init"):
+        load_config(pretrained.config.to_dict(), ["finetune.head_init=lbfgs"])
+
+
 def test_heads_see_target_encoder_tokens_or_null_action_predictions(pretrained):
     images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     x = pretrained.normalize(images)
@@ -367,7 +404,20 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert "another recipe (epochs 1.0 there, 2.0 here)" in other["scratch"]["missing"]
     assert "finetune.epochs=2" in other["scratch"]["missing"]
     assert "accuracy" in other["linear_probe"]  # same images: still a baseline
-    capsys.readouterr()
+    # A scratch result written before head_init existed reads as head_init=random: still
+    # the baseline of a random-init head, not of a probe-initialised one.
+    path = run_copy / "results" / "finetune_scratch.json"
+    old = json.loads(path.read_text())
+    del old["finetune_config"]["head_init"]
+    path.write_text(json.dumps(old))
+    assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT]) == 0
+    assert "accuracy" in read_result(run_copy, "finetune_random-predictor")["baselines"][
+        "scratch"]
+    assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT,
+                 "finetune.head_init=probe"]) == 0
+    probed = read_result(run_copy, "finetune_random-predictor")["baselines"]["scratch"]
+    assert "head_init 'random' there, 'probe' here" in probed["missing"]
+    assert "head initialised as a linear probe" in capsys.readouterr().out
 
     # The report: every protocol beside its baselines, and its curve.
     assert main(["report", str(run_copy), "--bank", "4", "--images", "2"]) == 0

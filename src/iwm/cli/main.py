@@ -93,7 +93,13 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         s = r["separate"]
         line += (f"; separate predictors: mean {s[f'mean_{metric}']:.4f} "
                  f"({s['trainable_params']:,} params, {s['seconds']:.1f} s)")
-    print(f"{line} -> {r['path']}", *baselines_text(r), sep="\n")
+    start = []
+    if r.get("head_init", {}).get("kind") == "probe":
+        curve = r["curve"]
+        at_zero = ", ".join(f"{name} {values[0]:.4f}" for name, values in curve["eval"].items())
+        start = [f"  head initialised as a linear probe ({r['head_init']['seconds']:.1f} s): "
+                 f"{metric} before finetuning {at_zero}"]
+    print(f"{line} -> {r['path']}", *start, *baselines_text(r), sep="\n")
 
 
 def _cmd_eval_mrr(args: argparse.Namespace) -> None:

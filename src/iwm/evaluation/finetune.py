@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from iwm.api import Pretrained
-from iwm.config import Config
+from iwm.config import Config, FinetuneConfig
 from iwm.console import Progress, batches_of, track
 from iwm.data.actions import ACTION_DIM, null_action
 from iwm.data.datasets import FOLDER_PREFIX, FolderSet, ImageSet, get_dataset, require_labels
@@ -40,6 +40,7 @@ from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
 from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
 from iwm.errors import ConfigError, DataError
+from iwm.evaluation.linear_probe import fit_logistic
 from iwm.evaluation.plotting import pyplot
 from iwm.evaluation.results import write_result
 from iwm.evaluation.segmentation import (
@@ -69,7 +70,8 @@ BASELINES = ("scratch", "linear_probe", "raw_pixels")
 # Keys of finetune_config a scratch result must share to be a baseline of another
 # protocol: the budget, data and recipe (not the scales of pretrained parts it lacks).
 _SCRATCH_RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "crop_scale",
-                   "hflip", "train_limit", "test_limit", "seed", "label_smoothing", "head")
+                   "hflip", "train_limit", "test_limit", "seed", "label_smoothing", "head",
+                   "head_init")
 
 
 def check_protocol(protocol: str) -> None:
@@ -342,6 +344,55 @@ def evaluate(backbone: Backbone, head: nn.Module, task: TaskData, task_index: in
             "n_test": n}
 
 
+@torch.no_grad()
+def fit_heads_to_probe(backbone: Backbone, heads: nn.ModuleList, tasks: list[TaskData],
+                       cfg: Config, normalize: Normalizer, channels: int,
+                       device: torch.device, progress: bool = False) -> dict[str, Any]:
+    """``finetune.head_init=probe``: each head's last Linear (``head.linear``) set to the
+    logistic regression of its task's labels on the features entering it, over the
+    training split's centre views (the first ``finetune.train_limit``), as the backbone and
+    the rest of the head compute them now. Returns each task's train accuracy of the fit
+    and the seconds it took."""
+    start = time.perf_counter()
+    backbone.eval()
+    heads.eval()
+    amp = autocast_dtype(cfg, device)
+    ft = cfg.finetune
+    accuracy = {}
+    for i, (head, task) in enumerate(zip(heads, tasks, strict=True)):
+        linear = head.linear
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{type(head).__name__}: a probe-initialised head needs its last "
+                            "layer as an nn.Linear named `linear`")
+        captured: list[Tensor] = []
+        hook = linear.register_forward_hook(
+            lambda _module, inputs, _output, into=captured: into.append(inputs[0].float().cpu()))
+        labels = []
+        batches = iter_eval_batches(task.train, ft.batch_size, cfg.data.image_size, device,
+                                    limit=ft.train_limit)
+        limit = ft.train_limit
+        total = batches_of(len(task.train) if limit is None else min(limit, len(task.train)),
+                           ft.batch_size)
+        try:
+            for images, y in track(batches, total, f"probe head {task.name}",
+                                   enabled=progress):
+                images = match_channels(images, channels)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    head(backbone(normalize(images), i if len(tasks) > 1 else None))
+                labels.append(y.cpu())
+        finally:
+            hook.remove()
+        x, y = torch.cat(captured), torch.cat(labels)
+        weight, bias = fit_logistic(x, y, task.num_classes, cfg.probe.weight_decay,
+                                    cfg.probe.max_iter)
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        logits = x.double() @ weight.T + bias
+        accuracy[task.name] = (logits.argmax(1) == y).double().mean().item()
+    return {"kind": "probe", "train_accuracy": accuracy,
+            "seconds": time.perf_counter() - start}
+
+
 def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[TaskData],
              kind: str = "classification",
              progress: bool = False) -> FinetuneOutcome:
@@ -375,6 +426,23 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
         return evaluate(backbone, heads[i], tasks[i], i if multitask else None, kind, cfg,
                         normalize, channels, device, show)
 
+    curve: dict[str, Any] = {"metric": metric, "loss_steps": [], "loss": [], "eval_steps": [],
+                             "eval": {t.name: [] for t in tasks}}
+    curve_seconds = 0.0
+    head_init: dict[str, Any] = {"kind": "random"}
+    if ft.head_init == "probe":
+        if kind != "classification":
+            raise ConfigError("finetune.head_init=probe fits a classifier: use it with "
+                              "classification tasks (segmentation heads start random)")
+        head_init = fit_heads_to_probe(backbone, heads, tasks, cfg, normalize, channels,
+                                       device, progress)
+        # The start of the curve: the probe's own test accuracy, before any step.
+        at = time.perf_counter()
+        curve["eval_steps"].append(0)
+        for j, t in enumerate(tasks):
+            curve["eval"][t.name].append(test(j)[metric])
+        curve_seconds += time.perf_counter() - at
+
     data_cfg = dataclasses.replace(cfg.data, crop_scale=ft.crop_scale, hflip=ft.hflip,
                                    limit=ft.train_limit)
     sources = [make_source(data_cfg, ft.batch_size, device, derive_seed("finetune", ft.seed, i),
@@ -389,11 +457,8 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
     loss_every = max(1, total // LOSS_POINTS)
     # The last point is the final evaluation below, on the same test images.
     midway = set(eval_steps(total, ft.eval_points)) - {total}
-    curve: dict[str, Any] = {"metric": metric, "loss_steps": [], "loss": [], "eval_steps": [],
-                             "eval": {t.name: [] for t in tasks}}
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     loss_n = 0
-    curve_seconds = 0.0
 
     backbone.train()
     heads.train()
@@ -464,6 +529,7 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
         "steps": total,
         "batch_size": ft.batch_size,
         "head": ft.head if kind == "classification" else "linear-per-patch",
+        "head_init": head_init,
         "lr": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
         "frozen": ["encoder"] if frozen else [],
         "frozen_unchanged": True,  # checked above; a change raises instead
@@ -569,7 +635,10 @@ def _find_scratch(path: Path, result: dict[str, Any]) -> tuple[dict[str, Any] | 
     data = _read_json(path)
     if data is None:
         return None, f"no {path.name}"
-    mine, theirs = result["finetune_config"], data.get("finetune_config") or {}
+    mine = result["finetune_config"]
+    # A key an older result lacks was added later with a default that keeps the old
+    # behaviour (head_init: random), so it reads as that default.
+    theirs = {**dataclasses.asdict(FinetuneConfig()), **(data.get("finetune_config") or {})}
     differ = [f"{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in _SCRATCH_RECIPE
               if _plain(theirs.get(k)) != _plain(mine[k])]
     differ += [f"{k} {data.get(k)!r} there, {result[k]!r} here"
