@@ -424,7 +424,8 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     page = (run_copy / "report" / "index.html").read_text()
     assert "<h2>Finetuning against its baselines</h2>" in page
     lp, px = (f"{base[k]['accuracy']:.4f}" for k in ("linear_probe", "raw_pixels"))
-    row = (f"<tr><td>encoder</td><td>fashion-mnist</td><td class=num>{r['accuracy']:.4f}</td>"
+    row = (f"<tr><td>encoder</td><td>fashion-mnist</td><td>attentive</td>"
+           f"<td class=num>{r['accuracy']:.4f}</td>"
            f"<td class=num>{lp}</td><td class=num>{px}</td>"
            f"<td class=num>{scratch['accuracy']:.4f}</td>"
            f"<td class=num>{r['trainable_params']:,}</td>")
@@ -432,6 +433,7 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert 'src="finetune_encoder_curve.png"' in page
     assert (run_copy / "report" / "finetune_encoder_curve.png").is_file()
     assert "another recipe" in page  # the random predictor's missing scratch, and why
+    assert "<td>random-predictor</td><td>fashion-mnist</td><td>attentive, probe init</td>" in page
 
 
 def write_folder(root: Path, per_class: int, split: bool) -> None:

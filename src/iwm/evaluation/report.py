@@ -518,8 +518,10 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
     rows, notes, figures = [], [], []
     for stem, d in found:
         base = d.get("baselines") or {}
+        init = (d.get("head_init") or {}).get("kind", "random")
+        head_name = f"{d.get('head', '?')}{', probe init' if init == 'probe' else ''}"
         cells = [f"<td>{_esc(d.get('protocol'))}</td>", f"<td>{_esc(d.get('dataset'))}</td>",
-                 num(d.get("accuracy"), ".4f")]
+                 f"<td>{_esc(head_name)}</td>", num(d.get("accuracy"), ".4f")]
         cells += [num((base.get(k) or {}).get("accuracy"), ".4f")
                   for k in ("linear_probe", "raw_pixels", "scratch")]
         flops = d.get("flops_per_image")
@@ -538,12 +540,14 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
             plot_finetune_curve(d, out_dir / png)
             figures.append(f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">')
     head = "".join(f"<th>{h}</th>" for h in (
-        "protocol", "data set", "accuracy", "linear probe", "raw pixels", "scratch",
+        "protocol", "data set", "head", "accuracy", "linear probe", "raw pixels", "scratch",
         "trainable params", "GFLOPs/image", "seconds"))
     note = "".join(f"<li>{n}</li>" for n in notes)
     return ("<p>Each finetuning beside its baselines on the same train and test images: the "
             "linear probe of the run's frozen encoder, raw pixels, and the encoder's "
-            "architecture trained from scratch with the same recipe. Cost: trainable "
+            "architecture trained from scratch with the same recipe. <b>probe init</b>: the "
+            "head started as a linear probe of the backbone's features (the curve's step "
+            "0). Cost: trainable "
             "parameters, FLOPs of one training image (forward + backward; frozen parts "
             "without backward), training wall time (without evaluations).</p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table>"
