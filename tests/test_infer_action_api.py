@@ -177,15 +177,16 @@ def test_calibration_removes_a_planted_bias_and_leaves_an_exact_model_alone():
     fitting_images = planted_images(1, 32, seed=1)
     exact = calibrate(model, fitting_images, seed=1)
     for name in ("brightness", "contrast"):
-        assert exact.maps[name].slope == pytest.approx(1, abs=0.02)
-        assert exact.maps[name].intercept == pytest.approx(0, abs=0.005)
+        intercept, slope, curvature = exact.maps[name].coefficients
+        assert slope == pytest.approx(1, abs=0.02) and intercept == pytest.approx(0, abs=0.005)
+        assert curvature == pytest.approx(0, abs=0.1)
     model.model.predictor = Biased(model.predictor)
     source, target, jitters = pairs(1, 16)
     raw = infer(model, source, target)
     assert (raw - jitters).abs().amax() > 0.05
     cal = calibrate(model, fitting_images, seed=1)
-    assert cal.maps["brightness"].slope == pytest.approx(1.25, abs=0.03)
-    assert cal.maps["contrast"].slope == pytest.approx(0.8, abs=0.03)
+    assert cal.maps["brightness"].coefficients[1] == pytest.approx(1.25, abs=0.03)
+    assert cal.maps["contrast"].coefficients[1] == pytest.approx(0.8, abs=0.03)
     fixed = infer(model, source, target, calibration=cal)
     assert (fixed - jitters).abs().amax() < 0.02
     assert torch.allclose(fixed, cal.apply(raw))
@@ -194,7 +195,7 @@ def test_calibration_removes_a_planted_bias_and_leaves_an_exact_model_alone():
 def test_calibration_keeps_the_flags_and_refuses_too_few_images():
     model = planted_pretrained(3)
     source, target, _ = pairs(3, 2)
-    shift = iwm.ActionCalibration.from_dict({"brightness": {"intercept": 0.1, "slope": 1}})
+    shift = iwm.ActionCalibration.from_dict({"brightness": {"coefficients": [0.1, 1]}})
     budget = SearchBudget(iterations=2, population=8, elites=2)
     plain = model.infer_action(source, target, destructive=True, budget=budget)
     moved = model.infer_action(source, target, destructive=True, budget=budget,

@@ -24,6 +24,7 @@ from iwm.evaluation.infer_action import (
     run_infer_action,
     score,
 )
+from iwm.models.action_calibration import ActionCalibration
 from iwm.models.action_search import SearchBudget
 from planted_world_model import planted_images
 from tiny_run import make_tiny_run
@@ -100,6 +101,7 @@ def test_cli_scores_a_run_beside_its_references(run, data, capsys):
     assert "fitted on 6 training pairs" in out
     r = json.loads((run / "results" / "infer_action.json").read_text())
     assert r["calibration"]["n_images"] == 6 and r["calibration"]["split"] == "train"
+    assert r["calibration"]["degree"] == 2
     assert set(r["calibration"]["maps"]) == {"brightness", "contrast"}
     assert r["n_images"] == 10 and r["seed"] == 3 and r["channels"] == 1
     assert r["budget"]["evaluations"] == SearchBudget().evaluations and r["ms_per_image"] > 0
@@ -112,8 +114,8 @@ def test_cli_scores_a_run_beside_its_references(run, data, capsys):
         assert scores["no_change"]["mae"] == pytest.approx(float((true - 1).abs().mean()))
         inferred = torch.tensor(r["pairs"]["inferred"][name])
         assert scores["model"]["mae"] == pytest.approx(float((inferred - true).abs().mean()))
-        fit = r["calibration"]["maps"][name]
-        mapped = (fit["intercept"] + fit["slope"] * inferred.log()).exp()
+        fit = ActionCalibration.from_dict(r["calibration"]["maps"]).maps[name]
+        mapped = fit(inferred.double().log()).exp().float()
         assert torch.tensor(r["pairs"]["calibrated"][name]) == pytest.approx(mapped)
         assert scores["calibrated"]["mae"] == pytest.approx(float((mapped - true).abs().mean()))
         lo, hi = r["search_bounds"][name]
@@ -163,6 +165,17 @@ def test_the_fitted_calibration_loads_from_the_run_and_reproduces_its_scores(run
 def test_a_negative_calibration_count_is_a_clear_error(run, data, capsys):
     assert main(["eval", "infer-action", str(run), "--calibration-images", "-1"]) != 0
     assert "--calibration-images -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="calibration_degree=3: use one of 1, 2"):
+        run_infer_action(run, n_images=2, progress=False, calibration_degree=3)
+
+
+def test_the_affine_maps_remain_available(run, data, capsys):
+    assert main(["eval", "infer-action", str(run), "--images", "4", "--calibration-images",
+                 "4", "--calibration-degree", "1"]) == 0
+    assert "per-factor affine maps fitted on 4 training pairs" in capsys.readouterr().out
+    r = json.loads((run / "results" / "infer_action.json").read_text())
+    assert r["calibration"]["degree"] == 1
+    assert all(len(m["coefficients"]) == 2 for m in r["calibration"]["maps"].values())
 
 
 def test_the_report_shows_the_table_and_the_landscape(run, data, tmp_path):

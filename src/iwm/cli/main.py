@@ -209,7 +209,8 @@ def _cmd_eval_infer_action(args: argparse.Namespace) -> None:
                        "calibration) or more")
     r = run_infer_action(Path(args.run), n_images=args.images, seed=args.seed,
                          device=args.device, bf16=args.bf16, energy=args.energy,
-                         calibration_images=args.calibration_images)
+                         calibration_images=args.calibration_images,
+                         calibration_degree=args.calibration_degree)
     b = r["budget"]
     print(f"action inference: {r['n_images']} images, CEM {b['iterations']} x "
           f"{b['population']} ({b['evaluations']} predictor calls, "
@@ -229,7 +230,8 @@ def _cmd_eval_infer_action(args: argparse.Namespace) -> None:
                   f"{cell(s['model'], 'mae', 12)}{cell(fixed, 'mae', 11)}"
                   f"{cell(s['no_change'], 'mae', 10)}{cell(s['pixels'], 'mae', 8)}")
     cal = r["calibration"]
-    fitted = (f"calibrated: the model's answers through per-factor affine maps fitted on "
+    kind = "affine" if cal and cal.get("degree") == 1 else "quadratic"
+    fitted = (f"calibrated: the model's answers through per-factor {kind} maps fitted on "
               f"{cal['n_images']} training pairs" if cal else "calibrated: off")
     print(f"(MAE in ratios; hue in turns. {fitted}. pixels: least squares on pixel "
           f"statistics, 2-fold cross-fitted) -> {r['path']}")
@@ -479,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images whose known jitters fit the per-factor map from "
                         "inferred to true that the 'calibrated' column applies (removes "
                         "the world model's systematic bias; 0: no calibration)")
+    p.add_argument("--calibration-degree", type=int, choices=(1, 2), default=2,
+                   help="the maps' degree in the action's coordinates: 1 affine, 2 "
+                        "quadratic (increasing on the fitted range; default)")
     _add_bank_options(p)
     p.set_defaults(fn=_cmd_eval_infer_action)
     p = evals.add_parser("probe", help="frozen-encoder probe: linear (as `iwm probe`), "

@@ -29,6 +29,7 @@ from iwm.data.factors import IDENTITY, JITTER_FACTORS, acts_on
 from iwm.evaluation.api_check import RANGES, render
 from iwm.evaluation.results import write_result
 from iwm.models.action_calibration import (
+    CALIBRATION_DEGREES,
     ActionCalibration,
     jitter_coordinates,
     jitters_from_coordinates,
@@ -221,12 +222,14 @@ def _varied(pretrained: Pretrained) -> tuple[str, ...]:
 
 def calibrate(pretrained: Pretrained, images: Tensor, *, seed: int = 0,
               batch_size: int = 32, budget: SearchBudget | None = None,
-              energy: EnergyKind = "residual", bf16: bool = False) -> ActionCalibration:
+              energy: EnergyKind = "residual", bf16: bool = False,
+              degree: int = 2) -> ActionCalibration:
     """The calibration of ``pretrained``'s action inference, fitted on ``images`` (B, C, H,
     W) in [0, 1], e.g. a few hundred of its training images: each is jittered with
     torchvision at factors drawn uniform in :data:`RANGES` (``seed`` fixes the draws and
     the searches), :meth:`~iwm.api.Pretrained.infer_action` is asked for the jitter, and
-    :meth:`ActionCalibration.fit` maps the answers onto the truth. Pass the result as
+    :meth:`ActionCalibration.fit` maps the answers onto the truth (polynomials of
+    ``degree`` in the action's coordinates). Pass the result as
     ``infer_action(..., calibration=...)`` with the same ``budget``, ``energy`` and
     ``bf16``: a map fits one search. Costs as much as inferring ``len(images)`` actions."""
     if batch_size < 1:
@@ -244,7 +247,7 @@ def calibrate(pretrained: Pretrained, images: Tensor, *, seed: int = 0,
                                              generator, budget, energy, bf16)
         true.append(jitters)
         inferred.append(found)
-    return ActionCalibration.fit(torch.cat(inferred), torch.cat(true), varied)
+    return ActionCalibration.fit(torch.cat(inferred), torch.cat(true), varied, degree)
 
 
 def load_calibration(run_or_result: str | Path) -> ActionCalibration:
@@ -269,7 +272,8 @@ _CALIBRATION_SEED_OFFSET = 1_000_003
 def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: str = "auto",
                      batch_size: int = 32, progress: bool = True, bf16: bool = False,
                      budget: SearchBudget | None = None,
-                     energy: EnergyKind = "residual", calibration_images: int = 128) -> dict:
+                     energy: EnergyKind = "residual", calibration_images: int = 128,
+                     calibration_degree: int = 2) -> dict:
     """Score :meth:`~iwm.api.Pretrained.infer_action` of a run on the first ``n_images``
     test images of its data (centre views, as the API check takes them), ``batch_size``
     pairs per search. Writes and returns ``RUN/results/infer_action.json`` (the returned
@@ -278,7 +282,8 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
     is the kind of :func:`~iwm.models.action_search.latent_energy` searched.
 
     With ``calibration_images`` > 0 the same protocol first runs on that many *training*
-    images (jitters of their own draw), :meth:`ActionCalibration.fit` maps their inferred
+    images (jitters of their own draw), :meth:`ActionCalibration.fit` (polynomials of
+    ``calibration_degree``) maps their inferred
     factors onto the true ones, and the test answers are scored again through that map
     (``calibrated``): the world model's answers with its systematic bias removed, fitted
     without the test pairs' truth. ``model`` stays the search's own answer."""
@@ -290,6 +295,9 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
         raise ValueError(f"n_images={n_images}, batch_size={batch_size}: must be at least 1")
     if calibration_images < 0:
         raise ValueError(f"calibration_images={calibration_images}: must be 0 (none) or more")
+    if calibration_degree not in CALIBRATION_DEGREES:
+        raise ValueError(f"calibration_degree={calibration_degree}: use one of "
+                         f"{', '.join(map(str, CALIBRATION_DEGREES))}")
     budget = budget if budget is not None else SearchBudget()
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -309,8 +317,9 @@ def run_infer_action(run_dir: Path, n_images: int = 256, seed: int = 0, device: 
     calibrated: Tensor | None = None
     if calibration_images:
         fitted = search("train", calibration_images, seed + _CALIBRATION_SEED_OFFSET)
-        maps = ActionCalibration.fit(fitted.inferred, fitted.true, varied)
-        calibration = {"n_images": len(fitted.true), "split": "train", "maps": maps.to_dict(),
+        maps = ActionCalibration.fit(fitted.inferred, fitted.true, varied, calibration_degree)
+        calibration = {"n_images": len(fitted.true), "split": "train",
+                       "degree": calibration_degree, "maps": maps.to_dict(),
                        "seconds": fitted.seconds}
         calibrated = maps.apply(test.inferred)
     source, target, jitters, first_inferred = test.first

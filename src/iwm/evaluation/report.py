@@ -395,6 +395,9 @@ def _infer_action_section(run_dir: Path, out_dir: Path) -> str:
         f"{cells(s.get('no_change'))}{cells(s.get('pixels'))}</tr>"
         for name, s in (result.get("per_factor") or {}).items() if isinstance(s, dict))
     budget = result.get("budget") or {}
+    fitted = result.get("calibration") or {}
+    # Results before maps had a degree were affine.
+    kind = "affine" if fitted.get("degree", 1) == 1 else "quadratic"
     return (f"<p>Which jitter maps each of {_esc(result.get('n_images'))} test images onto "
             "its torchvision-jittered copy (factors drawn uniformly, all at once), found by "
             "searching the action that minimises the world model's energy (energy "
@@ -404,8 +407,8 @@ def _infer_action_section(run_dir: Path, out_dir: Path) -> str:
             f"{_esc(_fmt(result.get('ms_per_image')))} ms per image on "
             f"{_esc(result.get('device'))}. R^2 and mean absolute error (ratios; hue in "
             "turns) of the inferred factor against the true one, as the search answers "
-            "(<b>model</b>) and through per-factor affine maps fitted on "
-            f"{_esc((result.get('calibration') or {}).get('n_images', 'no'))} training "
+            f"(<b>model</b>) and through per-factor {kind} maps fitted on "
+            f"{_esc(fitted.get('n_images', 'no'))} training "
             "pairs of known jitter (<b>calibrated</b>: the model's systematic bias "
             "removed), beside <b>no change</b> "
             "(always the identity: the floor) and <b>pixels</b> (least squares on pixel "
