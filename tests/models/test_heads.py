@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from iwm.models.heads import AttentiveClassifier, AttentivePooler, LinearSegmentationHead
+from iwm.models.heads import (
+    AttentiveClassifier,
+    AttentivePooler,
+    LinearSegmentationHead,
+    PooledLinearClassifier,
+    full_precision_logits,
+)
 
 
 @pytest.mark.parametrize("num_queries, depth", [(1, 1), (3, 2)])
@@ -51,3 +57,28 @@ def test_segmentation_head_is_per_token():
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="divisible"):
         AttentivePooler(30, num_heads=4)
+
+
+def test_the_logits_product_stays_float32_under_bf16_autocast():
+    # What a probe-initialised head looks like on features of small spread: large weights
+    # and a bias that cancels their mean. A bf16 product leaves noise instead of logits.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 3)
+    with torch.no_grad():
+        linear.weight.copy_(300 * torch.randn(3, 16))
+        linear.bias.copy_(-linear.weight.sum(1) * 0.5)
+    x = 0.5 + 0.01 * torch.randn(4, 16)
+    exact = linear(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = full_precision_logits(linear, x)
+        rounded = linear(x)
+    assert kept.dtype == torch.float32 and torch.equal(kept, exact)
+    assert (rounded.float() - exact).abs().max() > 1.0  # what it guards against
+
+
+@pytest.mark.parametrize("head_cls", [PooledLinearClassifier, AttentiveClassifier,
+                                      LinearSegmentationHead])
+def test_every_head_returns_float32_logits_under_autocast(head_cls):
+    head = head_cls(16, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(torch.randn(2, 5, 16)).dtype == torch.float32

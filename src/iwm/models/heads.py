@@ -79,7 +79,7 @@ class AttentiveClassifier(nn.Module):
         _init_weights(self.linear)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.linear(self.norm(self.pooler(tokens).squeeze(1)))
+        return full_precision_logits(self.linear, self.norm(self.pooler(tokens).squeeze(1)))
 
 
 class PooledLinearClassifier(nn.Module):
@@ -93,7 +93,7 @@ class PooledLinearClassifier(nn.Module):
         _init_weights(self.linear)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.linear(self.norm(tokens.mean(1)))
+        return full_precision_logits(self.linear, self.norm(tokens.mean(1)))
 
 
 class LinearSegmentationHead(nn.Module):
@@ -110,7 +110,16 @@ class LinearSegmentationHead(nn.Module):
         _init_weights(self.linear)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.linear(self.norm(tokens))
+        return full_precision_logits(self.linear, self.norm(tokens))
+
+
+def full_precision_logits(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear(x)`` in float32 even under autocast: a head started as a linear probe
+    (``finetune.head_init=probe``) can have large weights and a large bias that cancel,
+    and in bf16 (8 bits of mantissa) that cancellation leaves noise instead of logits. A
+    (D x classes) product costs nothing beside the backbone."""
+    with torch.autocast(x.device.type, enabled=False):
+        return linear(x.float())
 
 
 def _init_weights(module: nn.Module) -> None:
