@@ -122,6 +122,7 @@ RULES = [
     ("finetune.layer_decay=0", "finetune.layer_decay=0.0: needs 0 < value <= 1"),
     ("finetune.layer_decay=1.5", "finetune.layer_decay=1.5: needs 0 < value <= 1"),
     ("finetune.head=mlp", "finetune.head='mlp': must be one of attentive, linear"),
+    ("finetune.head_init=lbfgs", "finetune.head_init='lbfgs': must be one of random, probe"),
     # decoder
     ("decoder.width=0", "decoder.width=0: must be at least 1"),
     ("decoder.epochs=0", "decoder.epochs=0.0: must be positive"),
