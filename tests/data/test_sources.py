@@ -16,6 +16,7 @@ from iwm.data.sources import (
     iter_eval_batches,
     make_source,
     shard_plan,
+    tracked_eval_batches,
 )
 from iwm.data.tarshards import open_shards
 from iwm.errors import CheckpointError, DataError
@@ -203,6 +204,14 @@ def test_eval_batches_image_set():
     _assert_same(batches, again)
     limited = list(iter_eval_batches(data, 8, 12, limit=10))
     assert [x.shape[0] for x, _ in limited] == [8, 2]
+
+
+def test_tracked_eval_batches_count_the_batches_the_limit_keeps(capsys):
+    data = _indexed_set(20, size=6)
+    tracked = list(tracked_eval_batches(data, 8, 12, "cpu", "eval x", limit=10))
+    _assert_same(tracked, list(iter_eval_batches(data, 8, 12, limit=10)))
+    # The bar's total is 2 batches (10 images), not 3 (the set's 20): its last line ends it.
+    assert capsys.readouterr().err.splitlines()[-1].startswith("iwm: eval x batch 2/2 ")
 
 
 def test_eval_batches_folder(coloured_folder):

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from iwm.config import DataConfig
+from iwm.console import batches_of, track
 from iwm.data.crops import center_resize, random_resized_crop, sample_crop_boxes
 from iwm.data.datasets import SHARDS_PREFIX, FolderSet, ImageSet, get_dataset, load_image
 from iwm.data.shard import SINGLE, Shard
@@ -808,3 +809,20 @@ def iter_eval_batches(
         if len(labels):
             images = images.to(device, non_blocking=True).float().div_(255)
             yield images, labels.to(device, non_blocking=True)
+
+
+def tracked_eval_batches(
+    data: ImageSet | FolderSet,
+    batch_size: int,
+    image_size: int,
+    device: torch.device | str,
+    desc: str,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`iter_eval_batches` behind a progress bar ``desc`` (see :mod:`iwm.console`)
+    counted in batches of the images ``limit`` keeps: the loop every evaluation runs."""
+    total = batches_of(len(data.subset(limit)), batch_size)
+    return track(iter_eval_batches(data, batch_size, image_size, device, limit=limit), total,
+                 desc, enabled=progress)

@@ -162,9 +162,8 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     ``RUN/results/api_check.json`` (the returned dict also has ``path``); ``progress``: see
     :mod:`iwm.console`; ``bf16`` runs the model under bf16 autocast."""
     import iwm
-    from iwm.console import batches_of, track
     from iwm.data.datasets import get_dataset
-    from iwm.data.sources import iter_eval_batches
+    from iwm.data.sources import tracked_eval_batches
     from iwm.training.distributed import resolve_device
 
     if n_images < 1 or batch_size < 1:
@@ -180,9 +179,9 @@ def run_api_check(run_dir: Path, n_images: int = 256, k: int = 64, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     collected: dict[str, list[Tensor]] = {}
     notes: dict[str, str] = {}
-    batches = iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev, limit=n_images)
-    total = batches_of(min(n_images, len(dataset)), batch_size)
-    for images, _ in track(batches, total, "eval api-check", enabled=progress):
+    for images, _ in tracked_eval_batches(dataset, batch_size, cfg.data.image_size, dev,
+                                          "eval api-check", limit=n_images,
+                                          progress=progress):
         # Rendering is elementwise, so autocast leaves it fp32; only the model runs bf16.
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             ranks, batch_notes = _all_reciprocal_ranks(pretrained, images, k, generator)

@@ -33,12 +33,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iwm.api import Pretrained
 from iwm.config import Config, FinetuneConfig
-from iwm.console import Progress, batches_of, track
+from iwm.console import Progress
 from iwm.data.actions import ACTION_DIM, null_action
 from iwm.data.datasets import FOLDER_PREFIX, FolderSet, ImageSet, get_dataset, require_labels
 from iwm.data.normalize import Normalizer
 from iwm.data.photometric import to_grayscale
-from iwm.data.sources import StreamingBatchSource, derive_seed, iter_eval_batches, make_source
+from iwm.data.sources import (
+    StreamingBatchSource,
+    derive_seed,
+    make_source,
+    tracked_eval_batches,
+)
 from iwm.errors import ConfigError, DataError
 from iwm.evaluation.linear_probe import fit_logistic
 from iwm.evaluation.plotting import pyplot
@@ -319,12 +324,11 @@ def evaluate(backbone: Backbone, head: nn.Module, task: TaskData, task_index: in
     correct = torch.zeros((), dtype=torch.long, device=device)
     conf = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long, device=device)
     n = 0
-    batches = iter_eval_batches(task.test, cfg.finetune.batch_size, cfg.data.image_size,
-                                device, limit=cfg.finetune.test_limit)
-    limit = cfg.finetune.test_limit
-    total = batches_of(len(task.test) if limit is None else min(limit, len(task.test)),
-                       cfg.finetune.batch_size)
-    for images, labels in track(batches, total, f"test {task.name}", enabled=progress):
+    for images, labels in tracked_eval_batches(task.test, cfg.finetune.batch_size,
+                                               cfg.data.image_size, device,
+                                               f"test {task.name}",
+                                               limit=cfg.finetune.test_limit,
+                                               progress=progress):
         images = match_channels(images, channels)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = head(backbone(normalize(images), task_index))
@@ -368,14 +372,11 @@ def fit_heads_to_probe(backbone: Backbone, heads: nn.ModuleList, tasks: list[Tas
         hook = linear.register_forward_hook(
             lambda _module, inputs, _output, into=captured: into.append(inputs[0].float().cpu()))
         labels = []
-        batches = iter_eval_batches(task.train, ft.batch_size, cfg.data.image_size, device,
-                                    limit=ft.train_limit)
-        limit = ft.train_limit
-        total = batches_of(len(task.train) if limit is None else min(limit, len(task.train)),
-                           ft.batch_size)
         try:
-            for images, y in track(batches, total, f"probe head {task.name}",
-                                   enabled=progress):
+            for images, y in tracked_eval_batches(task.train, ft.batch_size,
+                                                  cfg.data.image_size, device,
+                                                  f"probe head {task.name}",
+                                                  limit=ft.train_limit, progress=progress):
                 images = match_channels(images, channels)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     head(backbone(normalize(images), i if len(tasks) > 1 else None))

@@ -173,17 +173,15 @@ class _Searched:
 def _search_split(pretrained: Pretrained, dataset: Any, split: str, n_images: int,
                   batch_size: int, generator: torch.Generator, budget: SearchBudget,
                   energy: EnergyKind, bf16: bool, progress: bool) -> _Searched:
-    from iwm.console import batches_of, track
-    from iwm.data.sources import iter_eval_batches
+    from iwm.data.sources import tracked_eval_batches
 
     parts: dict[str, list[Tensor]] = {"true": [], "inferred": [], "features": []}
     first: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
     seconds = 0.0
-    batches = iter_eval_batches(dataset, batch_size, pretrained.config.data.image_size,
-                                pretrained.device, limit=n_images)
-    total = batches_of(min(n_images, len(dataset)), batch_size)
-    for images in track((b[0] for b in batches), total, f"eval infer-action {split}",
-                        enabled=progress):
+    for images, _ in tracked_eval_batches(dataset, batch_size,
+                                          pretrained.config.data.image_size,
+                                          pretrained.device, f"eval infer-action {split}",
+                                          limit=n_images, progress=progress):
         source = pretrained.check_images(images).float()
         jitters, target, inferred, spent = _search_batch(pretrained, source, generator,
                                                          budget, energy, bf16)

@@ -18,10 +18,9 @@ import torch
 from torch import Tensor
 
 from iwm.config import Config
-from iwm.console import batches_of, track
 from iwm.data.datasets import get_dataset, require_labels
 from iwm.data.normalize import Normalizer
-from iwm.data.sources import iter_eval_batches
+from iwm.data.sources import tracked_eval_batches
 from iwm.errors import ConfigError
 from iwm.evaluation.attentive_probe import train_attentive_probe
 from iwm.evaluation.knn import train_knn_probe
@@ -40,14 +39,12 @@ def _map_split(cfg: Config, split: str, limit: int | None, device: torch.device,
     the CPU, and the labels; under bf16 autocast with ``probe.bf16``."""
     dataset = get_dataset(cfg.data.name, split, cfg.data.root, holdout=cfg.data.holdout)
     require_labels(dataset, "a probe")
-    batches = iter_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size, device,
-                                limit=limit)
-    total = batches_of(len(dataset) if limit is None else min(limit, len(dataset)),
-                       cfg.probe.batch_size)
+    batches = tracked_eval_batches(dataset, cfg.probe.batch_size, cfg.data.image_size, device,
+                                   f"features of {split}", limit=limit, progress=progress)
     outs, labels = [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                          enabled=cfg.probe.bf16):
-        for images, y in track(batches, total, f"features of {split}", enabled=progress):
+        for images, y in batches:
             outs.append(fn(images).cpu())
             labels.append(y.cpu())
     return torch.cat(outs), torch.cat(labels)
