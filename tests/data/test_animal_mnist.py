@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from iwm.data.datasets import get_dataset
+from iwm.data.datasets import class_interleaved, get_dataset
 from iwm.data.fetch import pickled_array_bytes, split_animal_mnist, write_idx
 from iwm.errors import DataError
 
@@ -42,3 +42,26 @@ def test_registered_and_found_in_iwm_data(tmp_path, monkeypatch):
     monkeypatch.setenv("IWM_DATA", str(tmp_path))
     data = get_dataset("animal-mnist", "test", download=False)
     assert data.images.shape == (4, 1, 28, 28) and data.classes[0] == "bear"
+
+
+def test_classes_are_interleaved_so_that_a_limit_keeps_every_class(tmp_path, monkeypatch):
+    # Stored class by class, as the package and its conversion do: 3 classes x 4 images.
+    labels = torch.arange(3).repeat_interleave(4).to(torch.uint8)
+    images = torch.arange(12).view(12, 1, 1).expand(12, 28, 28).to(torch.uint8)
+    folder = tmp_path / "animal-mnist"
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    monkeypatch.setenv("IWM_DATA", str(tmp_path))
+    data = get_dataset("animal-mnist", "train", download=False)
+    assert data.labels.tolist() == [0, 1, 2] * 4
+    # Each image keeps its label, and each class its order (0..3, 4..7, 8..11).
+    assert data.images[:, 0, 0, 0].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+    assert data.subset(6).labels.bincount().tolist() == [2, 2, 2]
+
+
+def test_interleaving_an_unbalanced_set_keeps_every_image_once():
+    labels = torch.tensor([2, 0, 0, 0, 1, 2])
+    order = class_interleaved(labels, 3)
+    assert sorted(order.tolist()) == list(range(6))
+    assert labels[order].tolist() == [0, 1, 2, 0, 2, 0]

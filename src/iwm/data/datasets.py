@@ -361,7 +361,21 @@ def _load_idx_family(name: str, split: str, root: str | None, download: bool) ->
         raise DataError(f"{labels_path}: {tuple(labels.shape)} labels for {len(images)} images")
     if len(labels) and int(labels.max()) >= len(classes):
         raise DataError(f"{labels_path}: label {int(labels.max())} out of range")
+    if name == "animal-mnist":
+        # The package stores its images class by class, so a limit (the probes' and
+        # finetuning's first N) would keep only the first classes.
+        order = class_interleaved(labels.long(), len(classes))
+        images, labels = images[order], labels[order]
     return _make_set(name, split, images.unsqueeze(1), labels, classes)
+
+
+def class_interleaved(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The order that takes each class's images in turn (its k-th image after every class's
+    (k-1)-th, classes in label order), keeping each class's own order: every prefix of a
+    balanced set is then balanced to within one image per class."""
+    onehot = torch.nn.functional.one_hot(labels, num_classes)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # position within its own class
+    return torch.argsort(rank * num_classes + labels, stable=True)
 
 
 _TORCHVISION = {
