@@ -432,6 +432,10 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert row in page
     assert 'src="finetune_encoder_curve.png"' in page
     assert (run_copy / "report" / "finetune_encoder_curve.png").is_file()
+    # Every protocol of the data set on one figure, shown before the single curves.
+    compare = "finetune_compare_fashion-mnist_curve.png"
+    assert page.index(f'src="{compare}"') < page.index('src="finetune_encoder_curve.png"')
+    assert (run_copy / "report" / compare).stat().st_size > 0
     assert "another recipe" in page  # the random predictor's missing scratch, and why
     assert "<td>random-predictor</td><td>fashion-mnist</td><td>attentive, probe init</td>" in page
 

@@ -22,6 +22,7 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,6 +599,47 @@ def plot_finetune_curve(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"finetune {result.get('protocol')} on {result.get('dataset', 'several tasks')}"
                  f", {result.get('epochs')} epochs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_finetune_comparison(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Several finetunings of one data set on shared axes: each one's train loss and test
+    metric against steps (labelled by protocol and head init), and the first recorded
+    linear probe and raw pixels as horizontal lines, so that which protocol wins and
+    whether each has levelled off read off one figure."""
+    if not results:
+        raise ValueError("no finetuning results to compare")
+    plt = pyplot()
+    fig, (loss_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    metric = results[0]["curve"].get("metric", "accuracy")
+    for k, result in enumerate(results):
+        curve = result["curve"]
+        init = (result.get("head_init") or {}).get("kind", "random")
+        label = f"{result.get('protocol')}{', probe init' if init == 'probe' else ''}"
+        color = f"C{k % 10}"
+        loss_ax.plot(curve["loss_steps"], curve["loss"], color=color, label=label)
+        for values in curve["eval"].values():
+            test_ax.plot(curve["eval_steps"], values, marker="o", color=color,
+                         label=f"{label} {values[-1]:.3f}")
+    for key, label, style in (("linear_probe", "linear probe", "--"),
+                              ("raw_pixels", "raw pixels", ":")):
+        for result in results:
+            base = (result.get("baselines") or {}).get(key) or {}
+            if isinstance(base.get("accuracy"), int | float):
+                test_ax.axhline(base["accuracy"], color="black", linestyle=style,
+                                linewidth=1.1, label=f"{label} {base['accuracy']:.3f}")
+                break
+    loss_ax.set_title("train loss (mean of each 1% of the steps)")
+    loss_ax.set_yscale("log")
+    test_ax.set_title(f"test {metric}")
+    for ax in (loss_ax, test_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"finetuning protocols on {results[0].get('dataset', 'several tasks')}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

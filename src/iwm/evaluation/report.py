@@ -34,6 +34,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import statistics
 import time
 import warnings
@@ -498,7 +499,12 @@ def _results_section(run_dir: Path) -> str:
 
 
 def _finetune_section(run_dir: Path, out_dir: Path) -> str:
-    from iwm.evaluation.finetune import BASELINES, PROTOCOLS, plot_finetune_curve
+    from iwm.evaluation.finetune import (
+        BASELINES,
+        PROTOCOLS,
+        plot_finetune_comparison,
+        plot_finetune_curve,
+    )
 
     found = []
     for path in sorted((run_dir / "results").glob("finetune_*.json")):
@@ -542,6 +548,18 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
             png = f"{stem}_curve.png"
             plot_finetune_curve(d, out_dir / png)
             figures.append(f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">')
+    # Before the single curves: every protocol of a data set on one pair of axes.
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for _, d in found:
+        if isinstance(d.get("curve"), dict):
+            by_dataset.setdefault(str(d.get("dataset")), []).append(d)
+    compared = []
+    for dataset, results in by_dataset.items():
+        if len(results) > 1:
+            png = f"finetune_compare_{re.sub(r'[^a-z0-9]+', '-', dataset.lower())}_curve.png"
+            plot_finetune_comparison(results, out_dir / png)
+            compared.append(f'<img src="{_esc(png)}" alt="{_esc(dataset)}: every protocol">')
+    figures = compared + figures
     head = "".join(f"<th>{h}</th>" for h in (
         "protocol", "data set", "head", "accuracy", "linear probe", "raw pixels", "scratch",
         "trainable params", "GFLOPs/image", "seconds"))
