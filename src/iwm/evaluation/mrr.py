@@ -331,7 +331,9 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
             device: str = "auto", seed: int = 0, batch_size: int = 64, chunk_size: int = 512,
             per_transform: bool = True, context: str = "own", blocks: str = "union",
             ties: str = "truth", progress: bool = True, bf16: bool = False) -> dict:
-    """MRR of a trained run on its data set's first ``n_images`` test images (centre views).
+    """MRR of a trained run on ``n_images`` test images of its data set (centre views; an
+    in-memory set's first ones, a folder's spread over its classes, as every evaluation
+    takes them).
 
     Writes and returns ``RUN/results/mrr.json`` (the returned dict also has ``path``).
     ``batch_size`` images share one draw of masks; their banks are encoded ``chunk_size``
@@ -340,9 +342,8 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     :mod:`iwm.console`.
     """
     from iwm.api import load
-    from iwm.console import Progress, batches_of
     from iwm.data.datasets import get_dataset
-    from iwm.data.sources import iter_eval_batches
+    from iwm.data.sources import tracked_eval_batches
     from iwm.data.views import resolve_view_params
     from iwm.training.distributed import resolve_device
 
@@ -361,18 +362,14 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
 
     measures = _Measures()
     seen = 0
-    bar = Progress(batches_of(min(n_images, len(dataset)), batch_size), "eval mrr",
-                   enabled=progress)
-    for images, _ in iter_eval_batches(dataset, batch_size, cfg.data.image_size, dev):
-        images = images[:n_images - seen]
+    # The images every evaluation takes (a folder's spread over its classes, as the API
+    # check's and the report's; an in-memory set's first n_images).
+    for images, _ in tracked_eval_batches(dataset, batch_size, cfg.data.image_size, dev,
+                                          "eval mrr", limit=n_images, progress=progress):
         measures.extend(_measure(model, views, images, masks, bank_size, distance, generator,
                                  chunk_size, pretrained.normalize, per_transform, ties,
                                  bf16))
         seen += images.shape[0]
-        bar.update()
-        if seen >= n_images:
-            break
-    bar.close()
     if seen == 0:
         raise ValueError(f"{cfg.data.name}: the test split has no images")
     result = _summarise(measures, bank_size, distance, blocks, ties)
