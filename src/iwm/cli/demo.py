@@ -21,7 +21,7 @@ from iwm.console import plus_minus
 from iwm.data.datasets import get_dataset
 from iwm.data.factors import JITTER_FACTORS
 from iwm.evaluation.api_check import run_api_check
-from iwm.evaluation.finetune import run_finetune
+from iwm.evaluation.finetune_run import run_finetune
 from iwm.evaluation.mrr import run_mrr
 from iwm.evaluation.probe import probe_encoder, probe_pixels
 from iwm.evaluation.report import build_report

@@ -77,7 +77,7 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from iwm.evaluation.finetune import baselines_text, run_finetune
+    from iwm.evaluation.finetune_run import baselines_text, run_finetune
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     r = run_finetune(Path(args.run), args.protocol, tasks, args.task, args.overrides,

@@ -499,9 +499,9 @@ def _results_section(run_dir: Path) -> str:
 
 
 def _finetune_section(run_dir: Path, out_dir: Path) -> str:
-    from iwm.evaluation.finetune import (
+    from iwm.evaluation.finetune import PROTOCOLS
+    from iwm.evaluation.finetune_run import (
         BASELINES,
-        PROTOCOLS,
         plot_finetune_comparison,
         plot_finetune_curve,
     )

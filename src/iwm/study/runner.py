@@ -71,7 +71,7 @@ def run_cell(study: Study, scale: Scale, cell: Cell, seed: int, out: Path,
              device: str = "auto") -> dict[str, Any]:
     """Pretrain one cell at one seed and evaluate it; returns (and writes) its JSON."""
     from iwm.config import load_config
-    from iwm.evaluation.finetune import run_finetune
+    from iwm.evaluation.finetune_run import run_finetune
     from iwm.evaluation.mrr import run_mrr
     from iwm.evaluation.probe import run_probe
     from iwm.evaluation.ranking import chance_mrr
