@@ -440,6 +440,41 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert "<td>random-predictor</td><td>fashion-mnist</td><td>attentive, probe init</td>" in page
 
 
+def test_each_task_of_a_multitask_result_has_its_probes(run_copy, capsys):
+    tasks = ["--tasks", "fashion-mnist,mnist"]
+    assert main(["finetune", str(run_copy), "--protocol", "predictor", *tasks, *FT]) == 0
+    missing = read_result(run_copy, "finetune_multitask")["tasks"]["mnist"]["baselines"]
+    assert "--baselines --tasks fashion-mnist,mnist" in missing["linear_probe"]["missing"]
+    capsys.readouterr()
+
+    assert main(["finetune", str(run_copy), "--protocol", "predictor", *tasks, "--baselines",
+                 *FT]) == 0
+    out = capsys.readouterr().out
+    multi = read_result(run_copy, "finetune_multitask")
+    for name, task in multi["tasks"].items():
+        base = task["baselines"]
+        assert set(base) == {"linear_probe", "raw_pixels"}  # no single-task scratch to match
+        for probe in base.values():
+            assert probe["source"] == "computed" and probe["dataset"] == name
+            assert (probe["n_train"], probe["n_test"]) == (task["n_train"], task["n_test"])
+        assert f"  {name}: beside it: linear probe {base['linear_probe']['accuracy']:.4f}" in out
+    # Found again by a single-task finetuning on the same images: nothing recomputed.
+    assert main(["finetune", str(run_copy), "--protocol", "predictor", "--tasks", "mnist",
+                 *FT]) == 0
+    single = read_result(run_copy, "finetune_predictor_mnist")["baselines"]["linear_probe"]
+    assert single["source"] == str(run_copy / "results" / "finetune_multitask.json")
+    assert single["accuracy"] == multi["tasks"]["mnist"]["baselines"]["linear_probe"][
+        "accuracy"]
+    # The report: a row per task of the multitask result, beside that task's probes.
+    assert main(["report", str(run_copy), "--bank", "4", "--images", "2"]) == 0
+    page = (run_copy / "report" / "index.html").read_text()
+    mnist = multi["tasks"]["mnist"]
+    lp, px = (f"{mnist['baselines'][k]['accuracy']:.4f}" for k in ("linear_probe", "raw_pixels"))
+    assert (f"<tr><td>predictor (multitask)</td><td>mnist</td><td>attentive</td>"
+            f"<td class=num>{mnist['accuracy']:.4f}</td><td class=num>{lp}</td>"
+            f"<td class=num>{px}</td><td class=num>–</td>") in page
+
+
 def write_folder(root: Path, per_class: int, split: bool) -> None:
     """Dark and bright noisy PNGs in <class>/ folders (in train/ and test/ if ``split``)."""
     import numpy as np
@@ -490,8 +525,8 @@ def test_errors_are_one_line_naming_the_fix(run_copy, tmp_path, capsys):
                                             "<class>/ sub-folders"),
         (["--tasks", f"imagefolder:{one.parent}"], "has a single class (cat)"),
         (["--task", "segmentation", "--baselines"], "--baselines: the linear probe and "
-                                                    "raw-pixel baselines are of a single "
-                                                    "classification task"),
+                                                    "raw-pixel baselines are of "
+                                                    "classification tasks"),
     ]
     for args, message in cases:
         assert main(["finetune", str(run_copy), "--protocol", "encoder", *args, *FT]) == 2

@@ -516,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true",
                    help="compute the missing baselines shown beside the result: scratch, "
                         "the linear probe of the run's encoder and raw pixels on the same "
-                        "images (single classification task)")
+                        "images (classification; each task of a multitask run gets its "
+                        "probes, not scratch)")
     p.add_argument("--task", choices=("classification", "segmentation"),
                    default="classification", help="head: attentive classifier or per-patch "
                                                   "linear segmentation")

@@ -86,9 +86,12 @@ def _find_probe(results: Path, key: str, want: dict[str, Any], run_data: bool
                      else "probe_linear_raw_pixels.json")
     candidates: list[tuple[Path, dict[str, Any] | None]] = [(own, _read_json(own))]
     for path in sorted(results.glob("finetune_*.json")):
-        data = _read_json(path)
-        entry = (data or {}).get("baselines", {}).get(key)
-        candidates.append((path, entry if isinstance(entry, dict) else None))
+        data = _read_json(path) or {}
+        tasks = data.get("tasks")
+        # A multitask result keeps them per task.
+        for holder in (data, *(tasks.values() if isinstance(tasks, dict) else ())):
+            entry = (holder.get("baselines") or {}).get(key) if isinstance(holder, dict) else None
+            candidates.append((path, entry if isinstance(entry, dict) else None))
     for path, entry in candidates:
         if entry is None or "accuracy" not in entry:
             continue
@@ -141,20 +144,23 @@ def finetune_command(run_dir: Path, protocol: str, args: list[str],
 
 def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task: TaskData,
                        result: dict[str, Any], *, compute: bool, args: list[str],
-                       progress: bool = False) -> dict[str, dict[str, Any]]:
+                       progress: bool = False, with_scratch: bool = True
+                       ) -> dict[str, dict[str, Any]]:
     """The baselines of a single-task classification ``result`` (:data:`BASELINES`), each
     found in ``RUN/results`` if made before on the same images (scratch: also with the same
     recipe), else computed with ``compute`` (scratch: written as its own result), else
     ``{"missing": why and the command that makes it}``. ``args``: the command line of
-    ``result`` after ``--protocol P`` (tasks, overrides), for those commands."""
+    ``result`` after ``--protocol P`` (tasks, overrides), for those commands. Without
+    ``with_scratch`` (one task of a multitask result: no single-task architecture to
+    match) only the probes."""
     results = Path(run_dir) / "results"
     run_data = task_key(task.name) == task_key(pretrained.config.data.name)
     out: dict[str, dict[str, Any]] = {}
     scratch: dict[str, Any] | None = None  # trained here, as a baseline
     name = result_name("classification", "scratch", [task.name], pretrained.config.data.name)
-    if result["protocol"] == "scratch":
+    if with_scratch and result["protocol"] == "scratch":
         out["scratch"] = _summary(result, "this result")
-    else:
+    elif with_scratch:
         found, why = _find_scratch(results / f"{name}.json", result)
         if found is None and compute:
             scratch = finetune(pretrained, "scratch", cfg, [task], progress=progress).result
@@ -178,15 +184,22 @@ def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task:
 
 
 def baselines_text(result: dict[str, Any]) -> list[str]:
-    """Lines saying a result's baselines, or the commands that make the missing ones."""
-    base = result.get("baselines")
+    """Lines saying a result's baselines, or the commands that make the missing ones (for
+    a multitask result, each task's)."""
+    if "baselines" not in result:
+        return [line for name, entry in result.get("tasks", {}).items()
+                for line in _baseline_lines(entry.get("baselines"), f"{name}: ")]
+    return _baseline_lines(result["baselines"], "")
+
+
+def _baseline_lines(base: dict[str, Any] | None, prefix: str) -> list[str]:
     if not base:
         return []
     labels = {"scratch": "scratch", "linear_probe": "linear probe", "raw_pixels": "raw pixels"}
     shown = ", ".join(f"{labels[k]} {base[k]['accuracy']:.4f}" for k in BASELINES
                       if "accuracy" in base.get(k, {}))
-    lines = [f"  beside it: {shown or 'no baselines yet'}"]
-    lines += [f"  {labels[k]} missing: {base[k]['missing']}" for k in BASELINES
+    lines = [f"  {prefix}beside it: {shown or 'no baselines yet'}"]
+    lines += [f"  {prefix}{labels[k]} missing: {base[k]['missing']}" for k in BASELINES
               if "missing" in base.get(k, {})]
     return lines
 
@@ -310,16 +323,17 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
     than the run's, ``*_multitask.json`` for several tasks, with the separately tuned
     predictors under ``separate`` if ``compare_separate``) and its curve's plot beside it.
     A single classification task's result carries its ``baselines``
-    (:func:`finetune_baselines`; ``baselines`` computes the missing ones)."""
+    (:func:`finetune_baselines`; ``baselines`` computes the missing ones), each task of a
+    multitask one its linear probe and raw pixels under ``tasks[name]["baselines"]``."""
     from iwm.api import load
     from iwm.config import load_config
     from iwm.training.distributed import resolve_device
 
     check_protocol(protocol)
-    if baselines and (kind != "classification" or (tasks is not None and len(tasks) > 1)):
-        raise ConfigError("--baselines: the linear probe and raw-pixel baselines are of a "
-                          "single classification task; drop --baselines, or pass one --tasks "
-                          "without --task segmentation")
+    if baselines and kind != "classification":
+        raise ConfigError("--baselines: the linear probe and raw-pixel baselines are of "
+                          "classification tasks; drop --baselines, or drop --task "
+                          "segmentation")
     pretrained = load(run_dir, device=resolve_device(device))
     cfg = load_config(pretrained.config.to_dict(), overrides)
     names = tasks or [cfg.data.name]
@@ -338,8 +352,17 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
             "seconds": sum(r["seconds"] for r in runs),
             "train_flops": sum(r["train_flops"] for r in runs),
         }
-    if kind == "classification" and len(data) == 1:
+    if kind == "classification":
         args = [*(["--tasks", ",".join(tasks)] if tasks else []), *(overrides or [])]
-        out["baselines"] = finetune_baselines(run_dir, pretrained, cfg, data[0], out,
-                                              compute=baselines, args=args, progress=progress)
+        if len(data) == 1:
+            out["baselines"] = finetune_baselines(run_dir, pretrained, cfg, data[0], out,
+                                                  compute=baselines, args=args,
+                                                  progress=progress)
+        for t in data if len(data) > 1 else []:  # each task's probes, on its own images
+            entry = out["tasks"][t.name]
+            mine = {"protocol": protocol, "dataset": t.name, "n_train": entry["n_train"],
+                    "n_test": entry["n_test"]}
+            entry["baselines"] = finetune_baselines(
+                run_dir, pretrained, cfg, t, mine, compute=baselines, args=args,
+                progress=progress, with_scratch=False)
     return write_finetune_result(run_dir, name, out)

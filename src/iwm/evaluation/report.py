@@ -512,8 +512,16 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # the table above says it is unreadable
-        if isinstance(data, dict) and "accuracy" in data and data.get("task") == "classification":
+        if not isinstance(data, dict) or data.get("task") != "classification":
+            continue
+        if "accuracy" in data:
             found.append((path.stem, data))
+        elif isinstance(data.get("tasks"), dict):  # multitask: a row per task, no curve
+            found += [(f"{path.stem} ({name})",
+                       {**data, **task, "dataset": name, "curve": None,
+                        "protocol": f"{data.get('protocol')} (multitask)"})
+                      for name, task in data["tasks"].items()
+                      if isinstance(task, dict) and "accuracy" in task]
     if not found:
         return _missing("no single-task finetuning results yet — run <code>iwm finetune "
                         f"{_esc(run_dir)} --protocol encoder --baselines</code>")
