@@ -29,6 +29,14 @@ def make_tiny_run(folder: Path, preset: str = "iwm-equi-tiny") -> Path:
         return pretrain(load_config(preset, TINY), folder / "run")
 
 
+def make_tiny_run_with_mnist(folder: Path) -> Path:
+    """:func:`make_tiny_run`, plus a generated MNIST where ``find_mnist`` looks for it under
+    the same ``IWM_DATA`` (``run.parent / "fmnist"``): a second task for finetuning."""
+    run = make_tiny_run(folder)
+    write_fake_mnist(run.parent / "fmnist" / "mnist")
+    return run
+
+
 def tiny_trainer(*overrides: str, channels: int = 1):
     """The iwm-equi-tiny preset's Trainer on the CPU (batch 16, predictor depth 2, seeded),
     in train mode, for ``channels``-channel 28 x 28 crops."""
