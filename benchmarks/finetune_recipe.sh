@@ -49,14 +49,18 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-rows = ["| cell | protocol | accuracy | linear probe | raw pixels | scratch | trainable params "
-        "| GFLOPs/image | train s | final loss |", "|" + "---|" * 10]
+rows = ["| cell | protocol | head | accuracy | curve | linear probe | raw pixels | scratch "
+        "| trainable params | GFLOPs/image | train s | final loss |", "|" + "---|" * 12]
 for path in sorted(out.glob("cells/*/finetune_*.json")):
     r = json.loads(path.read_text())
     base = r.get("baselines", {})
     acc = [f"{base.get(k, {}).get('accuracy', float('nan')):.4f}"
            for k in ("linear_probe", "raw_pixels", "scratch")]
-    rows.append(f"| {path.parent.name} | {r['protocol']} | {r['accuracy']:.4f} | "
+    # Results written before head_init existed started from a random head.
+    init = (r.get("head_init") or {}).get("kind", "random")
+    curve = " / ".join(f"{v:.3f}" for values in r["curve"]["eval"].values() for v in values)
+    rows.append(f"| {path.parent.name} | {r['protocol']} | {r.get('head', '?')}, {init} | "
+                f"{r['accuracy']:.4f} | {curve} | "
                 f"{' | '.join(acc)} | {r['trainable_params']:,} | "
                 f"{r['flops_per_image'] / 1e9:.3g} | {r['train_seconds']:.0f} | "
                 f"{r['curve']['loss'][-1]:.3f} |")
