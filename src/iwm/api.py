@@ -234,6 +234,16 @@ class PretrainedEncoder:
         return read_images(list(paths), self.image_size, self.in_chans).to(self.device)
 
 
+def calibrated_actions(actions: Sequence[Action], calibration: ActionCalibration
+                       ) -> list[Action]:
+    """``actions`` with their jitter factors mapped through ``calibration``'s per-factor
+    maps; the source-side flags and blur sigma untouched."""
+    jitters = calibration.apply(torch.tensor(
+        [[getattr(a, name) for name in JITTER_FACTORS] for a in actions], dtype=torch.float64))
+    return [replace(a, **dict(zip(JITTER_FACTORS, row.tolist(), strict=True)))
+            for a, row in zip(actions, jitters, strict=True)]
+
+
 @dataclass
 class Pretrained(PretrainedEncoder):
     """A trained IWM model in eval mode, with the normalisation it was trained with."""
@@ -449,13 +459,7 @@ class Pretrained(PretrainedEncoder):
         result = self.search_action(source, target, destructive=destructive, budget=budget,
                                     seed=seed, energy=energy, bf16=bf16)
         actions = [Action.from_vector(row) for row in result.action]
-        if calibration is None:
-            return actions
-        jitters = calibration.apply(torch.tensor(
-            [[getattr(a, name) for name in JITTER_FACTORS] for a in actions],
-            dtype=torch.float64))
-        return [replace(a, **dict(zip(JITTER_FACTORS, row.tolist(), strict=True)))
-                for a, row in zip(actions, jitters, strict=True)]
+        return actions if calibration is None else calibrated_actions(actions, calibration)
 
     @staticmethod
     @torch.no_grad()

@@ -190,3 +190,64 @@ def test_the_report_shows_the_table_and_the_landscape(run, data, tmp_path):
     assert f"fitted on {fitted['n_images']} training pairs" in html
     assert "None" not in html  # a missing score is a dash
     assert (tmp_path / report.INFER_ACTION_PNG).stat().st_size > 0
+
+
+def _image_pairs(folder: Path, brightness: float = 1.25) -> list[str]:
+    """Two test images of the tiny run's data as PNG files, each before and after a
+    brightness jitter: SOURCE TARGET SOURCE TARGET."""
+    from PIL import Image
+
+    from iwm.data.datasets import get_dataset
+
+    files = []
+    for i, image in enumerate(get_dataset("fashion-mnist", "test").images[:2]):
+        for name, pixels in (("src", image.float() / 255),
+                             ("tgt", TF.adjust_brightness(image.float() / 255, brightness))):
+            path = folder / f"{name}{i}.png"
+            Image.fromarray((pixels[0] * 255).round().byte().numpy()).save(path)
+            files.append(str(path))
+    return files
+
+
+def test_infer_answers_a_users_pairs_through_the_runs_calibration(run, data, tmp_path,
+                                                                   capsys):
+    from dataclasses import asdict
+
+    from iwm.api import Action, calibrated_actions
+
+    files = _image_pairs(tmp_path)
+    budget = SearchBudget(iterations=2, population=6, elites=2)
+    run_infer_action(run, n_images=4, progress=False, budget=budget, calibration_images=4)
+    out = tmp_path / "answers.json"
+    assert main(["infer", str(run), *files, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    # Searched as the stored map was fitted (its budget, not the default one), then mapped.
+    assert r["calibrated"] and r["budget"]["iterations"] == 2 and r["energy"] == "residual"
+    assert r["factors"] == ["brightness", "contrast"] and len(r["pairs"]) == 2
+    cal = load_calibration(run)
+    pairs = list(zip(files[::2], files[1::2], strict=True))
+    for pair, (source, target) in zip(r["pairs"], pairs, strict=True):
+        assert (pair["source"], pair["target"]) == (source, target)
+        expected = asdict(calibrated_actions([Action(**pair["raw"])], cal)[0])
+        assert pair["calibrated"] == pytest.approx(expected)
+        assert f"{source} -> {target}: brightness {expected['brightness']:.3f}" in text
+    assert text.startswith("calibrated: per-factor quadratic maps fitted by `iwm eval "
+                           "infer-action` on 4 training pairs")
+
+    assert main(["infer", str(run), *files[:2], "--raw", "--json", str(out)]) == 0
+    raw = json.loads(out.read_text())
+    assert not raw["calibrated"] and "calibrated" not in raw["pairs"][0]
+    assert raw["calibration"].startswith("raw: asked for")
+    assert raw["budget"]["evaluations"] == SearchBudget().evaluations  # the default search
+
+    # A map fitted at another checkpoint is not applied, and the output says why.
+    stored = run / "results" / "infer_action.json"
+    result = json.loads(stored.read_text())
+    stored.write_text(json.dumps({**result, "step": result["step"] + 1}))
+    assert main(["infer", str(run), *files[:2]]) == 0
+    assert f"fitted at step {result['step'] + 1}" in capsys.readouterr().out
+
+    assert main(["infer", str(run), *files[:3]]) == 2
+    err = capsys.readouterr().err
+    assert "3 image files: give them in pairs" in err and err.count("\n") == 1

@@ -174,6 +174,37 @@ def _cmd_imagine(args: argparse.Namespace) -> None:
     print(f"source | prediction, decoded | real transformed | real, decoded -> {path}")
 
 
+def _cmd_infer(args: argparse.Namespace) -> None:
+    import json
+
+    from iwm.evaluation.infer_action import infer_files
+
+    if len(args.images) % 2:
+        raise IWMError(f"{len(args.images)} image files: give them in pairs, SOURCE TARGET "
+                       "[SOURCE TARGET ...]")
+    pairs = list(zip(args.images[::2], args.images[1::2], strict=True))
+    r = infer_files(args.run, pairs, destructive=args.destructive, raw=args.raw,
+                    seed=args.seed, device=args.device)
+    b = r["budget"]
+    print(f"{r['calibration']}; CEM {b['iterations']} x {b['population']} ({b['evaluations']} "
+          f"predictor calls per pair, {r['energy']} energy, {r['seconds']:.1f} s)")
+    units = {"brightness": "", "contrast": "", "saturation": "", "hue": " turns"}
+    for pair in r["pairs"]:
+        answer = pair.get("calibrated", pair["raw"])
+        said = ", ".join(f"{f} {answer[f]:.3f}{units[f]}" for f in r["factors"])
+        flags = [f for f in ("grayscale", "solarize") if answer[f]]
+        if answer["blur_sigma"] > 0:
+            flags.append(f"blur_sigma {answer['blur_sigma']:.2f}")
+        extra = f"; source: {', '.join(flags)}" if r["destructive"] and flags else ""
+        raw = (" (raw: " + ", ".join(f"{pair['raw'][f]:.3f}" for f in r["factors"]) + ")"
+               if "calibrated" in pair else "")
+        print(f"  {pair['source']} -> {pair['target']}: {said}{extra}{raw}, "
+              f"energy {pair['energy']:.4g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        print(f"-> {args.json}")
+
+
 def _cmd_eval_decoder(args: argparse.Namespace) -> None:
     from iwm.evaluation.decoder_eval import SETTINGS, run_decoder_eval
 
@@ -369,6 +400,20 @@ def _add_decoder_parsers(sub: argparse._SubParsersAction,
     p.add_argument("--out", required=True, help="the PNG to write")
     _add_device(p)
     p.set_defaults(fn=_cmd_imagine)
+    p = sub.add_parser("infer", help="what changed between two images: the action that maps "
+                                     "each source onto its target through the world model")
+    p.add_argument("run", help="run directory or export (a run's stored calibration, from "
+                               "`iwm eval infer-action RUN`, maps the answers)")
+    p.add_argument("images", nargs="+", help="image files in pairs: SOURCE TARGET "
+                                             "[SOURCE TARGET ...]")
+    p.add_argument("--destructive", action="store_true",
+                   help="also infer what was done to the source (grayscale, blur, solarize)")
+    p.add_argument("--raw", action="store_true",
+                   help="the search's own answers, without the run's calibration")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (fixes the answer)")
+    p.add_argument("--json", help="also write every answer, raw and calibrated, to this file")
+    _add_device(p)
+    p.set_defaults(fn=_cmd_infer)
     p = evals.add_parser("decoder", help="the latent decoder: PSNR/SSIM on test images, and "
                                          "each factor measured on decoded predictions")
     p.add_argument("run", help="run directory with a decoder (results go to RUN/results/)")

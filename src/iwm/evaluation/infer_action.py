@@ -1,4 +1,5 @@
-"""Action inference scored: ``iwm eval infer-action RUN``.
+"""Action inference scored (``iwm eval infer-action RUN``) and asked about a user's own
+image pairs (``iwm infer RUN SOURCE TARGET``).
 
 Held-out images are jittered with torchvision's own functional ops at known, independently
 drawn factors (all varying together), and :meth:`iwm.api.Pretrained.infer_action` is
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,10 @@ from iwm.models.action_calibration import (
 )
 from iwm.models.action_search import EnergyKind, SearchBudget
 
-__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "calibrate",
-           "draw_jitters", "energy_landscape", "load_calibration", "pixel_features",
-           "pixel_regression", "render_pairs", "run_infer_action", "score"]
+__all__ = ["LANDSCAPE_IMAGES", "LANDSCAPE_POINTS", "RANGES", "RESULT_NAME", "StoredCalibration",
+           "calibrate", "draw_jitters", "energy_landscape", "infer_files", "load_calibration",
+           "pixel_features", "pixel_regression", "render_pairs", "run_infer_action", "score",
+           "stored_calibration"]
 
 RESULT_NAME = "infer_action"
 LANDSCAPE_IMAGES = 4
@@ -257,11 +260,99 @@ def load_calibration(run_or_result: str | Path) -> ActionCalibration:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no action-inference result; run `iwm eval "
                                 "infer-action RUN` first")
-    calibration = json.loads(path.read_text()).get("calibration")
-    if not calibration:
+    stored = _read_calibration(path)
+    if stored is None:
         raise ValueError(f"{path}: scored without calibration; run `iwm eval infer-action "
                          "RUN` again without --calibration-images 0")
-    return ActionCalibration.from_dict(calibration["maps"])
+    return stored.maps
+
+
+@dataclass(frozen=True)
+class StoredCalibration:
+    """A run's calibration as ``iwm eval infer-action`` stored it, with the search it was
+    fitted for: a map corrects the answers of that energy, budget and precision, at that
+    checkpoint step, and no other."""
+
+    maps: ActionCalibration
+    energy: EnergyKind
+    budget: SearchBudget
+    bf16: bool
+    step: int
+    n_images: int
+    degree: int
+
+
+def stored_calibration(run_dir: str | Path) -> StoredCalibration | None:
+    """What ``RUN/results/infer_action.json`` holds of its calibration, or None if it has
+    none (no such file, or scored with ``--calibration-images 0``)."""
+    path = Path(run_dir) / "results" / f"{RESULT_NAME}.json"
+    return _read_calibration(path) if path.is_file() else None
+
+
+def _read_calibration(path: Path) -> StoredCalibration | None:
+    data = json.loads(path.read_text())
+    calibration = data.get("calibration")
+    if not calibration:
+        return None
+    fields = {f.name for f in dataclasses.fields(SearchBudget)}
+    return StoredCalibration(
+        maps=ActionCalibration.from_dict(calibration["maps"]), energy=data["energy"],
+        budget=SearchBudget(**{k: v for k, v in data["budget"].items() if k in fields}),
+        bf16=bool(data["bf16"]), step=int(data["step"]),
+        n_images=int(calibration["n_images"]), degree=int(calibration.get("degree", 1)))
+
+
+def infer_files(run: str | Path, pairs: list[tuple[str, str]], *, destructive: bool = False,
+                raw: bool = False, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """``iwm infer``: the action that maps each (source, target) image file of ``pairs``
+    onto the other through ``run``'s world model (:meth:`~iwm.api.Pretrained.search_action`,
+    images read as :meth:`~iwm.api.Pretrained.load_images` reads them). Unless ``raw``, a
+    run's stored calibration (:func:`stored_calibration`) maps the answers, searched with
+    the settings it was fitted for; one fitted at another checkpoint step is not applied.
+    Returns the answers (``raw`` and, where applied, ``calibrated``), each pair's energy,
+    the search settings, the calibration's status and the seconds spent."""
+    import iwm
+    from iwm.api import calibrated_actions
+    from iwm.training.distributed import resolve_device
+
+    if not pairs:
+        raise ValueError("no image pairs: give SOURCE TARGET, one pair or more")
+    model = iwm.load(run, device=resolve_device(device))
+    stored = None if raw or not Path(run).is_dir() else stored_calibration(run)
+    status = "raw: asked for (--raw)" if raw else (
+        "raw: no calibration stored with this run; `iwm eval infer-action RUN` fits one"
+        " (docs/world_model.md)")
+    if stored is not None and stored.step != model.step:
+        status = (f"raw: the stored calibration was fitted at step {stored.step}, the model "
+                  f"is at step {model.step}; run `iwm eval infer-action RUN` again")
+        stored = None
+    elif stored is not None:
+        kind = "affine" if stored.degree == 1 else "quadratic"
+        status = (f"calibrated: per-factor {kind} maps fitted by `iwm eval infer-action` on "
+                  f"{stored.n_images} training pairs (--raw for the search's own answers)")
+    energy: EnergyKind = stored.energy if stored is not None else "residual"
+    budget = stored.budget if stored is not None else SearchBudget()
+    bf16 = stored.bf16 if stored is not None else False
+    sources = model.load_images([s for s, _ in pairs])
+    targets = model.load_images([t for _, t in pairs])
+    start = time.perf_counter()
+    found = model.search_action(sources, targets, destructive=destructive, budget=budget,
+                                seed=seed, energy=energy, bf16=bf16)
+    seconds = time.perf_counter() - start
+    answers = [Action.from_vector(row) for row in found.action]
+    fixed = calibrated_actions(answers, stored.maps) if stored is not None else None
+    return {
+        "pairs": [{"source": str(s), "target": str(t), "raw": dataclasses.asdict(a),
+                   "energy": float(e),
+                   **({"calibrated": dataclasses.asdict(fixed[i])} if fixed else {})}
+                  for i, ((s, t), a, e) in enumerate(zip(pairs, answers, found.energy,
+                                                         strict=True))],
+        "calibration": status, "calibrated": fixed is not None, "energy": energy,
+        "budget": {**dataclasses.asdict(budget), "evaluations": found.evaluations},
+        "bf16": bf16, "destructive": destructive, "seed": seed, "step": model.step,
+        "factors": [f for f in JITTER_FACTORS if acts_on(f, model.in_chans)],
+        "seconds": seconds,
+    }
 
 
 _CALIBRATION_SEED_OFFSET = 1_000_003
