@@ -141,8 +141,12 @@ def test_each_task_of_a_multitask_result_has_its_probes(run_copy, capsys):
     tasks = ["--tasks", "fashion-mnist,mnist"]
     assert main(["finetune", str(run_copy), "--protocol", "predictor", *tasks, *FT]) == 0
     missing = read_result(run_copy, "finetune_multitask")["tasks"]["mnist"]["baselines"]
-    assert "--baselines --tasks fashion-mnist,mnist" in missing["linear_probe"]["missing"]
-    capsys.readouterr()
+    assert "--baselines --tasks fashion-mnist,mnist" in missing["linear_probe"]["command"]
+    out = capsys.readouterr().out
+    assert "  mnist: beside it: no baselines yet (linear probe, raw pixels missing)" in out
+    # The command that makes them all, once, not once per task and probe.
+    [line] = [x for x in out.splitlines() if "missing baselines: run `" in x]
+    assert missing["linear_probe"]["command"] in line
 
     assert main(["finetune", str(run_copy), "--protocol", "predictor", *tasks, "--baselines",
                  *FT]) == 0

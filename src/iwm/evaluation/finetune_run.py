@@ -165,8 +165,8 @@ def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task:
         if found is None and compute:
             scratch = finetune(pretrained, "scratch", cfg, [task], progress=progress).result
             found = _summary(scratch, str(results / f"{name}.json"))
-        out["scratch"] = found or {
-            "missing": f"{why}: run `{finetune_command(run_dir, 'scratch', args)}`"}
+        command = finetune_command(run_dir, "scratch", args)
+        out["scratch"] = found or {"missing": f"{why}: run `{command}`", "command": command}
     want = {"dataset": task_key(task.name), "n_train": result["n_train"],
             "n_test": result["n_test"]}
     again = finetune_command(run_dir, result["protocol"], args, baselines=True)
@@ -176,7 +176,8 @@ def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task:
         if probe is None and compute:
             probe = _compute_probe(key, pretrained, cfg, task, progress)
         out[key] = probe or {"missing": f"none on these {result['n_train']} train / "
-                                        f"{result['n_test']} test images: run `{again}`"}
+                                        f"{result['n_test']} test images: run `{again}`",
+                             "command": again}
     if scratch is not None:  # a result of its own, beside the same baselines
         write_finetune_result(run_dir, name, {**scratch, "baselines": {
             **out, "scratch": _summary(scratch, "this result")}})
@@ -186,22 +187,28 @@ def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task:
 def baselines_text(result: dict[str, Any]) -> list[str]:
     """Lines saying a result's baselines, or the commands that make the missing ones (for
     a multitask result, each task's)."""
-    if "baselines" not in result:
-        return [line for name, entry in result.get("tasks", {}).items()
-                for line in _baseline_lines(entry.get("baselines"), f"{name}: ")]
-    return _baseline_lines(result["baselines"], "")
-
-
-def _baseline_lines(base: dict[str, Any] | None, prefix: str) -> list[str]:
-    if not base:
-        return []
     labels = {"scratch": "scratch", "linear_probe": "linear probe", "raw_pixels": "raw pixels"}
-    shown = ", ".join(f"{labels[k]} {base[k]['accuracy']:.4f}" for k in BASELINES
-                      if "accuracy" in base.get(k, {}))
-    lines = [f"  {prefix}beside it: {shown or 'no baselines yet'}"]
-    lines += [f"  {prefix}{labels[k]} missing: {base[k]['missing']}" for k in BASELINES
-              if "missing" in base.get(k, {})]
-    return lines
+
+    def shown(base: dict[str, Any]) -> str:
+        return ", ".join(f"{labels[k]} {base[k]['accuracy']:.4f}" for k in BASELINES
+                         if "accuracy" in base.get(k, {})) or "no baselines yet"
+
+    if "baselines" in result:
+        base = result["baselines"] or {}
+        return [f"  beside it: {shown(base)}"] + [
+            f"  {labels[k]} missing: {base[k]['missing']}" for k in BASELINES
+            if "missing" in base.get(k, {})]
+    # Several tasks: a line each, and the one command that makes what they all miss.
+    lines, commands = [], []
+    for name, entry in result.get("tasks", {}).items():
+        base = entry.get("baselines") or {}
+        if not base:
+            continue
+        missing = [k for k in BASELINES if "missing" in base.get(k, {})]
+        lines.append(f"  {name}: beside it: {shown(base)}" + (
+            f" ({', '.join(labels[k] for k in missing)} missing)" if missing else ""))
+        commands += [base[k].get("command") or base[k]["missing"] for k in missing]
+    return lines + [f"  missing baselines: run `{c}`" for c in dict.fromkeys(commands)]
 
 
 def task_key(name: str) -> str:
