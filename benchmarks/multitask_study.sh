@@ -59,7 +59,7 @@ out, tasks = Path(sys.argv[1]), sys.argv[2].split(",")
 rows = ["| cell | " + " | ".join(f"{t}: shared / alone / probe" for t in tasks)
         + " | mean: shared / alone | trainable params: shared / alone |",
         "|" + "---|" * (len(tasks) + 3)]
-gaps = []
+gaps: dict[str, list[float]] = {}  # by head init: the cells' names start with it
 for cell in sorted(p for p in out.iterdir() if (p / "shared.json").is_file()):
     shared = json.loads((cell / "shared.json").read_text())
     alone = {t: json.loads((cell / f"{t}.json").read_text()) for t in tasks
@@ -73,14 +73,14 @@ for cell in sorted(p for p in out.iterdir() if (p / "shared.json").is_file()):
                    + ("n/a" if probe is None else f"{probe:.4f}"))
     m_shared = statistics.mean(shared["tasks"][t]["accuracy"] for t in tasks)
     m_alone = statistics.mean(alone[t]["accuracy"] for t in tasks)
-    gaps.append(m_shared - m_alone)
+    gaps.setdefault(cell.name.rsplit("-s", 1)[0], []).append(m_shared - m_alone)
     params = sum(a["trainable_params"] for a in alone.values())
     rows.append(f"| {cell.name} | {' | '.join(per)} | {m_shared:.4f} / {m_alone:.4f} | "
                 f"{shared['trainable_params']:,} / {params:,} |")
-if gaps:
-    spread = f" ± {statistics.stdev(gaps):.4f}" if len(gaps) > 1 else ""
-    rows.append(f"\nshared minus alone, mean over tasks: {statistics.mean(gaps):+.4f}{spread} "
-                f"({len(gaps)} cells)")
+for init, values in gaps.items():
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    rows.append(f"\n{init} heads: shared minus alone, mean over tasks: "
+                f"{statistics.mean(values):+.4f}{spread} ({len(values)} seeds)")
 (out / "summary.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF
