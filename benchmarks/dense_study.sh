@@ -13,6 +13,7 @@
 # OUT/e<EPOCHS>-s<seed>/<protocol>.json and OUT/summary.md tabulates them. Finished cells
 # are skipped, so it can be stopped and started again.
 set -u
+. "$(dirname "$0")/study_steps.sh"
 run=${1:?usage: dense_study.sh RUN [OUT] [OVERRIDES...]}
 out=${2:-runs/dense}
 shift $(( $# >= 2 ? 2 : 1 ))
@@ -20,11 +21,7 @@ read -ra iwm <<< "${IWM:-iwm}"
 python=${PYTHON:-python}
 epochs=${EPOCHS:-5}
 copy=$out/run
-if [ ! -f "$copy/config.yaml" ]; then
-  mkdir -p "$out" "$copy.tmp" && cp -a "$run"/. "$copy.tmp"/ &&
-    rm -rf "$copy.tmp"/{results,report,tensorboard,eval} &&
-    mv "$copy.tmp" "$copy" || exit 1
-fi
+copy_run_once "$run" "$copy" || exit 1
 for seed in ${SEEDS:-0}; do
   cell=$out/e$epochs-s$seed
   mkdir -p "$cell"

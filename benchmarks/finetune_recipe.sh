@@ -16,19 +16,14 @@
 # different grid or OVERRIDES needs another OUT. Each call passes --baselines, which only
 # computes what RUN's copy does not hold yet (the probes once per set of images).
 set -u
+. "$(dirname "$0")/study_steps.sh"
 run=${1:?usage: finetune_recipe.sh RUN [OUT] [OVERRIDES...]}
 out=${2:-runs/ft-recipe}
 shift $(( $# >= 2 ? 2 : 1 ))
 read -ra iwm <<< "${IWM:-iwm}"  # e.g. IWM='python -m iwm.cli.main'
 python=${PYTHON:-python}
 copy=$out/run
-if [ ! -f "$copy/config.yaml" ]; then
-  mkdir -p "$out"
-  # RUN's contents (RUN may be a symlink: its target's results must never be removed).
-  mkdir -p "$copy.tmp" && cp -a "$run"/. "$copy.tmp"/ &&
-    rm -rf "$copy.tmp"/{results,report,tensorboard,eval} &&
-    mv "$copy.tmp" "$copy" || exit 1
-fi
+copy_run_once "$run" "$copy" || exit 1
 for epochs in ${EPOCHS:-1 3}; do
   for lr in ${LRS:-1e-3 3e-4}; do
     cell=$out/cells/e$epochs-lr$lr

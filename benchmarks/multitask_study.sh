@@ -17,6 +17,7 @@
 # cells are skipped, so it can be stopped and started again. About 4 minutes a seed on
 # 2 cores for three tasks (the first seed also fits each task's probes and scratch).
 set -u
+. "$(dirname "$0")/study_steps.sh"
 run=${1:?usage: multitask_study.sh RUN [OUT] [OVERRIDES...]}
 out=${2:-runs/multitask}
 shift $(( $# >= 2 ? 2 : 1 ))
@@ -27,11 +28,7 @@ init=${HEAD_INIT:-probe}
 copy=$out/run
 # The result file a finetuning wrote: its output's "... -> PATH" line.
 result_of() { grep -o -- '-> .*\.json' "$1" | tail -1 | cut -c4-; }
-if [ ! -f "$copy/config.yaml" ]; then
-  mkdir -p "$out" "$copy.tmp" && cp -a "$run"/. "$copy.tmp"/ &&
-    rm -rf "$copy.tmp"/{results,report,tensorboard,eval} &&
-    mv "$copy.tmp" "$copy" || exit 1
-fi
+copy_run_once "$run" "$copy" || exit 1
 recipe=(finetune.train_limit=10000 finetune.test_limit=5000 finetune.epochs=1
         finetune.batch_size=64 finetune.eval_points=1 finetune.head=linear finetune.lr=3e-3
         finetune.warmup_epochs=0.1 'finetune.crop_scale=[1.0,1.0]' finetune.hflip=false

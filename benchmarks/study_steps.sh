@@ -22,3 +22,14 @@ eval_step() {
   [ -f "$run/eval/$name.json" ] && return
   "$@" > "$run/eval/$name.txt" && cp "$run/results/$result.json" "$run/eval/$name.json"
 }
+
+# copy_run_once RUN COPY: RUN's checkpoints and config copied to COPY once, without its
+# results, report, TensorBoard logs or study markers, for studies that write results into
+# a run and must never touch RUN's own (RUN may be a symlink: its target is only read).
+copy_run_once() {
+  local run=$1 copy=$2
+  [ -f "$copy/config.yaml" ] && return
+  mkdir -p "$copy.tmp" && cp -a "$run"/. "$copy.tmp"/ &&
+    rm -rf "$copy.tmp"/{results,report,tensorboard,eval} &&
+    mv "$copy.tmp" "$copy"
+}
