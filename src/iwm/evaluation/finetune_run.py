@@ -235,7 +235,13 @@ def result_name(kind: str, protocol: str, tasks: list[str], run_data: str) -> st
         # The folder's name, and a hash of its path to tell two "train/" folders apart.
         path = key[len(FOLDER_PREFIX):].rstrip("/")
         key = f"{Path(path).name}-{hashlib.blake2b(path.encode(), digest_size=3).hexdigest()}"
-    return f"{prefix}_{protocol}_{re.sub(r'[^a-z0-9]+', '-', key.lower()).strip('-')}"
+    return f"{prefix}_{protocol}_{file_slug(key)}"
+
+
+def file_slug(name: str) -> str:
+    """``name`` as a part of a file name: lowercase letters and digits, runs of anything
+    else one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def plot_finetune_curve(result: dict[str, Any], path: Path) -> None:
@@ -365,11 +371,12 @@ def run_finetune(run_dir: Path, protocol: str, tasks: list[str] | None = None,
             out["baselines"] = finetune_baselines(run_dir, pretrained, cfg, data[0], out,
                                                   compute=baselines, args=args,
                                                   progress=progress)
-        for t in data if len(data) > 1 else []:  # each task's probes, on its own images
-            entry = out["tasks"][t.name]
-            mine = {"protocol": protocol, "dataset": t.name, "n_train": entry["n_train"],
-                    "n_test": entry["n_test"]}
-            entry["baselines"] = finetune_baselines(
-                run_dir, pretrained, cfg, t, mine, compute=baselines, args=args,
-                progress=progress, with_scratch=False)
+        else:
+            for t in data:  # each task's probes, on its own images
+                entry = out["tasks"][t.name]
+                mine = {"protocol": protocol, "dataset": t.name,
+                        "n_train": entry["n_train"], "n_test": entry["n_test"]}
+                entry["baselines"] = finetune_baselines(
+                    run_dir, pretrained, cfg, t, mine, compute=baselines, args=args,
+                    progress=progress, with_scratch=False)
     return write_finetune_result(run_dir, name, out)

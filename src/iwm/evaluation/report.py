@@ -34,7 +34,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import statistics
 import time
 import warnings
@@ -502,6 +501,7 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
     from iwm.evaluation.finetune import PROTOCOLS
     from iwm.evaluation.finetune_run import (
         BASELINES,
+        file_slug,
         plot_finetune_comparison,
         plot_finetune_curve,
     )
@@ -564,7 +564,7 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
     compared = []
     for dataset, results in by_dataset.items():
         if len(results) > 1:
-            png = f"finetune_compare_{re.sub(r'[^a-z0-9]+', '-', dataset.lower())}_curve.png"
+            png = f"finetune_compare_{file_slug(dataset)}_curve.png"
             plot_finetune_comparison(results, out_dir / png)
             compared.append(f'<img src="{_esc(png)}" alt="{_esc(dataset)}: every protocol">')
     figures = compared + figures
