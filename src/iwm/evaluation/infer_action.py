@@ -330,9 +330,9 @@ def infer_files(run: str | Path, pairs: list[tuple[str, str]], *, destructive: b
         kind = "affine" if stored.degree == 1 else "quadratic"
         status = (f"calibrated: per-factor {kind} maps fitted by `iwm eval infer-action` on "
                   f"{stored.n_images} training pairs (--raw for the search's own answers)")
-    energy: EnergyKind = stored.energy if stored is not None else "residual"
-    budget = stored.budget if stored is not None else SearchBudget()
-    bf16 = stored.bf16 if stored is not None else False
+    # The search a map was fitted for, else the defaults of infer_action.
+    energy, budget, bf16 = ((stored.energy, stored.budget, stored.bf16) if stored is not None
+                            else ("residual", SearchBudget(), False))
     sources = model.load_images([s for s, _ in pairs])
     targets = model.load_images([t for _, t in pairs])
     start = time.perf_counter()
@@ -341,13 +341,14 @@ def infer_files(run: str | Path, pairs: list[tuple[str, str]], *, destructive: b
     seconds = time.perf_counter() - start
     answers = [Action.from_vector(row) for row in found.action]
     fixed = calibrated_actions(answers, stored.maps) if stored is not None else None
+    rows = [{"source": str(s), "target": str(t), "raw": dataclasses.asdict(a),
+             "energy": float(e)}
+            for (s, t), a, e in zip(pairs, answers, found.energy, strict=True)]
+    if fixed is not None:
+        for row, action in zip(rows, fixed, strict=True):
+            row["calibrated"] = dataclasses.asdict(action)
     return {
-        "pairs": [{"source": str(s), "target": str(t), "raw": dataclasses.asdict(a),
-                   "energy": float(e),
-                   **({"calibrated": dataclasses.asdict(fixed[i])} if fixed else {})}
-                  for i, ((s, t), a, e) in enumerate(zip(pairs, answers, found.energy,
-                                                         strict=True))],
-        "calibration": status, "calibrated": fixed is not None, "energy": energy,
+        "pairs": rows, "calibration": status, "calibrated": fixed is not None, "energy": energy,
         "budget": {**dataclasses.asdict(budget), "evaluations": found.evaluations},
         "bf16": bf16, "destructive": destructive, "seed": seed, "step": model.step,
         "factors": [f for f in JITTER_FACTORS if acts_on(f, model.in_chans)],
