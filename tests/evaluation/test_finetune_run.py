@@ -174,6 +174,9 @@ def test_each_task_of_a_multitask_result_has_its_probes(run_copy, capsys):
     assert (f"<tr><td>predictor (multitask)</td><td>mnist</td><td>attentive</td>"
             f"<td class=num>{mnist['accuracy']:.4f}</td><td class=num>{lp}</td>"
             f"<td class=num>{px}</td><td class=num>–</td>") in page
+    # The shared predictor's curve once (a test line per task), not once per task row.
+    assert page.count('src="finetune_multitask_curve.png"') == 1
+    assert (run_copy / "report" / "finetune_multitask_curve.png").stat().st_size > 0
 
 
 def write_folder(root: Path, per_class: int, split: bool) -> None:

@@ -506,7 +506,7 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
         plot_finetune_curve,
     )
 
-    found = []
+    found, multitask_figures = [], []
     for path in sorted((run_dir / "results").glob("finetune_*.json")):
         try:
             data = json.loads(path.read_text())
@@ -516,12 +516,15 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
             continue
         if "accuracy" in data:
             found.append((path.stem, data))
-        elif isinstance(data.get("tasks"), dict):  # multitask: a row per task, no curve
+        elif isinstance(data.get("tasks"), dict):  # multitask: a row per task
             found += [(f"{path.stem} ({name})",
                        {**data, **task, "dataset": name, "curve": None,
                         "protocol": f"{data.get('protocol')} (multitask)"})
                       for name, task in data["tasks"].items()
                       if isinstance(task, dict) and "accuracy" in task]
+            # One curve for the shared predictor: one shared loss, a test line per task.
+            if isinstance(data.get("curve"), dict):
+                multitask_figures.append((path.stem, data))
     if not found:
         return _missing("no single-task finetuning results yet — run <code>iwm finetune "
                         f"{_esc(run_dir)} --protocol encoder --baselines</code>")
@@ -567,6 +570,10 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
             png = f"finetune_compare_{file_slug(dataset)}_curve.png"
             plot_finetune_comparison(results, out_dir / png)
             compared.append(f'<img src="{_esc(png)}" alt="{_esc(dataset)}: every protocol">')
+    for stem, d in multitask_figures:
+        png = f"{stem}_curve.png"
+        plot_finetune_curve(d, out_dir / png)
+        figures.append(f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">')
     figures = compared + figures
     head = "".join(f"<th>{h}</th>" for h in (
         "protocol", "data set", "head", "accuracy", "linear probe", "raw pixels", "scratch",
