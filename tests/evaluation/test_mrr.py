@@ -301,6 +301,26 @@ def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
     assert set(saved["sensitivity"]["contrast"]) == {"encoder", "predictor", "alignment"}
 
 
+def test_all_does_not_depend_on_the_breakdown(tmp_path, fake_mnist_dir):
+    from iwm.training.checkpoint import checkpoint_path, save_checkpoint
+
+    cfg = load_config("iwm-equi-tiny", [f"data.root={fake_mnist_dir}", f"data.image_size={SIZE}",
+                                        "model.predictor_depth=1", "model.predictor_width=64"])
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_checkpoint(checkpoint_path(run, 1), {
+        "step": 1, "model": build_model(cfg, in_chans=1).state_dict(), "config": cfg.to_dict(),
+        "in_chans": 1, "normalization": {"mean": [0.5], "std": [0.25]}})
+    # Three batches: the breakdown's draws once shifted every later batch's main bank.
+    kw = dict(n_images=12, bank_size=16, device="cpu", batch_size=4, progress=False)
+    with_breakdown = run_mrr(run, per_transform=True, **kw)
+    alone = run_mrr(run, per_transform=False, **kw)
+    assert with_breakdown["mrr"] == alone["mrr"] and alone["per_transform"] == {}
+    assert with_breakdown["per_transform"]["brightness"] is not None
+    # Another seed draws other banks: the equality above is not a constant score.
+    assert run_mrr(run, per_transform=False, seed=1, **kw)["mrr"] != alone["mrr"]
+
+
 # ---------------------------------------------------------------- protocol: blocks, ties
 
 

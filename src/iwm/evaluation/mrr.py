@@ -192,11 +192,17 @@ def _measure(model: IWM, view_sampler: ViewSampler, images: Tensor,
              mask_sampler: MaskSampler, bank_size: int, distance: str,
              generator: torch.Generator, chunk_size: int,
              normalize: Callable[[Tensor], Tensor] | None, per_transform: bool,
-             ties: str, bf16: bool = False) -> _Measures:
+             ties: str, bf16: bool = False, breakdown: torch.Generator | None = None
+             ) -> _Measures:
     """Every per-image measure of one batch: ranks per setting ("all" + breakdown; None =
     skipped), chance, ties, decomposition, recovered factors, and the sensitivity
     measures ((B, 3) encoder / predictor distance and alignment per scored factor, and the
-    distance between images under ``BETWEEN``)."""
+    distance between images under ``BETWEEN``).
+
+    ``generator`` draws the masks and the main bank, ``breakdown`` the per-transform banks
+    and ops, so that "all" is the same with and without ``per_transform`` over any number
+    of batches; None: a generator seeded from one draw of ``generator``, made whether or
+    not ``per_transform`` is set."""
     check_distance(distance)
     if bank_size < 2:
         raise ValueError(f"bank_size={bank_size}: a ranking needs at least 2 entries")
@@ -218,6 +224,9 @@ def _measure(model: IWM, view_sampler: ViewSampler, images: Tensor,
     main = draw_main_bank(model, view_sampler, images, mask_sampler, bank_size, distance,
                           chunk_size, normalize or no_normalization, generator, bf16)
     ev, sampler, params = main.evaluator, main.sampler, main.sampler.params
+    if breakdown is None:
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        breakdown = torch.Generator(device=generator.device).manual_seed(seed)
     ranker = _Ranker(main, ties)
     no_op = ranker.no_op
     settings = {"all": ev.predict(images, main.target, no_op)}
@@ -227,7 +236,7 @@ def _measure(model: IWM, view_sampler: ViewSampler, images: Tensor,
                 m.ranks[op] = None
                 m.notes[op] = "no-op on 1-channel images"
                 continue
-            destructive = forced_op(op, b, params, generator, device)
+            destructive = forced_op(op, b, params, breakdown, device)
             source = sampler.apply_destructive(images, destructive)
             settings[op] = ev.predict(source, main.target, destructive)
             if getattr(view_sampler.params, f"{op}_p") == 0:
@@ -244,8 +253,8 @@ def _measure(model: IWM, view_sampler: ViewSampler, images: Tensor,
                 m.ranks[factor] = None
                 m.notes[factor] = f"views.{factor}=0: the preset never varies it"
                 continue
-            bank = only_factor(sampler.sample_jitter(b * bank_size, generator, device), factor)
-            true_index = draw_true_index(b, bank_size, generator, device)
+            bank = only_factor(sampler.sample_jitter(b * bank_size, breakdown, device), factor)
+            true_index = draw_true_index(b, bank_size, breakdown, device)
             pred = ev.predict(images, ev.true_params(bank, true_index), no_op)
             scored = ranker.rank(m, bank, true_index, {factor: pred}, decompose=factor)
             values = _factor_value(bank, factor).view(b, bank_size)
@@ -343,7 +352,7 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     """
     from iwm.api import load
     from iwm.data.datasets import get_dataset
-    from iwm.data.sources import tracked_eval_batches
+    from iwm.data.sources import derive_seed, tracked_eval_batches
     from iwm.data.views import resolve_view_params
     from iwm.training.distributed import resolve_device
 
@@ -357,8 +366,12 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
     dataset = get_dataset(cfg.data.name, "test", cfg.data.root, holdout=cfg.data.holdout)
     views = ViewSampler(resolve_view_params(cfg.views), dataset.channels, cfg.data.image_size)
     masks = protocol_masks(model.encoder.grid, cfg.mask, context, blocks)
-    # On the CPU so the masks, banks and true indices do not depend on the device.
+    # On the CPU so the masks, banks and true indices do not depend on the device. The
+    # breakdown's draws have their own stream: before 2026-12-07 they shared this one, so
+    # each batch after the first drew a different main bank with per_transform than
+    # without (Shapes, bank 256, one checkpoint: "all" 0.424 with, 0.477 without).
     generator = torch.Generator().manual_seed(seed)
+    breakdown = torch.Generator().manual_seed(derive_seed(seed, "mrr-breakdown"))
 
     measures = _Measures()
     seen = 0
@@ -368,7 +381,7 @@ def run_mrr(run_dir: Path, n_images: int = 256, bank_size: int = 256, distance: 
                                           "eval mrr", limit=n_images, progress=progress):
         measures.extend(_measure(model, views, images, masks, bank_size, distance, generator,
                                  chunk_size, pretrained.normalize, per_transform, ties,
-                                 bf16))
+                                 bf16, breakdown))
         seen += images.shape[0]
     if seen == 0:
         raise ValueError(f"{cfg.data.name}: the test split has no images")
