@@ -535,6 +535,11 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return f"<td class=num>{format(value, fmt) if ok else '–'}</td>"
 
+    def curve_figure(stem: str, d: dict[str, Any]) -> str:
+        png = f"{stem}_curve.png"
+        plot_finetune_curve(d, out_dir / png)
+        return f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">'
+
     rows, notes, figures = [], [], []
     for stem, d in found:
         base = d.get("baselines") or {}
@@ -556,9 +561,7 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
         notes += [f"{stem}: {_esc(k)} — {_esc(base[k]['missing'])}" for k in BASELINES
                   if isinstance(base.get(k), dict) and "missing" in base[k]]
         if isinstance(d.get("curve"), dict):
-            png = f"{stem}_curve.png"
-            plot_finetune_curve(d, out_dir / png)
-            figures.append(f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">')
+            figures.append(curve_figure(stem, d))
     # Before the single curves: every protocol of a data set on one pair of axes.
     by_dataset: dict[str, list[dict[str, Any]]] = {}
     for _, d in found:
@@ -570,10 +573,7 @@ def _finetune_section(run_dir: Path, out_dir: Path) -> str:
             png = f"finetune_compare_{file_slug(dataset)}_curve.png"
             plot_finetune_comparison(results, out_dir / png)
             compared.append(f'<img src="{_esc(png)}" alt="{_esc(dataset)}: every protocol">')
-    for stem, d in multitask_figures:
-        png = f"{stem}_curve.png"
-        plot_finetune_curve(d, out_dir / png)
-        figures.append(f'<img src="{_esc(png)}" alt="{_esc(stem)} curve">')
+    figures += [curve_figure(stem, d) for stem, d in multitask_figures]
     figures = compared + figures
     head = "".join(f"<th>{h}</th>" for h in (
         "protocol", "data set", "head", "accuracy", "linear probe", "raw pixels", "scratch",
