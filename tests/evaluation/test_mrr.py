@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,17 +280,21 @@ def test_bank_always_applies_jitter():
     assert bool(sampled.applied.all())
 
 
-def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
+def _untrained_run(run: Path, fake_mnist_dir, preset: str, step: int) -> Path:
+    """A run directory holding one checkpoint of an untrained small ``preset`` model."""
     from iwm.training.checkpoint import checkpoint_path, save_checkpoint
 
-    cfg = load_config("iwm-inv-tiny", [f"data.root={fake_mnist_dir}", f"data.image_size={SIZE}",
-                                       "model.predictor_depth=1", "model.predictor_width=64"])
-    model = build_model(cfg, in_chans=1)
-    run = tmp_path / "run"
-    save_checkpoint(checkpoint_path(run, 3), {
-        "step": 3, "model": model.state_dict(), "config": cfg.to_dict(), "in_chans": 1,
-        "normalization": {"mean": [0.5], "std": [0.25]},
+    cfg = load_config(preset, [f"data.root={fake_mnist_dir}", f"data.image_size={SIZE}",
+                               "model.predictor_depth=1", "model.predictor_width=64"])
+    save_checkpoint(checkpoint_path(run, step), {
+        "step": step, "model": build_model(cfg, in_chans=1).state_dict(),
+        "config": cfg.to_dict(), "in_chans": 1, "normalization": {"mean": [0.5], "std": [0.25]},
     })
+    return run
+
+
+def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
+    run = _untrained_run(tmp_path / "run", fake_mnist_dir, "iwm-inv-tiny", step=3)
     out = run_mrr(run, n_images=6, bank_size=4, device="cpu", batch_size=4)
     saved = json.loads((run / "results" / "mrr.json").read_text())
     for key in ("mrr", "stderr", "bank", "n_images", "per_transform", "distance"):
@@ -302,15 +307,8 @@ def test_run_mrr_writes_results(tmp_path, fake_mnist_dir):
 
 
 def test_all_does_not_depend_on_the_breakdown(tmp_path, fake_mnist_dir):
-    from iwm.training.checkpoint import checkpoint_path, save_checkpoint
-
-    cfg = load_config("iwm-equi-tiny", [f"data.root={fake_mnist_dir}", f"data.image_size={SIZE}",
-                                        "model.predictor_depth=1", "model.predictor_width=64"])
     torch.manual_seed(0)
-    run = tmp_path / "run"
-    save_checkpoint(checkpoint_path(run, 1), {
-        "step": 1, "model": build_model(cfg, in_chans=1).state_dict(), "config": cfg.to_dict(),
-        "in_chans": 1, "normalization": {"mean": [0.5], "std": [0.25]}})
+    run = _untrained_run(tmp_path / "run", fake_mnist_dir, "iwm-equi-tiny", step=1)
     # Three batches: the breakdown's draws once shifted every later batch's main bank.
     kw = dict(n_images=12, bank_size=16, device="cpu", batch_size=4, progress=False)
     with_breakdown = run_mrr(run, per_transform=True, **kw)
