@@ -34,7 +34,7 @@ for seed in ${SEEDS:-0 1 2}; do
   done
 done
 "$python" - "$out" $presets <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 
 from scipy import stats
@@ -65,9 +65,8 @@ if len(seeds) > 1:
     for i, name in enumerate(("predictor finetuning", "linear probe")):
         d = [a[s][i] - b[s][i] for s in seeds]
         t = stats.ttest_rel([a[s][i] for s in seeds], [b[s][i] for s in seeds])
-        mean = sum(d) / len(d)
-        std = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
-        rows.append(f"\n{name}: Equi - Inv {mean:+.2f} +- {std:.2f} over {len(d)} seeds, "
+        rows.append(f"\n{name}: Equi - Inv {statistics.mean(d):+.2f} +- "
+                    f"{statistics.stdev(d):.2f} over {len(d)} seeds, "
                     f"paired t = {t.statistic:.2f}, p = {t.pvalue:.3f}")
 (out / "summary.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
