@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,70 +29,70 @@ def _row(label: str, cells: list[str]) -> str:
     return "| " + " | ".join([label, *cells]) + " |"
 
 
-def _mean_row(columns: list[list[float | None]], digits: int) -> list[str]:
-    out = []
-    for values in columns:
-        kept = [v for v in values if v is not None]
-        out.append(stat(kept).text(digits=digits) if kept else "–")
-    return out
+def _table(runs: list[Path], head: list[str], values: list[list[float | None]],
+           group: Callable[[list[str]], list[str]],
+           extra: list[str] | None = None) -> list[str]:
+    """A row per run of ``values`` (None: not measured) as ``group`` joins their texts
+    into cells, ``extra`` a last cell per run, then the mean ± std of each value over the
+    runs that measured it."""
+    lines = [_row("run", head), "|" + "---|" * (len(head) + 1)]
+    tail = [[cell] for cell in extra] if extra is not None else [[] for _ in runs]
+    for run, row, last in zip(runs, values, tail, strict=True):
+        lines.append(_row(run.name, group(["–" if v is None else f"{v:.3f}" for v in row])
+                          + last))
+    means = []
+    for column in zip(*values, strict=True):
+        kept = [v for v in column if v is not None]
+        means.append(stat(kept).text(digits=3) if kept else "–")
+    lines.append(_row("mean ± std", group(means) + ([""] if extra is not None else [])))
+    return lines
 
 
 def decoder_table(runs: list[Path]) -> list[str]:
     results = [_load(r, "decoder") for r in runs]
     factors = next((list(d["factors"]) for d in results if d), [])
-    head = ["PSNR dB", "SSIM"] + [f"{f}: predicted slope / R² (ceiling)" for f in factors]
-    lines = [_row("run", head), "|" + "---|" * (len(head) + 1)]
     # Per factor: the decoded prediction's slope and R², then the decoded real image's
     # (the decoder's ceiling).
-    columns: list[list[float | None]] = [[] for _ in range(2 + 4 * len(factors))]
+    values: list[list[float | None]] = []
+    for d in results:
+        row: list[float | None] = [None] * (2 + 4 * len(factors))
+        if d:
+            row[:2] = [d["psnr"], d["ssim"]]
+            for i, f in enumerate(factors):
+                p, c = d["factors"][f]["predicted"], d["factors"][f]["real_decoded"]
+                row[2 + 4 * i:6 + 4 * i] = [p["slope"], p["r2"], c["slope"], c["r2"]]
+        values.append(row)
 
-    def cells(texts: list[str]) -> list[str]:
+    def group(texts: list[str]) -> list[str]:
         four = [texts[i:i + 4] for i in range(2, len(texts), 4)]
         return texts[:2] + [f"{a} / {b} ({c} / {d})" for a, b, c, d in four]
 
-    for run, d in zip(runs, results, strict=True):
-        values: list[float | None] = [None] * len(columns)
-        if d:
-            values[:2] = [d["psnr"], d["ssim"]]
-            for i, f in enumerate(factors):
-                p, c = d["factors"][f]["predicted"], d["factors"][f]["real_decoded"]
-                values[2 + 4 * i:6 + 4 * i] = [p["slope"], p["r2"], c["slope"], c["r2"]]
-        for column, v in zip(columns, values, strict=True):
-            column.append(v)
-        lines.append(_row(run.name, cells(["–" if v is None else f"{v:.3f}"
-                                           for v in values])))
-    lines.append(_row("mean ± std", cells(_mean_row(columns, 3))))
-    return lines
+    head = ["PSNR dB", "SSIM"] + [f"{f}: predicted slope / R² (ceiling)" for f in factors]
+    return _table(runs, head, values, group)
 
 
 def infer_table(runs: list[Path]) -> list[str]:
     results = [_load(r, "infer_action_residual") for r in runs]
     # 1-channel runs score no saturation or hue (null).
     factors = next(([f for f, v in d["per_factor"].items() if v] for d in results if d), [])
-    head = [f"{f} R²: raw / calibrated (pixels)" for f in factors] + ["ms per image"]
-    lines = [_row("run", head), "|" + "---|" * (len(head) + 1)]
-    columns: list[list[float | None]] = [[] for _ in range(3 * len(factors))]
-    for run, d in zip(runs, results, strict=True):
-        values: list[float | None] = [None] * len(columns)
-        if d:
-            for i, f in enumerate(factors):
-                scores = d["per_factor"].get(f)
-                if not scores:
-                    continue
+    values: list[list[float | None]] = []
+    for d in results:
+        row: list[float | None] = [None] * (3 * len(factors))
+        for i, f in enumerate(factors):
+            scores = d["per_factor"].get(f) if d else None
+            if scores:
                 cal = scores.get("calibrated") or {}
-                values[3 * i:3 * i + 3] = [scores["model"]["r2"], cal.get("r2"),
-                                           scores["pixels"]["r2"]]
-        for column, v in zip(columns, values, strict=True):
-            column.append(v)
-        cells = ["–" if v is None else f"{v:.3f}" for v in values]
-        row = [f"{a} / {b} ({c})" for a, b, c in zip(cells[::3], cells[1::3], cells[2::3],
-                                                     strict=True)]
-        lines.append(_row(run.name, [*row, f"{d['ms_per_image']:.0f}" if d else "–"]))
-    means = _mean_row(columns, 3)
-    lines.append(_row("mean ± std", [f"{a} / {b} ({c})" for a, b, c in
-                                     zip(means[::3], means[1::3], means[2::3], strict=True)]
-                      + [""]))
-    return lines
+                row[3 * i:3 * i + 3] = [scores["model"]["r2"], cal.get("r2"),
+                                        scores["pixels"]["r2"]]
+        values.append(row)
+
+    def group(texts: list[str]) -> list[str]:
+        return [f"{a} / {b} ({c})" for a, b, c in zip(texts[::3], texts[1::3], texts[2::3],
+                                                      strict=True)]
+
+    head = [f"{f} R²: raw / calibrated (pixels)" for f in factors] + ["ms per image"]
+    ms = [f"{d['ms_per_image']:.0f}" if d else "–" for d in results]
+    return _table(runs, head, values, group, extra=ms)
 
 
 def main(argv: list[str] | None = None) -> None:
