@@ -435,8 +435,10 @@ class FinetuneConfig(_Section):
     ended 4.3 points under scratch, at 1.0 level with it (docs/RESULTS.md)."""
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    """Light random-resized crop (area fraction)."""
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    """Random-resized crop (area fraction); (1, 1) = the whole image, flips only. On
+    Fashion-MNIST at 5 epochs crops of 0.5-1 cost the encoder 3.3 points and scratch 3.9
+    against none (85.39% vs 88.65%, 83.44% vs 87.30%; docs/RESULTS.md, "No crops")."""
     hflip: bool = True
     train_limit: int | None = None
     test_limit: int | None = None
