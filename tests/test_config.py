@@ -117,6 +117,7 @@ RULES = [
     ("finetune.seg_classes=4", "finetune.seg_classes=4: must be one of 2, 3"),
     ("finetune.seg_threshold=1.0", "finetune.seg_threshold=1.0: needs 0 <= value < 1"),
     ("finetune.crop_scale=[0,1]", "finetune.crop_scale=[0.0, 1.0]: needs 0 < min <= max <= 1"),
+    ("finetune.crop_ratio=[2,1]", "finetune.crop_ratio=[2.0, 1.0]: needs 0 < min <= max"),
     ("finetune.eval_points=0", "finetune.eval_points=0: must be at least 1"),
     ("finetune.label_smoothing=1", "finetune.label_smoothing=1.0: needs 0 <= value < 1"),
     ("finetune.layer_decay=0", "finetune.layer_decay=0.0: needs 0 < value <= 1"),

@@ -439,6 +439,10 @@ class FinetuneConfig(_Section):
     """Random-resized crop (area fraction); (1, 1) = the whole image, flips only. On
     Fashion-MNIST at 5 epochs crops of 0.5-1 cost the encoder 3.3 points and scratch 3.9
     against none (85.39% vs 88.65%, 83.44% vs 87.30%; docs/RESULTS.md, "No crops")."""
+    crop_ratio: tuple[float, float] = (1.0, 1.0)
+    """Aspect ratios (w / h) of the crop. Squares, as the test view (the centre square):
+    with (1, 1) both scales a non-square image to its largest centred square, where the
+    pretraining's (3/4, 4/3) would squash the whole image into the square."""
     hflip: bool = True
     train_limit: int | None = None
     test_limit: int | None = None
@@ -473,6 +477,7 @@ class FinetuneConfig(_Section):
         self._at_least_one("batch_size", "eval_points")
         self._fraction("seg_threshold", "label_smoothing")
         self._scale_range("crop_scale")
+        self._ratio_range("crop_ratio")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"finetune.layer_decay={self.layer_decay}: needs 0 < value <= 1 "
                               "(1.0 = off; 0.65-0.75 is usual)")

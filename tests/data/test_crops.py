@@ -119,6 +119,19 @@ def test_fallback_is_the_centre_crop():
     assert boxes.tolist() == [[0, 19, 40, 1]] * 3  # tall: full height, w = round(40 * 0.02)
 
 
+@pytest.mark.parametrize("h, w", [(20, 30), (30, 20), (24, 24)])
+def test_whole_square_crops_are_the_test_view(h, w):
+    # Finetuning's default (scale 1, ratio 1): every training view is the centre square
+    # the evaluation sees, wide, tall or square; a ratio range would squash instead.
+    images = _images(h=h, w=w)
+    out = random_resized_crop(images, 40, (1.0, 1.0), (1.0, 1.0), hflip=False,
+                              generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, center_resize(images, 40), atol=1e-5, rtol=0)
+    squashed = random_resized_crop(images, 40, (1.0, 1.0), (0.75, 4 / 3), hflip=False,
+                                   generator=torch.Generator().manual_seed(0))
+    assert (h == w) == torch.allclose(squashed, center_resize(images, 40), atol=1e-5)
+
+
 def test_random_draw_count_is_fixed():
     # The stream stays aligned whatever fits: after one call, the generator has advanced
     # by the same amount for any scale/ratio.

@@ -209,6 +209,29 @@ def test_heads_and_label_smoothing_are_configurable(pretrained, cfg):
     assert first[0] != first[1]
 
 
+def test_training_views_follow_the_finetuning_crop(pretrained, monkeypatch):
+    # The run pretrained with ratios 3/4-4/3 and crops of 0.3-1; finetuning draws its own.
+    import iwm.evaluation.finetune as ft_module
+    seen = []
+
+    def stop(data_cfg, *args, **kwargs):
+        seen.append(data_cfg)
+        raise RuntimeError("seen")
+
+    monkeypatch.setattr(ft_module, "make_source", stop)
+    task = None
+    for overrides, scale, ratio in (([], (1.0, 1.0), (1.0, 1.0)),
+                                    (["finetune.crop_scale=[0.5,1.0]",
+                                      "finetune.crop_ratio=[0.75,1.25]"], (0.5, 1.0),
+                                     (0.75, 1.25))):
+        cfg = load_config(pretrained.config.to_dict(), [*FT, *overrides])
+        task = task or load_task("fashion-mnist", cfg, "classification")
+        with pytest.raises(RuntimeError, match="seen"):
+            finetune(pretrained, "encoder", cfg, [task])
+        assert (seen[-1].crop_scale, seen[-1].crop_ratio) == (scale, ratio)
+    assert pretrained.config.data.crop_ratio != (1.0, 1.0)
+
+
 def write_brightness_set(folder: Path, n_train: int = 256, n_test: int = 128) -> None:
     """MNIST-format files whose class (0-3 of 10) is the brightness of a noisy image: any
     working finetuning learns it whatever the crop and flip; chance is 1/4."""

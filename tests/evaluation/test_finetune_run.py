@@ -110,6 +110,14 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT]) == 0
     assert "accuracy" in read_result(run_copy, "finetune_random-predictor")["baselines"][
         "scratch"]
+    # One written before crop_ratio existed drew the data's ratios (3/4-4/3): not a
+    # baseline of today's square crops.
+    old = json.loads(path.read_text())
+    del old["finetune_config"]["crop_ratio"]
+    path.write_text(json.dumps(old))
+    assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT]) == 0
+    legacy = read_result(run_copy, "finetune_random-predictor")["baselines"]["scratch"]
+    assert "crop_ratio (0.75, 1.3333333333333333) there, (1.0, 1.0) here" in legacy["missing"]
     assert main(["finetune", str(run_copy), "--protocol", "random-predictor", *FT,
                  "finetune.head_init=probe"]) == 0
     probed = read_result(run_copy, "finetune_random-predictor")["baselines"]["scratch"]

@@ -431,7 +431,8 @@ def finetune(pretrained: Pretrained, protocol: str, cfg: Config, tasks: list[Tas
             curve["eval"][t.name].append(test(j)[metric])
         curve_seconds += time.perf_counter() - at
 
-    data_cfg = dataclasses.replace(cfg.data, crop_scale=ft.crop_scale, hflip=ft.hflip,
+    data_cfg = dataclasses.replace(cfg.data, crop_scale=ft.crop_scale,
+                                   crop_ratio=ft.crop_ratio, hflip=ft.hflip,
                                    limit=ft.train_limit)
     sources = [make_source(data_cfg, ft.batch_size, device, derive_seed("finetune", ft.seed, i),
                            dataset=t.train) for i, t in enumerate(tasks)]

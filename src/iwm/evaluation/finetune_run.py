@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from iwm.api import Pretrained
-from iwm.config import Config, FinetuneConfig
+from iwm.config import Config, DataConfig, FinetuneConfig
 from iwm.data.datasets import FOLDER_PREFIX
 from iwm.errors import ConfigError
 from iwm.evaluation.finetune import TaskData, check_protocol, finetune, load_task, match_channels
@@ -33,8 +33,8 @@ BASELINES = ("scratch", "linear_probe", "raw_pixels")
 # Keys of finetune_config a scratch result must share to be a baseline of another
 # protocol: the budget, data and recipe (not the scales of pretrained parts it lacks).
 _SCRATCH_RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "crop_scale",
-                   "hflip", "train_limit", "test_limit", "seed", "label_smoothing", "head",
-                   "head_init")
+                   "crop_ratio", "hflip", "train_limit", "test_limit", "seed",
+                   "label_smoothing", "head", "head_init")
 
 
 def _summary(result: dict[str, Any], source: str) -> dict[str, Any]:
@@ -60,8 +60,10 @@ def _find_scratch(path: Path, result: dict[str, Any]) -> tuple[dict[str, Any] | 
         return None, f"no {path.name}"
     mine = result["finetune_config"]
     # A key an older result lacks was added later with a default that keeps the old
-    # behaviour (head_init: random), so it reads as that default.
-    theirs = {**dataclasses.asdict(FinetuneConfig()), **(data.get("finetune_config") or {})}
+    # behaviour (head_init: random), so it reads as that default; crop_ratio's default
+    # changed the behaviour: before it, finetuning drew the data's ratios.
+    theirs = {**dataclasses.asdict(FinetuneConfig()), "crop_ratio": DataConfig().crop_ratio,
+              **(data.get("finetune_config") or {})}
     differ = [f"{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in _SCRATCH_RECIPE
               if _plain(theirs.get(k)) != _plain(mine[k])]
     differ += [f"{k} {data.get(k)!r} there, {result[k]!r} here"
