@@ -440,9 +440,9 @@ class FinetuneConfig(_Section):
     Fashion-MNIST at 5 epochs crops of 0.5-1 cost the encoder 3.3 points and scratch 3.9
     against none (85.39% vs 88.65%, 83.44% vs 87.30%; docs/RESULTS.md, "No crops")."""
     crop_ratio: tuple[float, float] = (1.0, 1.0)
-    """Aspect ratios (w / h) of the crop. Squares, as the test view (the centre square):
-    with (1, 1) both scales a non-square image to its largest centred square, where the
-    pretraining's (3/4, 4/3) would squash the whole image into the square."""
+    """Aspect ratios (w / h) of the crop: squares, as the test view (the centre square).
+    With ``crop_scale`` (1, 1) a non-square image then trains on its largest centred
+    square, where the pretraining's (3/4, 4/3) would squash the whole image into one."""
     hflip: bool = True
     train_limit: int | None = None
     test_limit: int | None = None
