@@ -56,7 +56,13 @@ def load(outs: list[Path], cell: str) -> tuple[Scores, dict[str, list[dict]]]:
             costs.setdefault(protocol, []).append(r)
             for name in BASELINES:
                 acc = (r.get("baselines", {}).get(name) or {}).get("accuracy")
-                if acc is not None:
+                if acc is None:
+                    continue
+                # Scratch is encoder-free and may come from another run's cell, carrying
+                # that run's probe: the other protocols' baselines take precedence.
+                if protocol == "scratch":
+                    scores.setdefault(name, {}).setdefault(seed, acc)
+                else:
                     scores.setdefault(name, {})[seed] = acc
     return scores, costs
 

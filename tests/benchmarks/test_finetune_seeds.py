@@ -60,6 +60,8 @@ def test_vs_tests_finding_3_in_both_directions(tmp_path: Path) -> None:
         write(tmp_path / f"equi-s{seed}", "predictor", seed, 0.88 + seed / 1000, probe=0.80)
         write(tmp_path / f"inv-s{seed}", "predictor", seed, 0.86 - seed / 1000,
               probe=0.82 + seed / 1000)
+        # A scratch result copied from the Equi cell carries the Equi encoder's probe.
+        write(tmp_path / f"inv-s{seed}", "scratch", seed, 0.87, probe=0.80)
     text = script.main([str(tmp_path / f"equi-s{s}") for s in range(3)] + ["--vs"]
                        + [str(tmp_path / f"inv-s{s}") for s in range(3)])
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
