@@ -19,10 +19,12 @@ import argparse
 import json
 from pathlib import Path
 
+from iwm.evaluation.finetune import PROTOCOLS
+from iwm.evaluation.finetune_run import BASELINES as RESULT_BASELINES
 from iwm.study.summary import Comparison, compare, stat
 
-PROTOCOLS = ("scratch", "encoder", "random-predictor", "predictor", "end-to-end")
-BASELINES = ("linear_probe", "raw_pixels")
+# The probes a result carries; its scratch baseline is read from the scratch result itself.
+BASELINES = tuple(name for name in RESULT_BASELINES if name != "scratch")
 # (a, b, claim): a is expected above b.
 CLAIMS = (
     ("predictor", "linear_probe", "frozen encoder + pretrained predictor > linear probe"),
