@@ -145,6 +145,30 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert "<td>random-predictor</td><td>fashion-mnist</td><td>attentive, probe init</td>" in page
 
 
+
+def test_a_probe_from_another_encoder_is_not_a_baseline(run_copy):
+    from iwm.api import load
+
+    assert main(["finetune", str(run_copy), "--protocol", "encoder", "--baselines", *FT]) == 0
+    probe = read_result(run_copy, "finetune_encoder")["baselines"]["linear_probe"]
+    assert probe["encoder_fingerprint"] == load(run_copy).encoder.fingerprint()
+    # Results copied in from another seed's run at the same step (a study that reuses one
+    # scratch result for two presets): one with that encoder's fingerprint, one written
+    # before probes carried one. Neither is this encoder's probe.
+    results = run_copy / "results"
+    for name, changed in (("finetune_encoder", {"encoder_fingerprint": "another"}),
+                          ("finetune_scratch", {})):
+        path = results / f"{name}.json"
+        r = json.loads(path.read_text())
+        r["baselines"]["linear_probe"] = {
+            **{k: v for k, v in probe.items() if k != "encoder_fingerprint"},
+            "accuracy": 2.0, **changed}
+        path.write_text(json.dumps(r))
+    assert main(["finetune", str(run_copy), "--protocol", "predictor", "--baselines", *FT]) == 0
+    found = read_result(run_copy, "finetune_predictor")["baselines"]["linear_probe"]
+    assert found["source"] == "computed"
+    assert found["accuracy"] == pytest.approx(probe["accuracy"])
+
 def test_each_task_of_a_multitask_result_has_its_probes(run_copy, capsys):
     tasks = ["--tasks", "fashion-mnist,mnist"]
     assert main(["finetune", str(run_copy), "--protocol", "predictor", *tasks, *FT]) == 0

@@ -90,3 +90,14 @@ def test_the_table_describes_exactly_the_encoders_a_config_may_name():
 def test_unknown_encoder_is_a_config_error():
     with pytest.raises(ConfigError, match="vit_tiny"):
         create_encoder("vit_gigantic", img_size=28, patch_size=4, in_chans=1)
+
+
+def test_fingerprint_tells_encoders_of_one_architecture_apart():
+    a = _encoder()  # seed 0
+    copy = create_encoder("vit_micro", img_size=28, patch_size=4, in_chans=1)  # another seed
+    assert copy.fingerprint() != a.fingerprint()
+    copy.load_state_dict(a.state_dict())
+    assert a.fingerprint() == copy.fingerprint() and len(a.fingerprint()) == 16
+    with torch.no_grad():
+        copy.norm.bias.add_(1e-6)  # one step of an EMA moves every weight a little
+    assert copy.fingerprint() != a.fingerprint()

@@ -83,7 +83,9 @@ def _find_probe(results: Path, key: str, want: dict[str, Any], run_data: bool
     """A probe baseline ``key`` computed before on the same images: the file ``iwm probe``
     (linear_probe) or ``iwm demo`` (raw_pixels) wrote, else one in another finetuning
     result. A file without ``dataset`` is of the run's own data set, one without ``step``
-    of its current checkpoint (the demo writes neither)."""
+    of its current checkpoint (the demo writes neither). A linear probe in a finetuning
+    result counts only with the fingerprint of the encoder it probed: such a result may
+    have been copied from another run at the same step (another seed or preset)."""
     own = results / ("probe_linear.json" if key == "linear_probe"
                      else "probe_linear_raw_pixels.json")
     candidates: list[tuple[Path, dict[str, Any] | None]] = [(own, _read_json(own))]
@@ -98,6 +100,8 @@ def _find_probe(results: Path, key: str, want: dict[str, Any], run_data: bool
         if entry is None or "accuracy" not in entry:
             continue
         if key == "linear_probe" and entry.get("encoder", "target") != "target":
+            continue
+        if key == "linear_probe" and path != own and "encoder_fingerprint" not in entry:
             continue
         if "dataset" not in entry and not run_data:
             continue
@@ -128,7 +132,8 @@ def _compute_probe(key: str, pretrained: Pretrained, cfg: Config, task: TaskData
 
         r = probe_encoder(pretrained.encoder, prepare, pcfg, pretrained.device,
                           progress=progress)
-        extra: dict[str, Any] = {"encoder": "target", "step": pretrained.step}
+        extra: dict[str, Any] = {"encoder": "target", "step": pretrained.step,
+                                 "encoder_fingerprint": pretrained.encoder.fingerprint()}
     else:
         r = probe_pixels(pcfg, pretrained.device, progress=progress)
         extra = {"encoder": "raw pixels"}
@@ -173,7 +178,9 @@ def finetune_baselines(run_dir: Path, pretrained: Pretrained, cfg: Config, task:
             "n_test": result["n_test"]}
     again = finetune_command(run_dir, result["protocol"], args, baselines=True)
     for key in ("linear_probe", "raw_pixels"):
-        need = {**want, "step": pretrained.step} if key == "linear_probe" else want
+        need = ({**want, "step": pretrained.step,
+                 "encoder_fingerprint": pretrained.encoder.fingerprint()}
+                if key == "linear_probe" else want)
         probe = _find_probe(results, key, need, run_data)
         if probe is None and compute:
             probe = _compute_probe(key, pretrained, cfg, task, progress)

@@ -129,7 +129,8 @@ def run_probe(run_dir: Path, kind: str = "linear", overrides: list[str] | None =
     result = probe_encoder(encoder, pretrained.normalize, cfg, dev, kind, progress)
     out = {**asdict(result), "kind": kind, "encoder": cfg.probe.encoder,
            "dataset": cfg.data.name,
-           "step": pretrained.step, "seconds": time.perf_counter() - start,
+           "step": pretrained.step, "encoder_fingerprint": encoder.fingerprint(),
+           "seconds": time.perf_counter() - start,
            "probe_config": asdict(cfg.probe)}  # k, T, epochs, limits...: to reproduce it
     path = write_result(run_dir, f"probe_{kind}", out)
     return {**out, "path": str(path)}

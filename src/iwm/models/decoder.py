@@ -16,7 +16,6 @@ be rebuilt without the run's config.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,22 +121,12 @@ def unpatchify(patches: Tensor, grid: tuple[int, int], patch_size: int) -> Tenso
                   kernel_size=patch_size, stride=patch_size)
 
 
-def encoder_fingerprint(encoder: Encoder) -> str:
-    """A short hash of the encoder's first and last tensors: any training step moves them
-    (the EMA moves every weight), so a decoder can tell it is reading another encoder."""
-    state = encoder.state_dict()
-    digest = hashlib.sha256()
-    for key in ("patch_embed.proj.weight", "norm.weight", "norm.bias"):
-        digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def decoder_meta(decoder: LatentDecoder, encoder: Encoder, step: int,
                  **extra: Any) -> dict[str, Any]:
     """What ``decoder.json`` holds: the spec, the encoder it reads (the step of its
-    checkpoint and :func:`encoder_fingerprint`), plus ``extra`` (how it was trained)."""
+    checkpoint and :meth:`Encoder.fingerprint`), plus ``extra`` (how it was trained)."""
     return {"format": "iwm-decoder", "format_version": 1, "spec": decoder.spec.to_dict(),
-            "encoder_step": int(step), "encoder_fingerprint": encoder_fingerprint(encoder),
+            "encoder_step": int(step), "encoder_fingerprint": encoder.fingerprint(),
             **extra}
 
 
@@ -153,7 +142,7 @@ def decoder_for(meta: dict[str, Any], state: dict[str, Tensor], encoder: Encoder
         return None, (f"{where} was trained for another encoder ({spec.embed_dim}-wide "
                       f"tokens on a {spec.grid[0]}x{spec.grid[1]} grid, {spec.in_chans} "
                       "channel(s)); run `iwm decoder RUN` for this one")
-    if meta.get("encoder_fingerprint") != encoder_fingerprint(encoder):
+    if meta.get("encoder_fingerprint") != encoder.fingerprint():
         return None, (f"{where} was trained on the encoder of step "
                       f"{meta.get('encoder_step', '?')}, which has changed since (training "
                       "went on?); run `iwm decoder RUN` again")

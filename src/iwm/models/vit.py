@@ -8,6 +8,7 @@ context encoder only pays for the context patches.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,16 @@ class Encoder(VisionTransformer):
             else:
                 x = block(x, attn_mask=attn_mask)
         return self.norm(x)
+
+    def fingerprint(self) -> str:
+        """A short hash of the first and last tensors: any training step moves them (the EMA
+        moves every weight), so a result made with one encoder can tell another apart, even
+        one of the same architecture at the same step (another seed or preset)."""
+        state = self.state_dict()
+        digest = hashlib.sha256()
+        for key in ("patch_embed.proj.weight", "norm.weight", "norm.bias"):
+            digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # Narrower than timm's forward on purpose: masking goes through forward_tokens.
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
