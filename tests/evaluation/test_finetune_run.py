@@ -145,7 +145,6 @@ def test_baselines_are_computed_once_and_shown_beside_every_result(run_copy, cap
     assert "<td>random-predictor</td><td>fashion-mnist</td><td>attentive, probe init</td>" in page
 
 
-
 def test_a_probe_from_another_encoder_is_not_a_baseline(run_copy):
     from iwm.api import load
 
@@ -168,6 +167,7 @@ def test_a_probe_from_another_encoder_is_not_a_baseline(run_copy):
     found = read_result(run_copy, "finetune_predictor")["baselines"]["linear_probe"]
     assert found["source"] == "computed"
     assert found["accuracy"] == pytest.approx(probe["accuracy"])
+
 
 def test_each_task_of_a_multitask_result_has_its_probes(run_copy, capsys):
     tasks = ["--tasks", "fashion-mnist,mnist"]
